@@ -1,0 +1,95 @@
+"""Forward+backward time of SpectralBatchNorm2d (each mode and path) against nn.BatchNorm2d.
+
+Shapes: N=32 at ResNet-50's four stage shapes. Prints one JSON object with medians of repeats
+and the ratio to BatchNorm for each case (both measured in the same run, interleaved).
+
+    python benchmarks/layer.py [--batch 32] [--repeats 15] [--threads N] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from sbn_surgery import SpectralBatchNorm2d
+
+SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+CASES = [("channel", "auto"), ("channel", "fft"), ("frequency", "auto")]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, device: str) -> float:
+    x.grad = None
+    t0 = time.perf_counter()
+    layer(x).backward(g)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--channels-last", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = []
+    for c, h, w in SHAPES:
+        x = torch.randn(args.batch, c, h, w, device=args.device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        g = torch.randn_like(x)
+        layers = {"bn": nn.BatchNorm2d(c).to(args.device)}
+        for stats, impl in CASES:
+            layers[f"{stats}/{impl}"] = SpectralBatchNorm2d(c, stats=stats, impl=impl).to(args.device)
+        times: dict[str, list[float]] = {k: [] for k in layers}
+        for name, layer in layers.items():
+            for _ in range(args.warmup):
+                _step(layer, x, g, args.device)
+        for _ in range(args.repeats):  # interleaved, so drift hits every case alike
+            for name, layer in layers.items():
+                times[name].append(_step(layer, x, g, args.device))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for name in layers:
+            if name == "bn":
+                continue
+            results.append({
+                "shape": [args.batch, c, h, w],
+                "case": name,
+                "median_ms": round(med[name] * 1e3, 3),
+                "bn_median_ms": round(med["bn"] * 1e3, 3),
+                "ratio_to_bn": round(med[name] / med["bn"], 3),
+            })
+        del x, g, layers
+    auto = [r["ratio_to_bn"] for r in results if r["case"] == "channel/auto"]
+    print(json.dumps({
+        "benchmark": "layer_forward_backward",
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "repeats": args.repeats,
+        "channels_last": args.channels_last,
+        "channel_auto_max_ratio": max(auto),
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

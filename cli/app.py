@@ -1,0 +1,60 @@
+"""The typer app. Each command lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from sbn_surgery import __version__
+from sbn_surgery.errors import SbnSurgeryError
+
+from .common import err_console
+
+app = typer.Typer(
+    name="sbn-surgery",
+    help=(
+        "Put Spectral Batch Normalization into a timm model, fine-tune it, export it to ONNX "
+        "and prove parity.\n\n"
+        "Start with: sbn-surgery quickstart"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+#: Command modules; each defines ``register(app)``.
+COMMAND_MODULES: list[str] = [
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sbn-surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """sbn-surgery: Spectral Batch Normalization for timm models."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    """Console entry point: user errors are one red line and exit code 2."""
+    try:
+        app()
+    except SbnSurgeryError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
