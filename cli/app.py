@@ -25,9 +25,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-#: Command modules; each defines ``register(app)``.
-COMMAND_MODULES: list[str] = [
-]
+def _command_modules() -> list[str]:
+    """Every ``cli/cmd_*.py`` module; each defines ``ORDER`` (help order) and ``register(app)``."""
+    import pkgutil
+
+    from sbn_surgery_cli import __path__ as pkg_path
+
+    names = [m.name for m in pkgutil.iter_modules(pkg_path) if m.name.startswith("cmd_")]
+    mods = [importlib.import_module(f"sbn_surgery_cli.{n}") for n in names]
+    return sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.__name__))
 
 
 def _version(value: bool) -> None:
@@ -44,8 +50,8 @@ def _root(
     """sbn-surgery: Spectral Batch Normalization for timm models."""
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name).register(app)
+for _module in _command_modules():
+    _module.register(app)
 
 
 def main() -> None:
