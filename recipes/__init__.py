@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML). Installed as the package data ``sbn_surgery.recipes``."""

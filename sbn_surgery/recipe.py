@@ -1,0 +1,291 @@
+"""Recipes: declarative YAML that says where SBN goes in a family of timm models.
+
+A recipe is validated in full before anything touches a model; every error names the file, the
+line and the key. Shipped recipes live in the top-level ``recipes/`` folder, installed as the
+package data ``sbn_surgery.recipes``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+
+from .errors import RecipeError, near_names
+
+__all__ = ["Recipe", "Rule", "SbnOptions", "Expect", "load_recipe", "shipped_recipes",
+           "recipe_text"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SbnOptions(_Strict):
+    """Options of the inserted layers; a rule's ``sbn`` overrides the recipe's."""
+
+    stats: Optional[Literal["channel", "frequency"]] = None
+    eps: Optional[float] = Field(default=None, gt=0)
+    momentum: Optional[float] = Field(default=None, ge=0, le=1)
+    init: Optional[Literal["auto", "identity", "standard"]] = None
+
+    def merged(self, over: Optional["SbnOptions"]) -> "SbnOptions":
+        if over is None:
+            return self
+        data = self.model_dump()
+        data.update({k: v for k, v in over.model_dump().items() if v is not None})
+        return SbnOptions(**data)
+
+
+DEFAULT_SBN = SbnOptions(stats="channel", eps=1e-5, momentum=0.1, init="auto")
+
+
+class Expect(_Strict):
+    """How many sites a rule must match: ``exact`` or at least ``min``."""
+
+    exact: Optional[int] = Field(default=None, ge=0)
+    min: Optional[int] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Expect":
+        if (self.exact is None) == (self.min is None):
+            raise ValueError("give exactly one of 'exact' or 'min'")
+        return self
+
+    def check(self, count: int) -> bool:
+        return count == self.exact if self.exact is not None else count >= (self.min or 0)
+
+    def describe(self) -> str:
+        return f"exactly {self.exact}" if self.exact is not None else f"at least {self.min}"
+
+
+def _as_list(v: Any) -> Any:
+    return [v] if isinstance(v, (str, int)) else v
+
+
+class Rule(_Strict):
+    """Selects modules (all given selectors must hold) and says where SBN goes."""
+
+    name: Optional[str] = None
+    types: Optional[list[str]] = None
+    paths: Optional[list[str]] = None
+    stages: Optional[list[int]] = None
+    exclude: list[str] = Field(default_factory=list)
+    last_in_parent: bool = False
+    position: Literal["after", "before", "replace"] = "after"
+    sbn: Optional[SbnOptions] = None
+    expect: Optional[Expect] = None
+
+    _types_v = field_validator("types", "paths", "exclude", mode="before")(_as_list)
+    _stages_v = field_validator("stages", mode="before")(_as_list)
+
+    @field_validator("expect", mode="before")
+    @classmethod
+    def _expect_int(cls, v: Any) -> Any:
+        return {"exact": v} if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("paths", "exclude")
+    @classmethod
+    def _patterns_compile(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        for pat in v or []:
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {pat!r}: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _has_selector(self) -> "Rule":
+        if not (self.types or self.paths or self.stages):
+            raise ValueError("a rule needs at least one selector: 'types', 'paths' or 'stages'")
+        return self
+
+    def label(self, index: int) -> str:
+        return f"rule {index + 1}" + (f" ({self.name!r})" if self.name else "")
+
+    def path_matches(self, path: str) -> bool:
+        return self.paths is None or any(match_pattern(p, path) for p in self.paths)
+
+    def excluded(self, path: str) -> bool:
+        return any(match_pattern(p, path) for p in self.exclude)
+
+
+class Recipe(_Strict):
+    """A validated recipe. ``text`` and ``source`` record where it came from."""
+
+    name: str
+    description: str = ""
+    models: list[str] = Field(default_factory=list)
+    sbn: SbnOptions = DEFAULT_SBN
+    rules: list[Rule] = Field(min_length=1)
+    _source: Optional[str] = PrivateAttr(default=None)
+    _text: Optional[str] = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Optional[str]:
+        return self._source
+
+    @property
+    def text(self) -> Optional[str]:
+        return self._text
+
+    _models_v = field_validator("models", mode="before")(_as_list)
+
+    @field_validator("sbn", mode="after")
+    @classmethod
+    def _fill_defaults(cls, v: SbnOptions) -> SbnOptions:
+        return DEFAULT_SBN.merged(v)
+
+    def options_for(self, rule: Rule) -> SbnOptions:
+        return self.sbn.merged(rule.sbn)
+
+    def fits_model(self, model_name: str) -> bool:
+        return not self.models or any(fnmatch.fnmatchcase(model_name, p) for p in self.models)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, source: str = "<text>") -> "Recipe":
+        return _parse(text, source)
+
+    def to_yaml_text(self) -> str:
+        if self.text is not None:
+            return self.text
+        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+
+
+def match_pattern(pattern: str, path: str) -> bool:
+    """``re:<regex>`` (full match) or a glob on the dotted module path."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+# --------------------------------------------------------------------------------------------
+# loading, with file:line in every error
+# --------------------------------------------------------------------------------------------
+def _node_at(root: yaml.Node, loc: tuple) -> yaml.Node:
+    node = root
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == key:
+                    nxt = k if key == loc[-1] else v
+                    break
+            if nxt is None:
+                return node
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return node
+    return node
+
+
+def _parse(text: str, source: str) -> Recipe:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: YAML syntax error: {problem}. Fix the YAML at that line.") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}:1: a recipe is a YAML mapping with 'name' and 'rules'; got "
+                          f"{type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            node = _node_at(root, loc) if root is not None else None
+            line = f"{node.start_mark.line + 1}" if node is not None else "?"
+            key = ".".join(str(p) for p in loc) or "<root>"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(loc[:-1])
+                msg = f"unknown key {loc[-1]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            lines.append(f"{source}:{line}: key '{key}': {msg}")
+        raise RecipeError("invalid recipe: " + "; ".join(lines)) from None
+    recipe._source = source
+    recipe._text = text
+    return recipe
+
+
+def _allowed_keys(parent_loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in parent_loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in (Rule, SbnOptions, Expect):
+            if cand is ann or cand in getattr(ann, "__args__", ()) or any(
+                    cand in getattr(a, "__args__", ()) for a in getattr(ann, "__args__", ())):
+                model = cand
+                break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _recipes_dir():
+    return resources.files("sbn_surgery.recipes")
+
+
+@lru_cache(maxsize=1)
+def shipped_recipes() -> dict[str, str]:
+    """Shipped recipe name -> YAML text."""
+    out = {}
+    for entry in _recipes_dir().iterdir():
+        if entry.name.endswith(".yaml"):
+            out[entry.name[: -len(".yaml")]] = entry.read_text(encoding="utf-8")
+    return dict(sorted(out.items()))
+
+
+def recipe_text(name: str) -> str:
+    return load_recipe(name).to_yaml_text()
+
+
+def load_recipe(spec: Union[str, Path, Recipe]) -> Recipe:
+    """A Recipe from a Recipe, a shipped name (``resnet``) or a path to a YAML file."""
+    if isinstance(spec, Recipe):
+        return spec
+    text_spec = str(spec)
+    shipped = shipped_recipes()
+    if text_spec in shipped:
+        return _parse(shipped[text_spec], f"recipes/{text_spec}.yaml")
+    path = Path(text_spec)
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in text_spec:
+        if not path.is_file():
+            raise RecipeError(
+                f"recipe file {text_spec} not found. Shipped recipes: {', '.join(shipped)}"
+            )
+        return _parse(path.read_text(encoding="utf-8"), str(path))
+    hint = near_names(text_spec, shipped)
+    raise RecipeError(
+        f"no recipe named {text_spec!r}"
+        + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+        + f". Shipped recipes: {', '.join(shipped)}; or give a path to a .yaml file."
+    )
+
+
+def recipe_for_model(model_name: str) -> str:
+    """The shipped recipe meant for ``model_name`` (first match by ``models``), else ``default``."""
+    for name, text in shipped_recipes().items():
+        if name == "default":
+            continue
+        if load_recipe(name).fits_model(model_name):
+            return name
+    return "default"

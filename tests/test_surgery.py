@@ -1,0 +1,229 @@
+"""The rewriter: matching, insertion, strip, calibration, identity init, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+
+import sbn_surgery as sbn
+from sbn_surgery.errors import CheckpointError, RecipeError, SurgeryError
+from sbn_surgery.recipe import Recipe
+from sbn_surgery.surgery import synthetic_batches
+
+SIZE = (3, 64, 64)
+
+
+def _model(name="resnet50", **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **kw)
+
+
+def _randomize_bn(model):
+    # Give BatchNorms non-trivial statistics so identity init is tested on a model that is not
+    # itself close to the identity.
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+
+
+def test_resnet_recipe_on_resnet50_puts_sbn_after_bn3_of_layer3_and_layer4():
+    model = _model()
+    plan = sbn.apply_recipe(model, "resnet", input_size=SIZE)
+    assert [s.module for s in plan.sites] == (
+        [f"layer3.{i}.bn3.sbn" for i in range(6)] + [f"layer4.{i}.bn3.sbn" for i in range(3)])
+    assert {s.stage for s in plan.sites} == {3, 4}
+    assert all(s.fold_into == s.target for s in plan.sites)
+    assert plan.params_added == 2 * (6 * 1024 + 3 * 2048)
+    assert [s.module for s in sbn.find_sbn(model)] == [s.module for s in plan.sites]
+
+
+def test_basic_blocks_get_sbn_after_bn2():
+    plan = sbn.apply_recipe(_model("resnet18"), "resnet", input_size=SIZE)
+    assert [s.target for s in plan.sites] == ["layer3.0.bn2", "layer3.1.bn2", "layer4.0.bn2",
+                                              "layer4.1.bn2"]
+
+
+def test_state_dict_keys_kept_original_checkpoint_loads_and_strip_round_trips():
+    model = _model("resnet18")
+    original = copy.deepcopy(model.state_dict())
+    plan = sbn.apply_recipe(model, "resnet", input_size=SIZE)
+    keys = set(model.state_dict())
+    assert set(original) <= keys
+    assert keys - set(original) == set(plan.new_keys())
+    result = model.load_state_dict(original, strict=False)
+    assert sorted(result.missing_keys) == sorted(plan.new_keys())
+    assert not result.unexpected_keys
+    sbn.strip_sbn(model)
+    stripped = model.state_dict()
+    assert list(stripped) == list(original)
+    assert all(torch.equal(stripped[k], original[k]) for k in original)
+    assert not sbn.find_sbn(model)
+    x = torch.randn(2, *SIZE)
+    ref = _model("resnet18").eval()
+    ref.load_state_dict(original)
+    assert torch.equal(model.eval()(x), ref(x))  # no hook left behind
+    sbn.apply_recipe(model, "resnet", input_size=SIZE)  # and can be converted again
+
+
+def test_applying_twice_is_an_error():
+    model = _model("resnet18")
+    sbn.apply_recipe(model, "resnet", input_size=SIZE)
+    with pytest.raises(SurgeryError, match=r"already has 4 SBN layer.*strip_sbn"):
+        sbn.apply_recipe(model, "resnet", input_size=SIZE)
+
+
+def test_rule_matching_nothing_names_rule_and_nearest_modules():
+    recipe = Recipe.from_yaml_text(
+        "name: t\nrules:\n  - name: typo\n    types: [BatchNorm2d]\n    paths: ['layer3.*.bn9']\n",
+        source="t.yaml")
+    with pytest.raises(SurgeryError, match=r"t.yaml: rule 1 \('typo'\) matches no module.*layer3"):
+        sbn.apply_recipe(_model("resnet18"), recipe, input_size=SIZE)
+
+
+def test_expect_catches_drift():
+    recipe = Recipe.from_yaml_text(
+        "name: t\nrules:\n  - types: [BatchNorm2d]\n    paths: ['layer4.*.bn2']\n    expect: 3\n")
+    with pytest.raises(SurgeryError, match=r"matched 2 module.*expected exactly 3"):
+        sbn.apply_recipe(_model("resnet18"), recipe, input_size=SIZE)
+
+
+def test_later_rule_wins_and_positions():
+    recipe = Recipe.from_yaml_text(
+        "name: t\n"
+        "rules:\n"
+        "  - {types: [BatchNorm2d], paths: ['layer4.*.bn*'], position: after}\n"
+        "  - {paths: ['layer4.0.bn1'], position: before, sbn: {stats: frequency}}\n"
+        "  - {paths: ['layer4.1.bn2'], position: replace}\n")
+    model = _model("resnet18")
+    plan = sbn.apply_recipe(model, recipe, input_size=SIZE)
+    by_target = {s.target: s for s in plan.sites}
+    assert by_target["layer4.0.bn1"].position == "before"
+    assert by_target["layer4.0.bn1"].stats == "frequency"
+    assert by_target["layer4.0.bn1"].spatial_size == (2, 2)
+    assert by_target["layer4.0.bn2"].position == "after"
+    assert by_target["layer4.1.bn2"].module == "layer4.1.bn2"
+    assert isinstance(model.layer4[1].bn2, sbn.SpectralBatchNorm2d)
+    x = torch.randn(3, *SIZE)
+    model.train()(x).sum().backward()
+    original = _model("resnet18").state_dict()
+    sbn.strip_sbn(model)
+    assert type(model.layer4[1].bn2).__name__ == "BatchNorm2d"
+    assert list(model.state_dict()) == list(original)
+
+
+def test_norm_act_after_means_between_norm_and_activation():
+    model = _model("efficientnet_b0")
+    plan = sbn.apply_recipe(model, "default", input_size=SIZE)
+    site = plan.sites[0]
+    assert site.module == site.target + ".drop.sbn"
+    host = model.get_submodule(site.target)
+    seen = {}
+
+    def record_act_input(mod, args):
+        seen.setdefault("act_in", args[0].clone())
+
+    def record_sbn_output(mod, args, out):
+        seen.setdefault("sbn_out", out.clone())
+
+    host.act.register_forward_pre_hook(record_act_input)
+    model.get_submodule(site.module).register_forward_hook(record_sbn_output)
+    model.eval()(torch.randn(2, *SIZE))
+    assert torch.equal(seen["act_in"], seen["sbn_out"])  # SBN output feeds the activation
+
+
+@pytest.mark.parametrize("name,recipe", [("resnet50", "resnet"), ("efficientnet_b0", "default")])
+@pytest.mark.parametrize("stats", ["channel", "frequency"])
+def test_identity_init_keeps_eval_output(name, recipe, stats):
+    model = _model(name)
+    _randomize_bn(model)
+    reference = copy.deepcopy(model).eval()
+    r = sbn.load_recipe(recipe)
+    r = r.model_copy(update={"sbn": r.sbn.merged(type(r.sbn)(stats=stats))})
+    sbn.apply_recipe(model, r, input_size=SIZE)
+    sbn.calibrate(model, synthetic_batches(SIZE, 4, 2), passthrough=True)
+    sbn.init_identity(model)
+    x = torch.randn(3, *SIZE)
+    with torch.no_grad():
+        y_ref, y = reference(x), model.eval()(x)
+    assert float((y - y_ref).abs().max() / y_ref.abs().max()) <= 1e-4
+    # and the layers are not trivial: the calibrated statistics are the activations'
+    first = model.get_submodule(sbn.find_sbn(model)[0].module)
+    assert not torch.allclose(first.running_var, torch.ones_like(first.running_var))
+
+
+def test_standard_init_leaves_gamma_one_beta_zero():
+    model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE, init="standard")
+    for site in plan.sites:
+        layer = model.get_submodule(site.module)
+        assert torch.equal(layer.weight, torch.ones_like(layer.weight))
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_converted_model_trains_deepcopies_pickles_prints_and_exports():
+    model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE)
+    x = torch.randn(2, *SIZE)
+    model.train()(x).sum().backward()
+    assert model.get_submodule(plan.sites[0].module).weight.grad is not None
+    model.eval()
+    y = model(x)
+    assert torch.equal(copy.deepcopy(model)(x), y)
+    assert torch.equal(pickle.loads(pickle.dumps(model))(x), y)
+    assert "SpectralBatchNorm2d(256, stats=channel" in repr(model)
+    ep = torch.export.export(model, (x,))
+    assert torch.allclose(ep.module()(x), y, atol=1e-5)
+
+
+def test_save_and_load_converted_round_trip(tmp_path):
+    model, _ = sbn.convert("resnet18", "resnet", num_classes=7, input_size=(3, 32, 32),
+                           init="identity")
+    path = tmp_path / "m.safetensors"
+    sbn.save_converted(model, path)
+    loaded = sbn.load_converted(path)
+    assert loaded.sbn_meta["model_name"] == "resnet18"
+    assert loaded.sbn_meta["recipe_name"] == "resnet"
+    assert loaded.sbn_meta["sbn_surgery_version"] == sbn.__version__
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+    assert [s.module for s in sbn.find_sbn(loaded)] == [s.module for s in sbn.find_sbn(model)]
+
+
+def test_original_pth_checkpoint_loads_with_weights_only(tmp_path):
+    source = _model("resnet18")
+    _randomize_bn(source)
+    path = tmp_path / "orig.pth"
+    torch.save({"state_dict": source.state_dict()}, path)
+    model, _ = sbn.convert("resnet18", "resnet", checkpoint=path, num_classes=10, input_size=SIZE)
+    assert model.sbn_meta["init"] == "identity"  # auto: identity when weights are loaded
+    x = torch.randn(2, *SIZE)
+    assert torch.allclose(model.eval()(x), source.eval()(x), atol=1e-5)
+
+
+def test_checkpoint_that_does_not_fit_summarizes_keys(tmp_path):
+    path = tmp_path / "r34.pth"
+    torch.save(_model("resnet34").state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"does not fit.*unexpected key\(s\): layer1\.2"):
+        sbn.convert("resnet18", "resnet", checkpoint=path, num_classes=10, input_size=SIZE)
+
+
+def test_recipe_errors_give_file_line_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nrules:\n  - types: [BatchNorm2d]\n    positon: after\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:4: key 'rules.0.positon': unknown key"):
+        sbn.load_recipe(bad)
+    bad.write_text("name: x\nrules:\n  - types: [BatchNorm2d\n    position: after\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:\d+:\d+: YAML syntax error"):
+        sbn.load_recipe(bad)
+    bad.write_text("name: x\nsbn: {stats: spectral}\nrules:\n  - types: [BatchNorm2d]\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:2: key 'sbn.stats'"):
+        sbn.load_recipe(bad)
+    with pytest.raises(RecipeError, match=r"no recipe named 'resnett'.*did you mean resnet"):
+        sbn.load_recipe("resnett")
