@@ -1,0 +1,159 @@
+"""`sbn-surgery inspect` and `sbn-surgery convert`: plan and perform the surgery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from sbn_surgery.errors import SbnSurgeryError, SurgeryError
+
+from .common import out, parse_kv, print_json, progress_bar
+
+ORDER = 20
+
+RECIPE_HELP = "A shipped recipe name (see `sbn-surgery recipes`) or a path to a YAML recipe. " \
+              "Default: the shipped recipe whose `models` patterns fit MODEL, else `default`."
+INPUT_SIZE_HELP = "C H W of the probe forward (execution order, channel counts, frequency-mode " \
+                  "statistics size). Default: the model's timm input size."
+
+
+def _recipe_or_auto(recipe: Optional[str], model: str) -> str:
+    from sbn_surgery.recipe import recipe_for_model
+
+    return recipe if recipe else recipe_for_model(model)
+
+
+def _plan_table(plan, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("module (new)", style="cyan")
+    table.add_column("type")
+    table.add_column("channels", justify="right")
+    table.add_column("mode")
+    table.add_column("position")
+    table.add_column("stage", justify="right")
+    for i, s in enumerate(plan.sites, 1):
+        table.add_row(str(i), s.module, s.type, str(s.channels), s.stats, s.position,
+                      "-" if s.stage is None else str(s.stage))
+    return table
+
+
+def _print_plan(plan, json_mode: bool, title: str) -> None:
+    con = out(json_mode)
+    con.print(_plan_table(plan, title))
+    con.print(f"[bold]{plan.count}[/] SBN layer(s), [bold]{plan.params_added:,}[/] parameters added "
+              f"(recipe [cyan]{plan.recipe}[/]).")
+    con.print("New state_dict keys: <module>.{weight, bias, running_mean, running_var, "
+              "num_batches_tracked}; every original key is unchanged.")
+
+
+def inspect(
+    model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    num_classes: Optional[int] = typer.Option(None, help="Classifier size (timm's num_classes)."),
+    model_kwargs: Optional[list[str]] = typer.Option(None, "--model-kwargs", help="Extra timm "
+                                                     "create_model arguments as key=value; repeat."),
+    input_size: Optional[tuple[int, int, int]] = typer.Option(None, help=INPUT_SIZE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show where a recipe would put SBN in MODEL. Changes nothing and writes nothing.
+
+    [bold]Examples[/bold]
+
+      sbn-surgery inspect resnet50 --recipe resnet
+
+      sbn-surgery inspect efficientnet_b0 --recipe efficientnet --json
+    """
+    from sbn_surgery.models import create_model
+    from sbn_surgery.surgery import apply_recipe
+
+    name = _recipe_or_auto(recipe, model)
+    net = create_model(model, num_classes=num_classes, model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
+    plan = apply_recipe(net, name, input_size=input_size)
+    plan.model = model
+    if json_out:
+        print_json(plan.to_json())
+    else:
+        _print_plan(plan, False, f"{model} + recipe {plan.recipe}")
+
+
+def convert(
+    model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the converted "
+                                "checkpoint (.safetensors)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="The model's trained "
+                                              "weights (.safetensors, or .pth/.pt read with "
+                                              "weights_only=True). Without it: timm's random init."),
+    num_classes: Optional[int] = typer.Option(None, help="Classifier size (timm's num_classes); "
+                                              "a checkpoint head of another size is left out."),
+    model_kwargs: Optional[list[str]] = typer.Option(None, "--model-kwargs", help="Extra timm "
+                                                     "create_model arguments as key=value; repeat."),
+    init: Optional[str] = typer.Option(None, help="identity: calibrate, then make each SBN the "
+                                       "identity in eval (the default with --checkpoint); standard: "
+                                       "gamma=1, beta=0 (the default without)."),
+    calibrate_data: str = typer.Option("synthetic", help="Calibration images: synthetic, digits, "
+                                       "fashion-mnist, or an ImageFolder directory (train/, val/)."),
+    calibrate_batches: int = typer.Option(4, min=1, help="Number of calibration batches."),
+    batch_size: int = typer.Option(16, min=2, help="Calibration batch size."),
+    input_size: Optional[tuple[int, int, int]] = typer.Option(None, help=INPUT_SIZE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Insert SBN into MODEL where the recipe says and write a converted checkpoint.
+
+    The original weights load unchanged (every original key is kept) and, with identity init, the
+    converted model computes the same eval output as the original.
+
+    [bold]Examples[/bold]
+
+      sbn-surgery convert resnet50 --recipe resnet --checkpoint resnet50.pth -o resnet50-sbn.safetensors
+
+      sbn-surgery convert resnet18 --num-classes 10 --calibrate-data digits -o r18.safetensors --json
+    """
+    from sbn_surgery.checkpoint import FORMAT, save_converted
+    from sbn_surgery.convert import convert as do_convert
+    from sbn_surgery.models import create_model, input_size_of
+
+    if init not in (None, "identity", "standard", "auto"):
+        raise SbnSurgeryError(f"--init must be identity or standard; got {init!r}")
+    if output.suffix != ".safetensors":
+        raise SbnSurgeryError(f"--output {output}: converted checkpoints are .safetensors files; "
+                              f"use e.g. {output.with_suffix('.safetensors')}")
+    if checkpoint is not None and checkpoint.suffix == ".safetensors" and checkpoint.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint), framework="pt") as f:
+            if (f.metadata() or {}).get("format") == FORMAT:
+                raise SurgeryError(
+                    f"{checkpoint} is already converted (recipe "
+                    f"{(f.metadata() or {}).get('recipe_name')}); a recipe is applied once. Use it "
+                    "as it is (finetune/export take it), or convert the original weights.")
+    kwargs = parse_kv(model_kwargs, "--model-kwargs")
+    name = _recipe_or_auto(recipe, model)
+    calibration = None
+    if calibrate_data != "synthetic":
+        from sbn_surgery.data import calibration_batches, data_config_for
+
+        probe = create_model(model, num_classes=num_classes, model_kwargs=kwargs)
+        cfg = data_config_for(probe, input_size or input_size_of(probe))
+        calibration = calibration_batches(calibrate_data, cfg, batch_size, calibrate_batches)
+    with progress_bar(json_out) as cb:
+        net, plan = do_convert(model, name, checkpoint=checkpoint, num_classes=num_classes,
+                               model_kwargs=kwargs, init=init, calibration=calibration,
+                               calibrate_batches=calibrate_batches, calibrate_batch_size=batch_size,
+                               input_size=input_size, progress=cb)
+    save_converted(net, output)
+    plan.model = model
+    if json_out:
+        print_json({"output": str(output), "init": net.sbn_meta["init"], **plan.to_json()})
+    else:
+        _print_plan(plan, False, f"{model} + recipe {plan.recipe}")
+        out(False).print(f"init [bold]{net.sbn_meta['init']}[/]; wrote [bold green]{output}[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(rich_help_panel="Convert")(inspect)
+    app.command(rich_help_panel="Convert")(convert)
