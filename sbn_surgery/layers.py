@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SpectralBatchNorm2d", "spectral_batch_norm", "STATS_MODES", "IMPLS"]
+__all__ = ["SpectralBatchNorm2d", "spectral_batch_norm", "sync_sbn_stats", "STATS_MODES", "IMPLS"]
 
 STATS_MODES = ("channel", "frequency")
 IMPLS = ("auto", "fft", "closed")
@@ -236,6 +236,62 @@ def _frequency_fft(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], wei
     return y.to(x.dtype), spatial_mean.detach(), _hermitian_full(var_half.detach(), w)
 
 
+def _sync_over(process_group: Optional[object]) -> bool:
+    """Whether ``process_group`` asks for synchronization and there are other ranks to pool with."""
+    if process_group is None:
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(_group(process_group)) > 1
+
+
+def _group(process_group: object):
+    return None if process_group == "world" else process_group  # None: the default group
+
+
+def _synced_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, stats: str, group):
+    """Training with statistics pooled over the ranks of ``group``.
+
+    Each rank sums its sufficient statistics; one differentiable all-reduce pools them, so the
+    input gradient sees every rank's outputs (as SyncBatchNorm's does) while parameter gradients
+    stay local (DDP averages them). Returns (y, mu, var, pooled count)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    n, c, h, w = x.shape
+    sd = _stat_dtype(x)
+    xs = x.to(sd)
+    root = math.sqrt(h * w)
+    n_all = all_reduce(torch.tensor([float(n)], dtype=sd, device=x.device), group=group)
+    n_all = n_all.detach()
+    if stats == "channel":
+        local = torch.cat([xs.square().sum(dim=(0, 2, 3)), xs[:, :, 0, 0].sum(0)])
+        pooled = all_reduce(local, group=group)
+        q = pooled[:c] / (n_all * h * w)
+        mu = pooled[c:] / (n_all * root)
+        var = q - mu * mu
+        scale = weight.to(sd) * torch.rsqrt(var + eps)
+        shift = root * (bias.to(sd) - scale * mu)
+        y = xs * scale.view(1, c, 1, 1)
+        corner = torch.zeros(1, 1, h, w, dtype=sd, device=x.device)
+        corner[..., 0, 0] = 1.0
+        y = y + shift.view(1, c, 1, 1) * corner
+        return y.to(x.dtype), mu.detach(), var.detach(), int(n_all.item()) * h * w
+    spec = torch.fft.rfft2(xs, norm="ortho")
+    wr = spec.shape[-1]
+    energy = (spec.real.square() + spec.imag.square()).sum(0)
+    pooled = all_reduce(torch.cat([xs.sum(0).reshape(-1), energy.reshape(-1)]), group=group)
+    spatial_mean = pooled[: c * h * w].view(c, h, w) / n_all
+    mu = torch.fft.rfft2(spatial_mean, norm="ortho")
+    var_half = pooled[c * h * w:].view(c, h, wr) / n_all - (mu.real.square() + mu.imag.square())
+    scale = weight.to(sd).view(-1, 1, 1) * torch.rsqrt(var_half + eps)
+    out = (spec - mu) * scale + bias.to(sd).view(-1, 1, 1)
+    y = torch.fft.irfft2(out, s=(h, w), norm="ortho")
+    return (y.to(x.dtype), spatial_mean.detach(), _hermitian_full(var_half.detach(), w),
+            int(n_all.item()))
+
+
 def _same_format(y: Tensor, x: Tensor) -> Tensor:
     """channels_last in, channels_last out (the FFT returns contiguous tensors)."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -257,6 +313,7 @@ def spectral_batch_norm(
     eps: float = 1e-5,
     stats: str = "channel",
     impl: str = "auto",
+    process_group: Optional[object] = None,
 ) -> Tensor:
     """Spectral batch normalization, the counterpart of ``torch.nn.functional.batch_norm``.
 
@@ -264,6 +321,9 @@ def spectral_batch_norm(
     place with factor ``momentum`` (unbiased variance, as ``batch_norm`` does). ``training=False``
     uses ``running_mean``/``running_var``. Shapes of the buffers: (C,) in channel mode; (C, H, W)
     in frequency mode, ``running_mean`` holding the spatial-domain mean (see module docstring).
+
+    ``process_group`` (training only): pool the batch statistics over the ranks of that
+    ``torch.distributed`` group (``"world"`` for the default group), as ``SyncBatchNorm`` does.
     """
     _check_input(x, None)
     path = _resolve_impl(stats, impl)
@@ -294,7 +354,9 @@ def spectral_batch_norm(
         fn = _channel_fft if stats == "channel" else _frequency_fft
         return _same_format(fn(x, running_mean, running_var, weight, bias, eps)[0], x)
 
-    if path == "closed":
+    if _sync_over(process_group):
+        y, mu, var_b, count = _synced_train(x, weight, bias, eps, stats, _group(process_group))
+    elif path == "closed":
         y, mu, var_b = _ChannelSBNTrain.apply(x, weight, bias, eps)
     elif stats == "channel":
         y, mu, var_b = _channel_fft(x, None, None, weight, bias, eps)
@@ -358,6 +420,8 @@ class SpectralBatchNorm2d(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.impl = impl
+        #: Pool training statistics over the ranks of this group (set by ``sync_sbn_stats``).
+        self.process_group: Optional[object] = None
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -444,6 +508,7 @@ class SpectralBatchNorm2d(nn.Module):
             eps=self.eps,
             stats=self.stats,
             impl=self.impl,
+            process_group=self.process_group if self.training else None,
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -468,3 +533,13 @@ class SpectralBatchNorm2d(nn.Module):
         if self.spatial_size is not None:
             s += f", spatial_size={self.spatial_size}"
         return s
+
+
+def sync_sbn_stats(model: nn.Module, process_group: Optional[object] = None) -> int:
+    """Make every SpectralBatchNorm2d in ``model`` pool its training statistics over the ranks of
+    ``process_group`` (default: the whole world), like ``nn.SyncBatchNorm``. Returns the count."""
+    group = "world" if process_group is None else process_group
+    layers = [m for m in model.modules() if isinstance(m, SpectralBatchNorm2d)]
+    for m in layers:
+        m.process_group = group
+    return len(layers)

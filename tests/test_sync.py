@@ -1,0 +1,61 @@
+"""SBN statistics pooled across ranks equal SBN on the whole batch (2 gloo processes)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sbn_surgery.layers import SpectralBatchNorm2d, sync_sbn_stats
+
+
+def _data(stats):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, 6, generator=g, dtype=torch.float64) * 2 + 0.5
+    gy = torch.randn(6, 3, 5, 6, generator=g, dtype=torch.float64)
+    layer = SpectralBatchNorm2d(3, stats=stats, momentum=0.3).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=g)
+        layer.bias.normal_(generator=g)
+    return x, gy, layer
+
+
+def _worker(rank, world, stats, out_dir):
+    # A file rendezvous: no TCP port to race for with other tests running beside this one.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        x, gy, layer = _data(stats)
+        assert sync_sbn_stats(layer) == 1
+        part = slice(rank * 3, rank * 3 + 3)
+        xr = x[part].clone().requires_grad_(True)
+        y = layer(xr)
+        y.backward(gy[part])
+        wgrad = layer.weight.grad.clone()
+        dist.all_reduce(wgrad)  # the sum of the local parameter gradients
+        torch.save({"y": y.detach(), "gx": xr.grad, "wgrad": wgrad,
+                    "rm": layer.running_mean, "rv": layer.running_var},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stats", ["channel", "frequency"])
+def test_synced_statistics_equal_whole_batch(stats, tmp_path):
+    mp.spawn(_worker, args=(2, stats, str(tmp_path)), nprocs=2, join=True)
+    x, gy, layer = _data(stats)
+    xr = x.clone().requires_grad_(True)
+    y = layer(xr)
+    y.backward(gy)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        part = slice(rank * 3, rank * 3 + 3)
+        assert torch.allclose(got["y"], y.detach()[part], atol=1e-12)
+        assert torch.allclose(got["gx"], xr.grad[part], atol=1e-12)
+        assert torch.allclose(got["wgrad"], layer.weight.grad, atol=1e-11)
+        assert torch.allclose(got["rm"], layer.running_mean, atol=1e-12)
+        assert torch.allclose(got["rv"], layer.running_var, atol=1e-12)
