@@ -1,0 +1,394 @@
+"""export_onnx: a converted model -> one ONNX file in the chosen SBN form, with parity proven."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ExportError
+from ..layers import SpectralBatchNorm2d
+from . import graph
+from .forms import MATMUL_LAYOUTS, SBNForm, build_form, channel_constants
+
+__all__ = ["export_onnx", "ExportResult", "SiteExport", "MODES", "DEFAULT_OPSET", "MIN_OPSET",
+           "prepare_export_model"]
+
+MODES = ("fold", "matmul", "dft")
+DEFAULT_OPSET = 20
+#: ONNX DFT exists from opset 17; torch.onnx writes 18+ natively and converts down to 17.
+MIN_OPSET = 17
+
+ProgressFn = Callable[..., None]
+
+
+@dataclass
+class SiteExport:
+    """How one SBN layer was written."""
+
+    module: str
+    stats: str
+    form: str  # "elementwise" | "matmul" | "dft"
+    spatial_size: Optional[tuple[int, int]]  # (H, W) at the export input size
+    folded_into: Optional[str] = None  # BatchNorm whose weight/bias absorbed the channel scale
+    layout: Optional[str] = None  # matmul form: "dense" | "separable"
+    output: Optional[str] = None  # name of the graph tensor holding the layer's output
+    nodes: int = 0
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how parity came out."""
+
+    path: Path
+    mode: str
+    opset: int
+    input_size: tuple[int, int, int]
+    dynamic_batch: bool
+    dynamic_size: bool
+    sites: list[SiteExport] = field(default_factory=list)
+    size_bytes: int = 0
+    parity: Any = None  # sbn_surgery.parity.ParityReport, or None when parity=False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": str(self.path),
+            "mode": self.mode,
+            "opset": self.opset,
+            "parity": self.parity.summary() if self.parity is not None else None,
+            "input_size": list(self.input_size),
+            "dynamic_batch": self.dynamic_batch,
+            "dynamic_size": self.dynamic_size,
+            "size_bytes": self.size_bytes,
+            "sites": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()}
+                      for s in self.sites],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# sites
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Site:
+    module: str
+    stats: str
+    fold_into: Optional[str]
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    """Every SpectralBatchNorm2d of the model, with the BatchNorm it may fold into (from the
+    surgery's site records; SBN layers inserted by hand get no fold target)."""
+    from ..surgery import find_sbn
+
+    known = {s.module: s for s in find_sbn(model)}
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpectralBatchNorm2d):
+            site = known.get(name)
+            out.append(_Site(name, mod.stats, site.fold_into if site is not None else None))
+    return out
+
+
+def _foldable_bn(model: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
+    """The BatchNorm at ``path`` if scaling its weight and bias is exact in eval mode."""
+    if not path:
+        return None
+    try:
+        bn = model.get_submodule(path)
+    except AttributeError:
+        return None
+    ok = (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine
+          and bn.track_running_stats and bn.running_mean is not None)
+    return bn if ok else None
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    head, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(head) if head else model
+    setattr(parent, leaf, new)
+
+
+def _check_exportable(model: nn.Module, sites: list[_Site]) -> None:
+    for site in sites:
+        sbn = model.get_submodule(site.module)
+        if not sbn.track_running_stats or sbn.running_var is None:
+            raise ExportError(
+                f"{site.module}: SpectralBatchNorm2d with track_running_stats=False normalizes with "
+                "batch statistics even in eval mode, so it has no fixed form to export; convert it "
+                "with running statistics (the default) and calibrate or fine-tune it."
+            )
+        if site.stats == "frequency" and sbn.running_var.numel() == 0:
+            raise ExportError(
+                f"{site.module}: frequency-mode SBN has no running statistics yet; calibrate or "
+                "fine-tune the model before exporting it."
+            )
+
+
+def _probe_sizes(model: nn.Module, sites: list[_Site], input_size: tuple[int, int, int]
+                 ) -> dict[str, tuple[int, int]]:
+    """(H, W) that each SBN layer sees at ``input_size``, from one eval forward."""
+    sizes: dict[str, tuple[int, int]] = {}
+    handles = []
+    for site in sites:
+        def hook(mod, args, path=site.module):
+            sizes[path] = tuple(int(d) for d in args[0].shape[-2:])
+        handles.append(model.get_submodule(site.module).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_size))
+    except ValueError as exc:
+        raise ExportError(
+            f"the model does not run at input size {'x'.join(map(str, input_size))}: "
+            f"{str(exc).rstrip('.')}. Pass the input size the model was converted at (--input-size C H W)."
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [s.module for s in sites if s.module not in sizes]
+    if missing:
+        raise ExportError(
+            f"SBN layer(s) {', '.join(missing[:3])} did not run in a forward pass at input size "
+            f"{'x'.join(map(str, input_size))}; they cannot be exported."
+        )
+    return sizes
+
+
+def prepare_export_model(model: nn.Module, mode: str, input_size: tuple[int, int, int], *,
+                         layout: str = "auto") -> tuple[nn.Module, list[SiteExport]]:
+    """A float32 eval copy of ``model`` with every SBN replaced by its export form for ``mode``
+    (and, in fold mode, channel scales folded into the BatchNorm in front). The caller's model is
+    not touched. Returns the copy and one :class:`SiteExport` per layer."""
+    if mode not in MODES:
+        raise ExportError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
+    if layout not in MATMUL_LAYOUTS:
+        raise ExportError(f"unknown matmul layout {layout!r}; choose one of {', '.join(MATMUL_LAYOUTS)}")
+    work = copy.deepcopy(model).float().eval()
+    sites = _sites(work)
+    _check_exportable(work, sites)
+    sizes = _probe_sizes(work, sites, input_size)
+    records = []
+    for site in sites:
+        sbn = work.get_submodule(site.module)
+        folded_into = None
+        if mode == "fold" and site.stats == "channel":
+            bn = _foldable_bn(work, site.fold_into)
+            if bn is not None:
+                scale, _ = channel_constants(sbn)
+                with torch.no_grad():
+                    bn.weight.copy_((bn.weight.double() * scale.to(bn.weight.device)).float())
+                    bn.bias.copy_((bn.bias.double() * scale.to(bn.bias.device)).float())
+                folded_into = site.fold_into
+        form = build_form(sbn, site.module, mode, sizes[site.module], folded=folded_into is not None,
+                          layout=layout)
+        _replace(work, site.module, form)
+        records.append(SiteExport(
+            module=site.module, stats=site.stats, form=form.form, spatial_size=sizes[site.module],
+            folded_into=folded_into, layout=getattr(form, "layout", None)))
+    return work, records
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+def _resolve_input_size(model: nn.Module, input_size) -> tuple[int, int, int]:
+    if input_size is None:
+        meta = getattr(model, "sbn_meta", None) or {}
+        if meta.get("input_size"):
+            input_size = meta["input_size"]
+        else:
+            from ..models import input_size_of
+
+            input_size = input_size_of(model)
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ExportError(f"input size must be three positive ints C H W; got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _resolve_dynamic_size(dynamic_size: Optional[bool], mode: str, records: list[SiteExport]) -> bool:
+    fixed = [r for r in records if r.stats == "frequency"]
+    if dynamic_size is None:
+        return mode != "matmul" and not fixed
+    if dynamic_size and fixed:
+        r = fixed[0]
+        raise ExportError(
+            f"{r.module} uses frequency-mode statistics, which belong to one spatial size "
+            f"({r.spatial_size[0]}x{r.spatial_size[1]} here), so the file cannot accept any "
+            "spatial size. Export with a fixed size (drop --dynamic-size), at the input size the "
+            "model was calibrated for."
+        )
+    if dynamic_size and mode == "matmul":
+        raise ExportError(
+            "matmul mode writes the DFT as constant matrices for one spatial size, so it cannot "
+            "accept any spatial size; use --mode fold or --mode dft for a size-independent "
+            "channel-mode file, or drop --dynamic-size."
+        )
+    return bool(dynamic_size)
+
+
+def _metadata(model: nn.Module, mode: str, opset: int, input_size, dynamic_batch: bool,
+              dynamic_size: bool, records: list[SiteExport]) -> dict[str, Any]:
+    from .. import __version__
+
+    meta = getattr(model, "sbn_meta", None) or {}
+    name = meta.get("model_name") or getattr(model, "default_cfg", {}).get("architecture") \
+        or type(model).__name__
+    return {
+        "version": __version__,
+        "mode": mode,
+        "opset": opset,
+        "model_name": str(name),
+        "recipe": meta.get("recipe"),
+        "recipe_name": meta.get("recipe_name"),
+        "input_size": list(input_size),
+        "dynamic_batch": dynamic_batch,
+        "dynamic_size": dynamic_size,
+        "sites": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items()}
+                  for r in records],
+    }
+
+
+def _torch_export(work: nn.Module, example: Tensor, opset: int, dynamic_shapes) -> Any:
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(work, (example,), dynamo=True, opset_version=opset,
+                                     dynamic_shapes=dynamic_shapes, input_names=["input"],
+                                     verbose=False, external_data=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"torch.onnx.export (dynamo) failed for this model at opset {opset}: "
+            f"{type(exc).__name__}: {first[:400]}. Try a fixed size (--fixed-size), --static, or "
+            "another --opset."
+        ) from exc
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Union[str, Path],
+    mode: str = "fold",
+    opset: int = DEFAULT_OPSET,
+    input_size: Optional[tuple[int, int, int]] = None,
+    dynamic_batch: bool = True,
+    *,
+    dynamic_size: Optional[bool] = None,
+    batch_size: int = 1,
+    layout: str = "auto",
+    parity: bool = True,
+    images: Optional[Union[Tensor, Iterable[Tensor]]] = None,
+    rtol: Optional[float] = None,
+    min_top1: float = 1.0,
+    parity_batches: tuple[int, ...] = (1, 3),
+    progress: Optional[ProgressFn] = None,
+) -> ExportResult:
+    """Export a (converted) model to one ONNX file and check it against PyTorch.
+
+    ``mode``: ``fold`` (default, deployment: channel-mode SBN as elementwise ops with its scale
+    folded into the BatchNorm in front where that is exact; frequency mode as its circular filter
+    in matmul form with one constant pattern), ``matmul`` (the 2-D DFT as constant matrices, no
+    DFT op; fixed size), ``dft`` (ONNX DFT nodes; the faithful form).
+    ``input_size`` (C, H, W): default ``model.sbn_meta["input_size"]``, else timm's.
+    ``dynamic_batch``: a symbolic batch axis (else ``batch_size``). ``dynamic_size``: a symbolic
+    spatial size; None picks it wherever possible (channel mode in fold and dft modes); True
+    where impossible (frequency statistics, matmul mode) is an :class:`ExportError`.
+    ``layout``: the matmul form's layout (``auto``, ``dense``, ``separable``).
+
+    The caller's model is not modified. Unless ``parity=False``, the file is run with
+    onnxruntime on random inputs (and ``images``) at batch sizes ``parity_batches`` and compared
+    with the model in eval mode; a failure raises ``sbn_surgery.parity.ParityFailed`` (an
+    ``ParityError``) and leaves the file in place for inspection.
+    """
+    if mode not in MODES:
+        raise ExportError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
+    max_opset = _max_opset()
+    if not MIN_OPSET <= int(opset) <= max_opset:
+        raise ExportError(
+            f"opset {opset} is not supported: SBN export needs opset {MIN_OPSET} (the first with "
+            f"DFT) to {max_opset} (the newest this onnx knows); the default is {DEFAULT_OPSET}."
+        )
+    if not dynamic_batch and batch_size < 1:
+        raise ExportError(f"batch size must be at least 1; got {batch_size}")
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ExportError(f"output file {path} should end in .onnx")
+    size = _resolve_input_size(model, input_size)
+
+    def step(i: int, info: str) -> None:
+        if progress is not None:
+            progress("export", i, 4, info)
+
+    step(0, "preparing")
+    work, records = prepare_export_model(model, mode, size, layout=layout)
+    dyn_size = _resolve_dynamic_size(dynamic_size, mode, records)
+    step(1, "tracing")
+    from torch.export import Dim
+
+    batch = 2 if dynamic_batch else int(batch_size)
+    example = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+    axes: dict[int, Any] = {}
+    if dynamic_batch:
+        axes[0] = Dim.AUTO
+    if dyn_size:
+        axes[2] = axes[3] = Dim.AUTO
+    program = _torch_export(work, example, int(opset), (axes,) if axes else None)
+    proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != int(opset):
+        raise ExportError(
+            f"the exporter wrote opset {got} instead of {opset} (it could not convert the graph); "
+            f"use --opset 18 or later."
+        )
+    step(2, "writing")
+    graph.drop_inferred_shapes(proto)
+    dynamic = graph.name_dims(proto, {0: "batch", 2: "height", 3: "width"})
+    if dynamic_batch and not dynamic.get(0):
+        raise ExportError("the model fixes its batch size during export; use --static")
+    if dynamic_size and not (dynamic.get(2) and dynamic.get(3)):
+        raise ExportError(
+            "the model fixes its spatial size during export (some layer depends on it), so the "
+            "file cannot accept any size; drop --dynamic-size."
+        )
+    dyn_size = bool(dynamic.get(2) and dynamic.get(3))
+    site_dicts = [asdict(r) for r in records]
+    graph.name_sbn_nodes(proto, site_dicts)
+    for rec, d in zip(records, site_dicts):
+        rec.output, rec.nodes = d.get("output"), d.get("nodes", 0)
+    graph.set_metadata(proto, _metadata(model, mode, int(opset), size, dynamic_batch, dyn_size,
+                                        records))
+    proto.doc_string = (f"{graph.read_metadata(proto)['model_name']} with {len(records)} "
+                        f"SpectralBatchNorm2d layer(s), exported by sbn-surgery in {mode} mode")
+    written = graph.save_model(proto, path)
+    result = ExportResult(path=path, mode=mode, opset=int(opset), input_size=size,
+                          dynamic_batch=dynamic_batch, dynamic_size=dyn_size, sites=records,
+                          size_bytes=written)
+    if parity:
+        step(3, "parity")
+        from ..parity import ParityFailed, check_parity
+
+        ref = model
+        param = next(iter(model.parameters()), None)
+        if param is not None and param.dtype != torch.float32:
+            ref = copy.deepcopy(model).float()
+        report = check_parity(path, ref, images=images, rtol=rtol, min_top1=min_top1,
+                              batch_sizes=parity_batches, input_size=size)
+        result.parity = report
+        if not report.passed:
+            raise ParityFailed(report, path)
+    step(4, "done")
+    return result
+
+
+def _max_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())

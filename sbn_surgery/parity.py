@@ -1,0 +1,391 @@
+"""onnxruntime sessions: parity of an exported file with PyTorch, and latency.
+
+Parity runs the file and the PyTorch model (eval mode, float32) on the same inputs: random
+normal images at batch 1 and a batch larger than 1, plus real images when given. It reports
+
+* ``max_abs_err``: max |onnx - torch| over every output value;
+* ``max_rel_err``: max |onnx - torch| / max |torch|, per run, the largest over runs (error
+  relative to the output's scale, so near-zero logits do not inflate it);
+* ``top1_agreement``: the share of samples whose arg-max over the output agrees;
+* ``passed``: ``max_rel_err <= rtol`` and ``top1_agreement >= min_top1``.
+
+The default ``rtol`` is sized by the transform the file uses and its length L = H*W (the largest
+SBN feature map): no transform (fold, channel mode) 1e-5; constant-matrix DFT (matmul mode, and
+frequency mode in fold mode), whose rounding error grows like sqrt(L), 1e-5 * max(1, sqrt(L/256));
+DFT nodes, whose error grows like log2(L) for fast transforms but which runtimes compute with
+float32 twiddles, 1e-4 * max(1, log2(L)/12).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import ParityError
+from .export import graph
+
+__all__ = ["ParityReport", "ParityCase", "LayerParity", "ParityFailed", "BenchReport",
+           "check_parity", "default_rtol", "bench", "session"]
+
+
+# --------------------------------------------------------------------------------------------
+# reports
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ParityCase:
+    """One run: ``source`` is ``random`` or ``images``."""
+
+    source: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    max_rel_err: float
+    top1_agreement: float
+
+
+@dataclass
+class LayerParity:
+    """Error at one SBN layer's output, relative to that output's scale."""
+
+    module: str
+    stats: str
+    form: str
+    output: Optional[str]
+    max_abs_err: Optional[float]
+    max_rel_err: Optional[float]
+    passed: Optional[bool]
+
+
+@dataclass
+class ParityReport:
+    max_abs_err: float
+    max_rel_err: float
+    top1_agreement: float
+    passed: bool
+    rtol: float
+    min_top1: float
+    cases: list[ParityCase] = field(default_factory=list)
+    layers: Optional[list[LayerParity]] = None
+    first_bad_layer: Optional[str] = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
+                "top1_agreement": self.top1_agreement, "passed": self.passed}
+
+    def to_json(self) -> dict[str, Any]:
+        out = {**self.summary(), "rtol": self.rtol, "min_top1": self.min_top1,
+               "cases": [asdict(c) | {"shape": list(c.shape)} for c in self.cases]}
+        if self.layers is not None:
+            out["layers"] = [asdict(layer) for layer in self.layers]
+            out["first_bad_layer"] = self.first_bad_layer
+        return out
+
+    def describe(self) -> str:
+        return (f"max_rel_err {self.max_rel_err:.2e} (tolerance {self.rtol:.1e}), max_abs_err "
+                f"{self.max_abs_err:.2e}, top-1 agreement {self.top1_agreement:.1%} (required "
+                f"{self.min_top1:.1%})")
+
+
+class ParityFailed(ParityError):
+    """The exported file does not match PyTorch; the file is kept for inspection."""
+
+    def __init__(self, report: ParityReport, path: Union[str, Path]) -> None:
+        self.report = report
+        self.path = Path(path)
+        where = f"; the error starts at {report.first_bad_layer}" if report.first_bad_layer else ""
+        super().__init__(
+            f"parity failed for {self.path}: {report.describe()}{where}. The file is kept for "
+            f"inspection: `sbn-surgery parity {self.path} CHECKPOINT --per-layer` shows where the "
+            "error starts; try --mode dft (the faithful form), or loosen --rtol if the error is "
+            "rounding."
+        )
+
+
+@dataclass
+class BenchReport:
+    onnx: str
+    batch: int
+    input_shape: tuple[int, ...]
+    latency_ms: float
+    repeats: int
+    warmup: int
+    threads: Optional[int]
+    against: Optional[str] = None
+    against_latency_ms: Optional[float] = None
+    ratio: Optional[float] = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["input_shape"] = list(self.input_shape)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# sessions and inputs
+# --------------------------------------------------------------------------------------------
+def session(model: Union[str, Path, bytes], threads: Optional[int] = None):
+    """An onnxruntime CPU session for a file path or serialized model."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        name = "the model" if isinstance(model, bytes) else str(model)
+        raise ParityError(f"onnxruntime cannot load {name}: {str(exc).strip()[:400]}") from None
+
+
+def _chw(dims: Sequence[Optional[int]], meta: dict, input_size, path) -> tuple[int, int, int]:
+    if input_size is not None:
+        size = tuple(int(v) for v in input_size)
+    else:
+        fallback = meta.get("input_size") or [None, None, None]
+        size = tuple(d if d is not None else f for d, f in zip(dims[1:4], fallback))  # type: ignore[misc]
+    if len(size) != 3 or any(v is None for v in size):
+        raise ParityError(
+            f"{path}: the input's spatial size is symbolic and the file has no sbn-surgery "
+            "metadata; pass the input size (--input-size C H W)."
+        )
+    return size  # type: ignore[return-value]
+
+
+def _batches(images: Union[Tensor, Iterable[Tensor]]) -> Tensor:
+    if isinstance(images, Tensor):
+        return images.float()
+    parts = [b[0] if isinstance(b, (tuple, list)) else b for b in images]
+    if not parts:
+        raise ParityError("no images given for the parity check")
+    return torch.cat([p.float() for p in parts])
+
+
+def _inputs(dims, size, batch_sizes, images, seed) -> list[tuple[str, Tensor]]:
+    """(source, batch) pairs: random at each batch size, then real images in the same sizes."""
+    static_batch = dims[0]
+    sizes = [static_batch] * 2 if static_batch is not None else list(batch_sizes)
+    g = torch.Generator().manual_seed(seed)
+    runs = [("random", torch.randn(b, *size, generator=g)) for b in sizes]
+    if images is not None:
+        data = _batches(images)
+        if tuple(data.shape[1:]) != tuple(size):
+            raise ParityError(
+                f"parity images have shape {tuple(data.shape)}; the file takes (N, "
+                f"{', '.join(map(str, size))}). Resize them to the export input size."
+            )
+        start = 0
+        for b in sizes:
+            if start + b <= data.shape[0]:
+                runs.append(("images", data[start:start + b]))
+                start += b
+    return runs
+
+
+def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, int]:
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    abs_err = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    rel = abs_err / scale if scale > 0 else abs_err
+    n = ref.shape[0]
+    agree = int((ref.reshape(n, -1).argmax(1) == got.reshape(n, -1).argmax(1)).sum())
+    return abs_err, rel, agree
+
+
+def default_rtol(mode: str, sites: Sequence[dict]) -> float:
+    """The tolerance on max_rel_err for a file, from its mode and its longest transform."""
+    pixels = max((s["spatial_size"][0] * s["spatial_size"][1] for s in sites
+                  if s.get("spatial_size")), default=1)
+    if mode == "dft":
+        return 1e-4 * max(1.0, math.log2(max(pixels, 2)) / 12.0)
+    if mode == "matmul" or any(s.get("form") == "matmul" for s in sites):
+        return 1e-5 * max(1.0, math.sqrt(pixels / 256.0))
+    return 1e-5
+
+
+def _outputs(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# parity
+# --------------------------------------------------------------------------------------------
+def check_parity(
+    onnx_path: Union[str, Path],
+    model: nn.Module,
+    *,
+    images: Optional[Union[Tensor, Iterable[Tensor]]] = None,
+    batch_sizes: Sequence[int] = (1, 3),
+    input_size: Optional[tuple[int, int, int]] = None,
+    rtol: Optional[float] = None,
+    min_top1: float = 1.0,
+    per_layer: bool = False,
+    seed: int = 0,
+) -> ParityReport:
+    """Run ``onnx_path`` with onnxruntime and ``model`` in eval mode on the same inputs and
+    compare (see the module docstring). ``per_layer=True`` also compares every SBN layer's
+    output (exposed as extra graph outputs, against forward hooks) on the largest random batch,
+    in graph order, and names the first layer beyond ``rtol``. The model's train/eval flags are
+    restored afterwards."""
+    proto = graph.load(onnx_path)
+    meta = graph.read_metadata(proto)
+    dims = graph.input_dims(proto)
+    if len(dims) != 4:
+        raise ParityError(f"{onnx_path}: expected one image input (N, C, H, W); got {len(dims)} dims")
+    size = _chw(dims, meta, input_size, onnx_path)
+    sites = meta.get("sites") or []
+    tol = float(rtol) if rtol is not None else default_rtol(meta.get("mode", "fold"), sites)
+    if min(batch_sizes, default=0) < 1:
+        raise ParityError(f"batch sizes must be positive; got {list(batch_sizes)}")
+    sess = session(onnx_path)
+    name = sess.get_inputs()[0].name
+    runs = _inputs(dims, size, batch_sizes, images, seed)
+
+    flags = {m: m.training for m in model.modules()}
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    cases = []
+    try:
+        model.eval()
+        for source, x in runs:
+            with torch.no_grad():
+                ref = _outputs(model, x.to(device=device, dtype=param.dtype if param is not None else torch.float32))
+            ref_np = ref.detach().float().cpu().numpy()
+            got = sess.run(None, {name: x.numpy()})[0]
+            if got.shape != ref_np.shape:
+                raise ParityError(f"{onnx_path}: output shape {got.shape} differs from PyTorch's "
+                                  f"{ref_np.shape} for input {tuple(x.shape)}; is it the same model?")
+            abs_err, rel, agree = _compare(ref_np, got)
+            cases.append(ParityCase(source, tuple(x.shape), abs_err, rel, agree / x.shape[0]))
+        layers = first_bad = None
+        if per_layer:
+            big = max((x for s, x in runs if s == "random"), key=lambda t: t.shape[0])
+            layers = _per_layer(proto, model, sites, big, name, tol, device)
+            first_bad = next((l.module for l in layers if l.passed is False), None)
+    finally:
+        for m, flag in flags.items():
+            m.train(flag)
+    n_total = sum(c.shape[0] for c in cases)
+    top1 = sum(c.top1_agreement * c.shape[0] for c in cases) / n_total
+    abs_max = max(c.max_abs_err for c in cases)
+    rel_max = max(c.max_rel_err for c in cases)
+    passed = rel_max <= tol and top1 >= min_top1 and math.isfinite(rel_max)
+    return ParityReport(max_abs_err=abs_max, max_rel_err=rel_max, top1_agreement=top1,
+                        passed=passed, rtol=tol, min_top1=min_top1, cases=cases, layers=layers,
+                        first_bad_layer=first_bad)
+
+
+def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name: str, tol: float,
+               device) -> list[LayerParity]:
+    if not sites:
+        raise ParityError(
+            "per-layer parity needs the SBN sites recorded at export; this file has no "
+            "sbn-surgery metadata (was it written by `sbn-surgery export`?)"
+        )
+    outputs = [s.get("output") for s in sites]
+    extra = graph.with_extra_outputs(proto, [o for o in outputs if o])
+    sess = session(extra.SerializeToString())
+    names = [o.name for o in sess.get_outputs()]
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for s in sites:
+        try:
+            mod = model.get_submodule(s["module"])
+        except AttributeError:
+            raise ParityError(
+                f"the model has no module {s['module']}, which the ONNX file has as an SBN layer; "
+                "is CHECKPOINT the model this file was exported from?"
+            ) from None
+
+        def hook(m, args, out, key=s["module"]):
+            captured[key] = out.detach().float().cpu()
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            param = next(iter(model.parameters()), None)
+            model(x.to(device=device, dtype=param.dtype if param is not None else torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+    results = dict(zip(names, sess.run(None, {input_name: x.numpy()})))
+    layers = []
+    for s in sites:
+        out = s.get("output")
+        ref = captured.get(s["module"])
+        if not out or out not in results or ref is None:
+            layers.append(LayerParity(s["module"], s["stats"], s["form"], out, None, None, None))
+            continue
+        got = results[out]
+        if tuple(got.shape) != tuple(ref.shape):
+            layers.append(LayerParity(s["module"], s["stats"], s["form"], out, None, None, None))
+            continue
+        abs_err, rel, _ = _compare(ref.numpy(), got)
+        layers.append(LayerParity(s["module"], s["stats"], s["form"], out, abs_err, rel, rel <= tol))
+    return layers
+
+
+# --------------------------------------------------------------------------------------------
+# latency
+# --------------------------------------------------------------------------------------------
+def bench(
+    onnx_path: Union[str, Path],
+    against: Optional[Union[str, Path]] = None,
+    *,
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: Optional[int] = None,
+    input_size: Optional[tuple[int, int, int]] = None,
+    progress=None,
+) -> BenchReport:
+    """onnxruntime CPU latency of ``onnx_path`` (median of ``repeats`` runs after ``warmup``
+    runs that are not timed) and, with ``against``, of that file on the same input, timed
+    alternately in the same loop, and the ratio latency / against latency."""
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ParityError(f"bench needs batch >= 1, repeats >= 1, warmup >= 0; got {batch}, "
+                          f"{repeats}, {warmup}")
+    files = [Path(onnx_path)] + ([Path(against)] if against is not None else [])
+    runs = []
+    shape = None
+    for f in files:
+        proto = graph.load(f, load_external_data=False)
+        dims = graph.input_dims(proto)
+        size = _chw(dims, graph.read_metadata(proto), input_size, f)
+        if dims[0] is not None and dims[0] != batch:
+            raise ParityError(f"{f} has a fixed batch size of {dims[0]}; bench it with --batch {dims[0]}")
+        sess = session(f, threads)
+        x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
+        if shape is not None and x.shape != shape:
+            raise ParityError(f"{files[0]} takes input {shape} but {f} takes {x.shape}; compare files "
+                              "with the same input size (or pass --input-size)")
+        shape = x.shape
+        runs.append((sess, {sess.get_inputs()[0].name: x}))
+    for _ in range(warmup):
+        for sess, feed in runs:
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in runs]
+    for i in range(repeats):
+        for k, (sess, feed) in enumerate(runs):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times[k].append(time.perf_counter() - t0)
+        if progress is not None:
+            progress("bench", i + 1, repeats)
+    med = [statistics.median(t) * 1e3 for t in times]
+    report = BenchReport(onnx=str(files[0]), batch=batch, input_shape=tuple(shape), latency_ms=med[0],
+                         repeats=repeats, warmup=warmup, threads=threads)
+    if against is not None:
+        report.against, report.against_latency_ms = str(files[1]), med[1]
+        report.ratio = med[0] / med[1]
+    return report
