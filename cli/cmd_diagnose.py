@@ -122,12 +122,11 @@ def diagnose(
                                         "(log scale), one line per variant."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Measure feature maps at every residual block: RMS, max |x|, the share of the largest
-    frequency component and the spectral entropy, in depth order.
+    """Measure feature maps per residual block: RMS, max |x|, top-frequency share, entropy.
 
-    Shows the paper's two observations in your model: feature maps explode with depth (without
-    BN at initialization), and their energy concentrates in few frequencies; and where SBN stops
-    it. The model is never changed: everything runs on a copy.
+    Without BN, feature maps explode with depth at initialization (the paper's observation).
+
+    Compare where SBN stops it, and how it spreads energy over frequencies. Runs on a copy.
 
     [bold]Examples[/bold]
 
