@@ -1,0 +1,179 @@
+"""The model, its data config and its optimizer for a fine-tuning run.
+
+* A timm name is converted first (``sbn_surgery.convert`` with ``--recipe``, by default the
+  shipped recipe for its family; SBN statistics calibrated on the run's own training images); a converted checkpoint is loaded as it is (``load_converted``).
+  The classifier is reset (timm ``reset_classifier``) when its class count differs from the data.
+* ``--train all|norm|sbn``: which parameters train. The classifier always trains: after a head
+  reset it is random, and a frozen random head cannot learn anything.
+* Optimizer SGD (momentum 0.9, Nesterov) or AdamW; weight decay only on weights of rank >= 2
+  (never on biases and norm parameters, as timm does). Learning rate per step: linear warmup from
+  0, then cosine decay to 0 at the last step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..data import Dataset, calibration_batches, data_config_for, default_input_size
+from ..errors import CheckpointError, SbnSurgeryError
+from ..layers import SpectralBatchNorm2d
+from .options import RunOptions
+
+#: Batches of real training images used to calibrate SBN statistics when converting.
+CALIBRATION_BATCHES = 4
+
+
+def _in_chans(model_kwargs: Optional[dict]) -> int:
+    return int((model_kwargs or {}).get("in_chans", 3))
+
+
+def _input_size(opts: RunOptions, ds: Dataset, model: nn.Module, in_chans: int,
+                meta: Optional[dict] = None) -> tuple[int, int, int]:
+    """--input-size, else the checkpoint's size when its SBN statistics belong to one spatial
+    size (frequency mode), else ``data.default_input_size``."""
+    from ..models import input_size_of
+
+    if opts.input_size is not None:
+        return tuple(int(v) for v in opts.input_size)  # type: ignore[return-value]
+    freq = any(isinstance(m, SpectralBatchNorm2d) and m.stats == "frequency"
+               for m in model.modules())
+    if freq and meta and meta.get("input_size"):
+        return tuple(int(v) for v in meta["input_size"])  # type: ignore[return-value]
+    return default_input_size(ds, input_size_of(model), in_chans)
+
+
+def is_checkpoint_path(spec: Union[str, Path]) -> bool:
+    s = str(spec)
+    return s.endswith(".safetensors") or Path(s).is_file()
+
+
+def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset,
+                progress=None) -> tuple[nn.Module, dict]:
+    """(model with ``sbn_meta`` and a head for ``ds``, timm data config for it)."""
+    from ..checkpoint import load_converted
+    from ..convert import convert
+    from ..models import create_model
+    from ..recipe import recipe_for_model
+
+    if isinstance(spec, nn.Module):
+        model = spec
+        meta = getattr(model, "sbn_meta", None)
+        if not isinstance(meta, dict):
+            raise CheckpointError("finetune needs a converted model (with .sbn_meta): pass a timm "
+                                  "name with a recipe, a converted checkpoint, or convert(...)'s "
+                                  "model")
+        in_chans = _in_chans(meta.get("model_kwargs"))
+        size = _input_size(opts, ds, model, in_chans, meta)
+    elif is_checkpoint_path(spec):
+        if not Path(spec).is_file():
+            raise CheckpointError(f"checkpoint {spec} not found; give a converted checkpoint "
+                                  f"(.safetensors from `sbn-surgery convert` or `finetune`) or a "
+                                  f"timm model name")
+        if opts.recipe is not None or opts.checkpoint is not None:
+            raise SbnSurgeryError(f"{spec} is already converted: --recipe and --checkpoint apply "
+                                  f"to a timm model name only; leave them out")
+        model = load_converted(spec)
+        meta = model.sbn_meta
+        in_chans = _in_chans(meta.get("model_kwargs"))
+        size = _input_size(opts, ds, model, in_chans, meta)
+    else:
+        kwargs = dict(opts.model_kwargs or {})
+        in_chans = _in_chans(kwargs)
+        n_cls = opts.num_classes or ds.num_classes
+        probe = create_model(str(spec), num_classes=n_cls, model_kwargs=kwargs)
+        size = _input_size(opts, ds, probe, in_chans)
+        cfg = data_config_for(probe, size, in_chans)
+        del probe
+        calib = calibration_batches(ds, cfg, min(opts.batch_size, 32), CALIBRATION_BATCHES)
+        recipe = opts.recipe or recipe_for_model(str(spec))
+        model, _ = convert(str(spec), recipe, checkpoint=opts.checkpoint,
+                           num_classes=n_cls, model_kwargs=kwargs, calibration=calib,
+                           input_size=size, progress=progress)
+    reset_head(model, ds.num_classes)
+    return model, data_config_for(model, size, in_chans)
+
+
+def reset_head(model: nn.Module, num_classes: int) -> None:
+    current = getattr(model, "num_classes", None)
+    if current == num_classes:
+        return
+    if not hasattr(model, "reset_classifier"):
+        raise SbnSurgeryError(f"the model has {current} classes, the data {num_classes}, and "
+                              f"{type(model).__name__} has no reset_classifier(); give "
+                              f"--num-classes {num_classes} when converting")
+    model.reset_classifier(num_classes)
+    if isinstance(getattr(model, "sbn_meta", None), dict):
+        model.sbn_meta["num_classes"] = num_classes
+
+
+def _classifier_params(model: nn.Module) -> list[nn.Parameter]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Module):
+        return list(head.parameters())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
+
+
+def select_trainable(model: nn.Module, mode: str) -> int:
+    """Set ``requires_grad`` per ``--train``; returns the number of trainable parameters."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    if mode == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        if mode == "sbn":
+            kinds: tuple = (SpectralBatchNorm2d,)
+        else:
+            kinds = (SpectralBatchNorm2d, _NormBase, nn.GroupNorm, nn.LayerNorm)
+        keep = {id(p) for p in _classifier_params(model)}
+        found = 0
+        for m in model.modules():
+            if isinstance(m, kinds):
+                found += 1
+                keep.update(id(p) for p in m.parameters(recurse=False))
+        if found == 0:
+            raise SbnSurgeryError(f"--train {mode}: the model has no "
+                                  f"{'SBN' if mode == 'sbn' else 'normalization'} layers; use "
+                                  f"--train all")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_optimizer(model: nn.Module, opts: RunOptions) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": opts.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=opts.lr)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, opts: RunOptions,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = opts.epochs * steps_per_epoch
+    warmup = int(round(opts.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    meta = getattr(model, "sbn_meta", {}) or {}
+    return {"model_name": meta.get("model_name"), "recipe": meta.get("recipe_name"),
+            "sbn_layers": sum(isinstance(m, SpectralBatchNorm2d) for m in model.modules())}

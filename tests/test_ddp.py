@@ -1,0 +1,69 @@
+"""DistributedDataParallel with 2 gloo processes: same weights and running statistics on both
+ranks at the end, and only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    # what torchrun sets
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from sbn_surgery.train import distributed, finetune
+
+    average = distributed.average_running_stats
+    before = {}
+
+    def spy(model, ctx):  # keep each rank's own statistics, as they were before agreeing
+        before.update({k: v.clone() for k, v in model.state_dict().items()})
+        average(model, ctx)
+
+    distributed.average_running_stats = spy
+
+    out = Path(root) / f"out{rank}"  # each rank gets its own dir: rank 1's must stay empty
+    r = finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=1, subset=64,
+                 batch_size=8, input_size=(3, 32, 32), device="cpu")
+    torch.save(r.model.state_dict(), Path(root) / f"rank{rank}.pt")
+    torch.save(before, Path(root) / f"local{rank}.pt")
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(r.to_json()))
+
+
+def test_ddp_two_gloo_processes_agree(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert s0.keys() == s1.keys()
+    stats = [k for k in s0 if k.endswith(("running_mean", "running_var"))]
+    assert any(".sbn." in k for k in stats) and any(".sbn." not in k for k in stats)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    # the ranks saw different halves of the data: before agreeing, their statistics differed
+    # (BN's and SBN's), while their weights were already identical (DDP's averaged gradients)
+    l0 = torch.load(tmp_path / "local0.pt", weights_only=True)
+    l1 = torch.load(tmp_path / "local1.pt", weights_only=True)
+    for kind in (".sbn.", ".bn1."):
+        assert any(not torch.allclose(l0[k], l1[k]) for k in stats if kind in k), kind
+    assert all(torch.equal(l0[k], l1[k]) for k in s0 if k.endswith(("weight", "bias")))
+    for k in stats:  # and the agreed value is their mean
+        assert torch.allclose(s0[k], (l0[k].double() + l1[k].double()).div(2).to(s0[k].dtype))
+    # both ranks report the same (all-reduced) validation figures; only rank 0 wrote files
+    j0 = json.loads((tmp_path / "rank0.json").read_text())
+    j1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert j0["val_top1"] == j1["val_top1"] and j0["val_loss"] == j1["val_loss"]
+    assert (tmp_path / "out0" / "last.safetensors").is_file()
+    assert (tmp_path / "out0" / "metrics.jsonl").read_text().count("\n") == 1
+    assert not (tmp_path / "out1").exists() or not any((tmp_path / "out1").iterdir())

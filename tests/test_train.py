@@ -1,0 +1,250 @@
+"""Fine-tuning: learning, outputs, resume equivalence, atomic checkpoints, options, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from sbn_surgery.errors import CheckpointError, DeviceError, SbnSurgeryError
+from sbn_surgery.layers import SpectralBatchNorm2d
+from sbn_surgery.train import TrainingInterrupted, finetune
+from sbn_surgery.train import model as M
+from sbn_surgery.train import outputs as O
+
+TINY = dict(subset=96, batch_size=16, input_size=(3, 32, 32))
+COMPARED = ("epoch", "loss", "train_top1", "val_loss", "top1", "top5", "lr", "images")
+
+
+def _rows(result):
+    return [{k: r[k] for k in COMPARED} for r in result.history]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run best on one thread, and do not slow to a crawl on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, one_thread):
+    """The uninterrupted reference run: resnet10t + recipe resnet, 2 epochs on synthetic data."""
+    out = tmp_path_factory.mktemp("ref")
+    return finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=2, **TINY)
+
+
+def test_loss_decreases_and_outputs_are_written(two_epochs):
+    from sbn_surgery.checkpoint import load_converted
+
+    r = two_epochs
+    assert r.epochs == 2 and len(r.history) == 2
+    assert r.history[1]["loss"] < r.history[0]["loss"]
+    assert 0.0 <= r.val_top1 <= 1.0 and r.val_top1 == r.history[-1]["top1"]
+    out = r.output
+    lines = [json.loads(s) for s in open(f"{out}/metrics.jsonl").read().splitlines()]
+    assert [row["epoch"] for row in lines] == [1, 2]
+    assert {"loss", "val_loss", "top1", "top5", "images_per_s", "lr"} <= set(lines[0])
+    assert open(f"{out}/curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(f"{out}/state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 0 and "optimizer" in state
+    # the checkpoints are converted checkpoints of the trained model
+    last = load_converted(f"{out}/last.safetensors")
+    assert sum(isinstance(m, SpectralBatchNorm2d) for m in last.modules()) >= 2
+    ref = r.model.state_dict()
+    assert all(torch.equal(v, ref[k].cpu()) for k, v in last.state_dict().items())
+    best = load_converted(r.checkpoint)
+    assert best.num_classes == 10
+    # the lr followed warmup (1 epoch) then cosine to 0
+    assert lines[0]["lr"] == pytest.approx(0.4 * 16 / 256) and lines[1]["lr"] == pytest.approx(0.0)
+
+
+def _interrupt_at(description: str, step: int):
+    def progress(desc, completed, total, info=""):
+        if desc == description and completed == step:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+@pytest.mark.parametrize("where", [("epoch 2/2", 0), ("epoch 1/2", 3)],
+                         ids=["between-epochs", "mid-epoch"])
+def test_resume_equals_uninterrupted(tmp_path, two_epochs, where):
+    with pytest.raises(TrainingInterrupted) as info:
+        finetune("resnet10t", "synthetic", output=tmp_path, recipe="resnet", epochs=2,
+                 progress=_interrupt_at(*where), **TINY)
+    assert info.value.saved
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == ((1, 0) if where[1] == 0 else (0, 3))
+    resumed = finetune("resnet10t", "synthetic", output=tmp_path, resume=True)
+    assert _rows(resumed) == pytest.approx(_rows(two_epochs), rel=1e-6, abs=1e-7)
+    ref = two_epochs.model.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        assert torch.allclose(v.float(), ref[k].float(), atol=1e-6, rtol=1e-5), k
+
+
+def test_resume_rejects_changed_options(tmp_path, two_epochs):
+    import shutil
+
+    shutil.copytree(two_epochs.output, tmp_path / "run")
+    with pytest.raises(SbnSurgeryError, match="epochs 3 \\(stored: 2\\)"):
+        finetune("resnet10t", "synthetic", output=tmp_path / "run", epochs=3, resume=True)
+
+
+def test_resume_without_state_and_fresh_run_over_a_run(tmp_path, two_epochs):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        finetune("resnet10t", "synthetic", output=tmp_path / "empty", resume=True)
+    with pytest.raises(CheckpointError, match="--resume"):
+        finetune("resnet10t", "synthetic", output=two_epochs.output, **TINY)
+
+
+def test_killed_checkpoint_write_keeps_the_good_file(tmp_path, two_epochs, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "last.safetensors"
+    O.save_checkpoint(two_epochs.model, path)
+    good = path.read_bytes()
+
+    def dying_writer(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 1000)  # part of a file, then the process 'dies'
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_writer)
+    with pytest.raises(KeyboardInterrupt):
+        O.save_checkpoint(two_epochs.model, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]
+
+    def dying_bytes(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_bytes)
+    (tmp_path / "state.pt").write_bytes(b"old")
+    with pytest.raises(OSError):
+        O.save_state(tmp_path / "state.pt", {"epoch": 1})
+    assert (tmp_path / "state.pt").read_bytes() == b"old"
+
+
+def test_converted_checkpoint_gets_a_new_head_and_trains_sbn_only(tmp_path):
+    from sbn_surgery import convert, save_converted
+
+    # zero_init_last=False: timm zero-inits the last BN of each block, which would feed the SBN
+    # after it a constant and leave its gamma without gradient while that BN is frozen
+    net, _ = convert("resnet10t", "resnet", num_classes=3, input_size=(3, 32, 32),
+                     model_kwargs={"zero_init_last": False})
+    save_converted(net, tmp_path / "in.safetensors")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    r = finetune(str(tmp_path / "in.safetensors"), "synthetic", output=tmp_path / "out",
+                 epochs=1, train="sbn", **TINY)
+    assert r.model.num_classes == 10 and r.model.sbn_meta["num_classes"] == 10
+    after = r.model.state_dict()
+    changed = {k for k, v in after.items() if k in before and v.shape == before[k].shape
+               and v.dtype.is_floating_point and not torch.equal(v, before[k])}
+    params = {k for k, _ in r.model.named_parameters()}
+    trained = changed & params
+    assert trained and all(".sbn." in k for k in trained)  # frozen conv/BN weights stay
+    assert any(".sbn.weight" in k for k in trained)
+
+
+def test_train_modes_select_parameters():
+    import timm
+
+    from sbn_surgery import convert
+
+    net, _ = convert("resnet10t", "resnet", num_classes=4, input_size=(3, 32, 32))
+    head = {id(p) for p in net.get_classifier().parameters()}
+    M.select_trainable(net, "norm")
+    for name, mod in net.named_modules():
+        for p in mod.parameters(recurse=False):
+            is_norm = isinstance(mod, (torch.nn.BatchNorm2d, SpectralBatchNorm2d))
+            assert p.requires_grad == (is_norm or id(p) in head), name
+    plain = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    with pytest.raises(SbnSurgeryError, match="no SBN layers"):
+        M.select_trainable(plain, "sbn")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm = 100, 10
+    assert [M.lr_factor(s, total, warm) for s in range(3)] == [0.1, 0.2, 0.3]
+    assert M.lr_factor(9, total, warm) == 1.0
+    for s in (10, 40, 77, 99):
+        assert M.lr_factor(s, total, warm) == pytest.approx(
+            (1 + math.cos(math.pi * (s - warm) / (total - warm))) / 2)
+    assert M.lr_factor(0, total, 0) == 1.0
+
+
+def test_cuda_asked_but_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        finetune("resnet10t", "synthetic", device="cuda", epochs=1)
+
+
+def test_sync_batchnorm_keeps_sbn_hooks():
+    from sbn_surgery import convert
+    from sbn_surgery.train.distributed import to_sync_batchnorm
+
+    net, _ = convert("resnet10t", "resnet", num_classes=4, input_size=(3, 32, 32))
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = net(x)
+    sbn_calls = []
+    for m in net.modules():
+        if isinstance(m, SpectralBatchNorm2d):
+            m.register_forward_hook(lambda *a: sbn_calls.append(1))
+    synced = to_sync_batchnorm(net, torch.device("cuda"))  # builds modules only; no CUDA needed
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    n_sbn = sum(isinstance(m, SpectralBatchNorm2d) for m in synced.modules())
+    assert torch.allclose(synced(x), want, atol=1e-5)  # eval: SyncBatchNorm == BatchNorm
+    assert len(sbn_calls) == n_sbn > 0
+    with pytest.raises(DeviceError, match="CUDA only"):
+        to_sync_batchnorm(net, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------- CLI
+def _cli(monkeypatch, capsys, *args):
+    from sbn_surgery_cli import app
+
+    monkeypatch.setattr(sys, "argv", ["sbn-surgery", "finetune", *args])
+    with pytest.raises(SystemExit) as exc:
+        app.main()
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("case", ["missing", "no-images", "resume", "cuda"])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, case):
+    args = ["resnet10t", "--data", "synthetic", "-o", str(tmp_path / "run"), "--epochs", "1"]
+    if case == "missing":
+        args[2] = str(tmp_path / "nope")
+    elif case == "no-images":
+        (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+        (tmp_path / "d" / "val" / "a").mkdir(parents=True)
+        args[2] = str(tmp_path / "d")
+    elif case == "resume":
+        args.append("--resume")
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        args += ["--device", "cuda"]
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert "Traceback" not in err and out.strip() == ""
+    lines = [s for s in err.splitlines() if s.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+
+
+def test_cli_json_summary(tmp_path, monkeypatch, capsys):
+    code, out, err = _cli(monkeypatch, capsys, "resnet10t", "--data", "synthetic", "--subset",
+                          "48", "--batch-size", "16", "--input-size", "3", "32", "32",
+                          "--epochs", "1", "-o", str(tmp_path), "--json")
+    assert code in (0, None), err
+    summary = json.loads(out)
+    assert set(summary) == {"val_top1", "val_loss", "epochs", "checkpoint", "images_per_s"}
+    assert 0 <= summary["val_top1"] <= 1 and summary["epochs"] == 1
+    assert summary["checkpoint"].endswith("best.safetensors") and summary["images_per_s"] > 0
