@@ -78,13 +78,26 @@ class Rule(_Strict):
     paths: Optional[list[str]] = None
     stages: Optional[list[int]] = None
     exclude: list[str] = Field(default_factory=list)
-    last_in_parent: bool = False
+    #: keep only the last match (module order) under each parent; an integer N groups by the
+    #: ancestor N levels up instead (2 when the norm sits in a conv-norm-act wrapper).
+    last_in_parent: Union[bool, int] = False
     position: Literal["after", "before", "replace"] = "after"
     sbn: Optional[SbnOptions] = None
     expect: Optional[Expect] = None
 
     _types_v = field_validator("types", "paths", "exclude", mode="before")(_as_list)
     _stages_v = field_validator("stages", mode="before")(_as_list)
+
+    @field_validator("last_in_parent")
+    @classmethod
+    def _levels(cls, v: Union[bool, int]) -> Union[bool, int]:
+        if not isinstance(v, bool) and v < 0:
+            raise ValueError("last_in_parent is true/false or a number of levels >= 0")
+        return v
+
+    def parent_levels(self) -> int:
+        """How many path components :attr:`last_in_parent` strips to name a match's group."""
+        return int(self.last_in_parent)
 
     @field_validator("expect", mode="before")
     @classmethod
@@ -138,6 +151,7 @@ class Recipe(_Strict):
         return self._text
 
     _models_v = field_validator("models", mode="before")(_as_list)
+    _models_re = field_validator("models")(Rule._patterns_compile.__func__)
 
     @field_validator("sbn", mode="after")
     @classmethod
@@ -148,7 +162,11 @@ class Recipe(_Strict):
         return self.sbn.merged(rule.sbn)
 
     def fits_model(self, model_name: str) -> bool:
-        return not self.models or any(fnmatch.fnmatchcase(model_name, p) for p in self.models)
+        """Whether ``model_name`` (a pretrained tag such as ``.a1_in1k`` is ignored) fits one of
+        ``models``: globs, or ``re:`` regular expressions (full match)."""
+        base = model_name.split(".", 1)[0]
+        return not self.models or any(
+            match_pattern(p, base) or match_pattern(p, model_name) for p in self.models)
 
     @classmethod
     def from_yaml_text(cls, text: str, source: str = "<text>") -> "Recipe":

@@ -264,6 +264,12 @@ def _get(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
 
 
+def _ancestor(path: str, levels: int) -> str:
+    """``path`` without its last ``levels`` components ("" for the root)."""
+    parts = path.split(".")
+    return ".".join(parts[:-levels]) if levels < len(parts) else ""
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     head, _, leaf = path.rpartition(".")
     return _get(model, head), leaf
@@ -303,9 +309,10 @@ def apply_recipe(
                 f"{_model_name(model)} has no timm feature_info; select by 'paths' instead."
             )
         hits = [n for n, m in modules if _rule_matches(rule, n, m, probe, n_stages)]
-        if rule.last_in_parent:  # e.g. the last norm of each block, whatever the block type
-            last = {n.rpartition(".")[0]: n for n in hits}
-            hits = [n for n in hits if last[n.rpartition(".")[0]] == n]
+        levels = rule.parent_levels()
+        if levels:  # e.g. the last norm of each block, whatever the block type
+            last = {_ancestor(n, levels): n for n in hits}
+            hits = [n for n in hits if last[_ancestor(n, levels)] == n]
         if not hits:
             raise _no_match_error(rule, index, recipe, model, names, probe)
         if rule.expect is not None and not rule.expect.check(len(hits)):

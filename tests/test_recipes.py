@@ -1,0 +1,39 @@
+"""The shipped family recipes, each on a small model of its family."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+
+import sbn_surgery as sbn
+from sbn_surgery.errors import RecipeError
+from sbn_surgery.recipe import Recipe
+
+
+def test_last_in_parent_levels_groups_by_the_ancestor():
+    # layer4 of resnet18: blocks 0 and 1 with bn1, bn2, and a downsample (conv, bn) in block 0.
+    # Grouped two levels up, block norms group under "layer4" (last: layer4.1.bn2) and the
+    # downsample norm under "layer4.0".
+    text = ("name: t\nrules:\n  - types: [BatchNorm2d]\n    paths: ['layer4.*']\n"
+            "    last_in_parent: {}\n")
+    plans = {}
+    for levels in ("true", "2"):
+        model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        plan = sbn.apply_recipe(model, Recipe.from_yaml_text(text.format(levels)),
+                                input_size=(3, 32, 32))
+        plans[levels] = [s.target for s in plan.sites]
+    assert plans["true"] == ["layer4.0.bn2", "layer4.0.downsample.1", "layer4.1.bn2"]
+    assert plans["2"] == ["layer4.0.downsample.1", "layer4.1.bn2"]
+    with pytest.raises(RecipeError, match=r"t.yaml:5: key 'rules.0.last_in_parent'"):
+        Recipe.from_yaml_text(text.format("-1"), source="t.yaml")
+
+
+def test_models_patterns_take_regexes_and_ignore_pretrained_tags():
+    recipe = Recipe.from_yaml_text(
+        "name: t\nmodels: ['re:resnet\\d+[d]?', 'vgg*_bn']\nrules:\n  - types: [BatchNorm2d]\n")
+    assert recipe.fits_model("resnet50") and recipe.fits_model("resnet50d.a1_in1k")
+    assert recipe.fits_model("vgg11_bn.tv_in1k")
+    assert not recipe.fits_model("resnet33ts") and not recipe.fits_model("resnetv2_50")
+    with pytest.raises(RecipeError, match=r"t.yaml:2: key 'models'.*bad regular expression"):
+        Recipe.from_yaml_text("name: t\nmodels: ['re:res(']\nrules:\n  - types: [BatchNorm2d]\n",
+                              source="t.yaml")
