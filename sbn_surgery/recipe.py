@@ -77,6 +77,9 @@ class Rule(_Strict):
     types: Optional[list[str]] = None
     paths: Optional[list[str]] = None
     stages: Optional[list[int]] = None
+    #: the N deepest feature stages that hold a module matching the other selectors (the deeper
+    #: blocks of a model whose last stages have no such module, e.g. a conv stem before attention)
+    deepest_stages: Optional[int] = Field(default=None, ge=1)
     exclude: list[str] = Field(default_factory=list)
     #: keep only the last match (module order) under each parent; an integer N groups by the
     #: ancestor N levels up instead (2 when the norm sits in a conv-norm-act wrapper).
@@ -117,8 +120,11 @@ class Rule(_Strict):
 
     @model_validator(mode="after")
     def _has_selector(self) -> "Rule":
-        if not (self.types or self.paths or self.stages):
-            raise ValueError("a rule needs at least one selector: 'types', 'paths' or 'stages'")
+        if not (self.types or self.paths or self.stages or self.deepest_stages):
+            raise ValueError("a rule needs at least one selector: 'types', 'paths', 'stages' or "
+                             "'deepest_stages'")
+        if self.stages is not None and self.deepest_stages is not None:
+            raise ValueError("give 'stages' or 'deepest_stages', not both")
         return self
 
     def label(self, index: int) -> str:

@@ -225,6 +225,8 @@ def _no_match_error(rule: Rule, index: int, recipe: Recipe, model: nn.Module, na
         sel.append(f"paths {rule.paths}")
     if rule.stages:
         sel.append(f"stages {rule.stages} (model has {len(probe.stage_ends)} feature stages)")
+    if rule.deepest_stages:
+        sel.append(f"deepest_stages {rule.deepest_stages}")
     return SurgeryError(
         f"{recipe.source or recipe.name}: {rule.label(index)} matches no module of "
         f"{_model_name(model)} ({', '.join(sel)}). Nearest module names: "
@@ -303,12 +305,17 @@ def apply_recipe(
 
     chosen: dict[str, tuple[int, Rule]] = {}
     for index, rule in enumerate(recipe.rules):
-        if rule.stages is not None and n_stages == 0:
+        if (rule.stages is not None or rule.deepest_stages) and n_stages == 0:
             raise SurgeryError(
-                f"{recipe.source or recipe.name}: {rule.label(index)} selects by 'stages', but "
+                f"{recipe.source or recipe.name}: {rule.label(index)} selects by stages, but "
                 f"{_model_name(model)} has no timm feature_info; select by 'paths' instead."
             )
         hits = [n for n, m in modules if _rule_matches(rule, n, m, probe, n_stages)]
+        if rule.deepest_stages:  # stages are counted among those the other selectors reach
+            staged = {n: _stage_of(probe, n) for n in hits}
+            held = sorted({s for s in staged.values() if s is not None})
+            keep = set(held[-rule.deepest_stages:])
+            hits = [n for n in hits if staged[n] in keep]
         levels = rule.parent_levels()
         if levels:  # e.g. the last norm of each block, whatever the block type
             last = {_ancestor(n, levels): n for n in hits}

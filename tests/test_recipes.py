@@ -28,6 +28,23 @@ def test_last_in_parent_levels_groups_by_the_ancestor():
         Recipe.from_yaml_text(text.format("-1"), source="t.yaml")
 
 
+def test_deepest_stages_counts_only_stages_the_rule_reaches():
+    # vgg11_bn: BatchNorms at features.1 | 5 | 9, 12 | 16, 19 | 23, 26; the last feature stage
+    # holds only the final max-pool, so stages [-2, -1] reach one conv block and
+    # deepest_stages: 2 the two deepest blocks that have a BatchNorm.
+    text = "name: t\nrules:\n  - types: [BatchNorm2d]\n    {}\n"
+    targets = {}
+    for key, sel in (("last", "stages: [-2, -1]"), ("deepest", "deepest_stages: 2")):
+        model = timm.create_model("vgg11_bn", pretrained=False, num_classes=10, mlp_ratio=0.0625)
+        plan = sbn.apply_recipe(model, Recipe.from_yaml_text(text.format(sel)),
+                                input_size=(3, 32, 32))
+        targets[key] = [s.target for s in plan.sites]
+    assert targets["last"] == ["features.23", "features.26"]
+    assert targets["deepest"] == ["features.16", "features.19", "features.23", "features.26"]
+    with pytest.raises(RecipeError, match=r"t.yaml:3: key 'rules.0'.*not both"):
+        Recipe.from_yaml_text(text.format("stages: [-1]\n    deepest_stages: 1"), source="t.yaml")
+
+
 def test_models_patterns_take_regexes_and_ignore_pretrained_tags():
     recipe = Recipe.from_yaml_text(
         "name: t\nmodels: ['re:resnet\\d+[d]?', 'vgg*_bn']\nrules:\n  - types: [BatchNorm2d]\n")
