@@ -203,6 +203,8 @@ def test_sync_batchnorm_keeps_sbn_hooks():
     n_sbn = sum(isinstance(m, SpectralBatchNorm2d) for m in synced.modules())
     assert torch.allclose(synced(x), want, atol=1e-5)  # eval: SyncBatchNorm == BatchNorm
     assert len(sbn_calls) == n_sbn > 0
+    assert all(m.process_group == "world" for m in synced.modules()
+               if isinstance(m, SpectralBatchNorm2d))  # SBN statistics synchronized too
     with pytest.raises(DeviceError, match="CUDA only"):
         to_sync_batchnorm(net, torch.device("cpu"))
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import DeviceError
-from ..layers import SpectralBatchNorm2d
+from ..layers import SpectralBatchNorm2d, sync_sbn_stats
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -107,21 +107,8 @@ def to_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         new = model.get_submodule(name) if name else model
         for attr, entries in saved.items():
             getattr(new, attr).update(entries)
-    sync_sbn = _sync_sbn_fn()
-    if any(isinstance(m, SpectralBatchNorm2d) for m in model.modules()):
-        if sync_sbn is None:
-            raise DeviceError(
-                "--sync-stats needs sbn_surgery.layers.sync_sbn_stats, which this version of "
-                "sbn-surgery lacks; train without --sync-stats"
-            )
-        sync_sbn(model)
+    sync_sbn_stats(model)
     return model
-
-
-def _sync_sbn_fn():
-    from .. import layers
-
-    return getattr(layers, "sync_sbn_stats", None)
 
 
 def _running_buffers(model: nn.Module) -> list[torch.Tensor]:

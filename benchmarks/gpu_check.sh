@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU check for a machine with CUDA (about 3-5 minutes, well under 8):
+#   1. installs the project (torch is used as found, else torch==2.14.1 / torchvision==0.29.1),
+#   2. measures the SBN train-step ratio of ResNet-50 (recipe resnet) with AMP bf16, at the CPU
+#      benchmark's shape (batch 16, 128x128) and at a GPU-sized one (batch 128, 224x224, also
+#      channels_last), with images/s,
+#   3. fine-tunes resnet18 on digits for one epoch on CUDA (AMP bf16 by default) as a smoke test.
+# Prints ONE JSON object on stdout; progress goes to stderr. Any failure stops it (exit != 0).
+#
+#   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "[gpu_check] $*" >&2; }
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+PY="${PYTHON:-python}"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    log "installing torch==2.14.1 torchvision==0.29.1"
+    "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
+fi
+if "$PY" -c "import timm, safetensors, typer, rich, yaml, pydantic, onnx, sklearn, matplotlib" 2>/dev/null; then
+    log "installing the project (editable, dependencies already present)"
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . >&2
+else
+    log "installing the project with its dependencies"
+    "$PY" -m pip install -q -e . >&2
+fi
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
+    log "no CUDA device visible to torch $("$PY" -c 'import torch; print(torch.__version__)')"; exit 3; }
+
+bench() {  # name, extra args...
+    local name="$1"; shift
+    log "train_step $name: $*"
+    timeout 240 "$PY" benchmarks/train_step.py --device cuda --amp "$@" > "$TMP/$name.json"
+}
+bench cpu_shape --batch 16 --size 128 --repeats 30 --warmup 5
+bench gpu_shape --batch 128 --size 224 --repeats 20 --warmup 5
+bench gpu_shape_cl --batch 128 --size 224 --repeats 20 --warmup 5 --channels-last
+
+log "finetune smoke: resnet18 on digits, 1 epoch"
+timeout 240 sbn-surgery finetune resnet18 --recipe resnet --data digits --epochs 1 \
+    --device cuda -o "$TMP/ft" --json > "$TMP/finetune.json"
+
+"$PY" - "$TMP" <<'EOF'
+import json, sys, pathlib
+import torch
+tmp = pathlib.Path(sys.argv[1])
+out = {"check": "gpu_check", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+       "cuda": torch.version.cuda}
+for name in ("cpu_shape", "gpu_shape", "gpu_shape_cl"):
+    r = json.loads((tmp / f"{name}.json").read_text())
+    assert r["device"].startswith("cuda") and r["amp_bf16"], r
+    assert r["ratio"] > 0 and r["sbn_layers"] > 0, r
+    out[name] = {k: r[k] for k in ("batch", "input_size", "channels_last", "plain_median_ms",
+                                   "sbn_median_ms", "ratio", "plain_images_per_s",
+                                   "sbn_images_per_s")}
+ft = json.loads((tmp / "finetune.json").read_text())
+assert 0.0 <= ft["val_top1"] <= 1.0 and ft["epochs"] == 1, ft
+out["finetune_digits_1_epoch"] = {k: ft[k] for k in ("val_top1", "val_loss", "images_per_s")}
+print(json.dumps(out, indent=2))
+EOF

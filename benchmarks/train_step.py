@@ -1,0 +1,113 @@
+"""Train-step time of a timm model with and without SBN (its recipe), on the same batch.
+
+One step = forward, cross-entropy, backward, SGD step (momentum 0.9). Both models are built from
+the same seed; the converted one gets SBN where the recipe says. Steps are interleaved (plain,
+SBN, plain, SBN, ...) so drift in machine load hits both alike. Prints one JSON object with the
+median step times, their ratio (SBN / plain) and images/s.
+
+    python benchmarks/train_step.py [--model resnet50] [--recipe resnet] [--batch 16]
+        [--size 128] [--repeats 20] [--device cpu|cuda] [--amp] [--channels-last] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          amp: bool, device: torch.device) -> float:
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    _sync(device)
+    t0 = time.perf_counter()
+    with ctx:
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--recipe", default="resnet")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=128, help="H = W of the input")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import timm
+
+    from sbn_surgery import convert
+    from sbn_surgery.layers import SpectralBatchNorm2d
+
+    device = torch.device(args.device)
+    mem = torch.channels_last if args.channels_last else torch.contiguous_format
+    size = (3, args.size, args.size)
+    torch.manual_seed(0)
+    plain = timm.create_model(args.model, pretrained=False, num_classes=1000)
+    torch.manual_seed(0)
+    sbn, plan = convert(args.model, args.recipe, num_classes=1000, input_size=size)
+    models = {"plain": plain, "sbn": sbn}
+    opts = {}
+    for name, m in models.items():
+        m.to(device=device, memory_format=mem).train()
+        opts[name] = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, *size, generator=g).to(device).contiguous(memory_format=mem)
+    y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+
+    for name, m in models.items():
+        for _ in range(args.warmup):
+            _step(m, opts[name], x, y, args.amp, device)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(args.repeats):
+        for name, m in models.items():
+            times[name].append(_step(m, opts[name], x, y, args.amp, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({
+        "benchmark": "train_step",
+        "model": args.model,
+        "recipe": args.recipe,
+        "sbn_layers": sum(isinstance(m, SpectralBatchNorm2d) for m in sbn.modules()),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "input_size": list(size),
+        "amp_bf16": args.amp,
+        "channels_last": args.channels_last,
+        "repeats": args.repeats,
+        "plain_median_ms": round(med["plain"] * 1e3, 2),
+        "sbn_median_ms": round(med["sbn"] * 1e3, 2),
+        "ratio": round(med["sbn"] / med["plain"], 4),
+        "ratio_of_minima": round(min(times["sbn"]) / min(times["plain"]), 4),
+        "plain_images_per_s": round(args.batch / med["plain"], 1),
+        "sbn_images_per_s": round(args.batch / med["sbn"], 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
