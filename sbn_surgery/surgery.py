@@ -333,60 +333,67 @@ def apply_recipe(
 
     plan = Plan(model=_model_name(model), recipe=recipe.name)
     order = {n: i for i, n in enumerate(names)}
-    for name in sorted(chosen, key=order.__getitem__):
-        index, rule = chosen[name]
-        mod = _get(model, name)
-        opts = recipe.options_for(rule)
-        channels, shape, hw = _channels_and_size(name, mod, rule.position, probe)
-        if shape is not None and len(shape) != 4:
-            raise SurgeryError(
-                f"{rule.label(index)} matched {name} ({type(mod).__name__}), whose "
-                f"{'input' if rule.position != 'after' else 'output'} has shape {shape}, not "
-                "(N, C, H, W); SBN needs an NCHW feature map. Exclude it or choose another point."
+    try:  # all or nothing: a failed apply leaves the model as it was
+        for name in sorted(chosen, key=order.__getitem__):
+            index, rule = chosen[name]
+            mod = _get(model, name)
+            opts = recipe.options_for(rule)
+            channels, shape, hw = _channels_and_size(name, mod, rule.position, probe)
+            if shape is not None and len(shape) != 4:
+                raise SurgeryError(
+                    f"{rule.label(index)} matched {name} ({type(mod).__name__}), whose "
+                    f"{'input' if rule.position != 'after' else 'output'} has shape {shape}, not "
+                    "(N, C, H, W); SBN needs an NCHW feature map. Exclude it or choose another "
+                    "point."
+                )
+            if channels is None:
+                raise SurgeryError(
+                    f"cannot tell the channel count at {name} ({type(mod).__name__}): it did not "
+                    "run in the probe forward; exclude it from the rule.")
+            sbn = SpectralBatchNorm2d(
+                int(channels), stats=opts.stats or "channel", eps=float(opts.eps or 1e-5),
+                momentum=opts.momentum,
+                spatial_size=hw if opts.stats == "frequency" else None,
             )
-        if channels is None:
-            raise SurgeryError(f"cannot tell the channel count at {name} ({type(mod).__name__}): "
-                               "it did not run in the probe forward; exclude it from the rule.")
-        sbn = SpectralBatchNorm2d(
-            int(channels), stats=opts.stats or "channel", eps=float(opts.eps or 1e-5),
-            momentum=opts.momentum,
-            spatial_size=hw if opts.stats == "frequency" else None,
-        )
-        ref = next((t for t in list(mod.parameters()) + list(mod.buffers())
-                    if t.is_floating_point()), None)
-        if ref is not None:
-            sbn.to(device=ref.device, dtype=ref.dtype)
-        position = rule.position
-        fold = name if position == "after" and type(mod).__name__ in FOLDABLE_NORMS \
-            and getattr(mod, "affine", True) else None
-        if position == "replace":
-            parent, leaf = _parent(model, name)
-            sbn.__dict__[_REPLACED_ATTR] = mod
-            setattr(parent, leaf, sbn)
-            path = name
-        elif position == "after" and _is_norm_act(mod):
-            host = mod.drop
-            if hasattr(host, "sbn"):
-                raise SurgeryError(f"{name}.drop already has an attribute 'sbn'")
-            host.sbn = sbn
-            host.register_forward_pre_hook(_sbn_before_hook)
-            path = f"{name}.drop.sbn"
-        else:
-            if hasattr(mod, "sbn"):
-                raise SurgeryError(f"{name} already has an attribute 'sbn'; cannot host an SBN there")
-            mod.sbn = sbn
-            if position == "after":
-                mod.register_forward_hook(_sbn_after_hook)
+            ref = next((t for t in list(mod.parameters()) + list(mod.buffers())
+                        if t.is_floating_point()), None)
+            if ref is not None:
+                sbn.to(device=ref.device, dtype=ref.dtype)
+            position = rule.position
+            fold = name if position == "after" and type(mod).__name__ in FOLDABLE_NORMS \
+                and getattr(mod, "affine", True) else None
+            if position == "replace":
+                parent, leaf = _parent(model, name)
+                sbn.__dict__[_REPLACED_ATTR] = mod
+                setattr(parent, leaf, sbn)
+                path = name
+            elif position == "after" and _is_norm_act(mod):
+                host = mod.drop
+                if hasattr(host, "sbn"):
+                    raise SurgeryError(f"{name}.drop already has an attribute 'sbn'")
+                host.sbn = sbn
+                host.register_forward_pre_hook(_sbn_before_hook)
+                path = f"{name}.drop.sbn"
             else:
-                mod.register_forward_pre_hook(_sbn_before_hook)
-            path = f"{name}.sbn"
-        info = dict(target=name, type=type(mod).__name__, channels=int(channels),
-                    stats=sbn.stats, position=position, stage=_stage_of(probe, name),
-                    rule=rule.name or f"rule {index + 1}", fold_into=fold,
-                    spatial_size=hw)
-        sbn.__dict__[_SITE_ATTR] = info
-        plan.sites.append(Site(module=path, **info))
-        plan.params_added += sum(p.numel() for p in sbn.parameters())
+                if hasattr(mod, "sbn"):
+                    raise SurgeryError(
+                        f"{name} already has an attribute 'sbn'; cannot host an SBN there")
+                mod.sbn = sbn
+                if position == "after":
+                    mod.register_forward_hook(_sbn_after_hook)
+                else:
+                    mod.register_forward_pre_hook(_sbn_before_hook)
+                path = f"{name}.sbn"
+            info = dict(target=name, type=type(mod).__name__, channels=int(channels),
+                        stats=sbn.stats, position=position, stage=_stage_of(probe, name),
+                        rule=rule.name or f"rule {index + 1}", fold_into=fold,
+                        spatial_size=hw)
+            sbn.__dict__[_SITE_ATTR] = info
+            plan.sites.append(Site(module=path, **info))
+            plan.params_added += sum(p.numel() for p in sbn.parameters())
+    except BaseException:
+        strip_sbn(model)
+        raise
     return plan
 
 

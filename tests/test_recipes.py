@@ -6,7 +6,7 @@ import pytest
 import timm
 
 import sbn_surgery as sbn
-from sbn_surgery.errors import RecipeError
+from sbn_surgery.errors import RecipeError, SurgeryError
 from sbn_surgery.recipe import Recipe
 
 
@@ -43,6 +43,21 @@ def test_deepest_stages_counts_only_stages_the_rule_reaches():
     assert targets["deepest"] == ["features.16", "features.19", "features.23", "features.26"]
     with pytest.raises(RecipeError, match=r"t.yaml:3: key 'rules.0'.*not both"):
         Recipe.from_yaml_text(text.format("stages: [-1]\n    deepest_stages: 1"), source="t.yaml")
+
+
+def test_a_failed_apply_leaves_the_model_unchanged():
+    # layer4.1.bn2 comes before fc in module order: its SBN is inserted, then fc's 2-D output
+    # fails; the model must be as before, so the user can fix the recipe and apply again.
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    keys = list(model.state_dict())
+    bad = Recipe.from_yaml_text("name: t\nrules:\n  - paths: ['layer4.1.bn2', 'fc']\n")
+    with pytest.raises(SurgeryError, match=r"fc \(Linear\), whose output has shape \(1, 10\)"):
+        sbn.apply_recipe(model, bad, input_size=(3, 32, 32))
+    assert not sbn.find_sbn(model)
+    assert list(model.state_dict()) == keys
+    assert not model.layer4[1].bn2._forward_hooks
+    plan = sbn.apply_recipe(model, "resnet", input_size=(3, 32, 32))
+    assert plan.count == 4
 
 
 def test_models_patterns_take_regexes_and_ignore_pretrained_tags():
