@@ -1,13 +1,184 @@
-"""The shipped family recipes, each on a small model of its family."""
+"""The shipped family recipes, each on a small model of its family.
+
+Expected sites are written out from each architecture (block counts per stage, which norm closes a
+block), not taken from a run of the rewriter.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
+import torch
 
 import sbn_surgery as sbn
 from sbn_surgery.errors import RecipeError, SurgeryError
-from sbn_surgery.recipe import Recipe
+from sbn_surgery.recipe import Recipe, recipe_for_model, shipped_recipes
+from sbn_surgery.surgery import synthetic_batches
+
+SIZE = (3, 64, 64)
+
+
+def _norm_act(paths):
+    # "after" a fused norm+act: the SBN lives in the module's drop child
+    return [p + ".drop.sbn" for p in paths]
+
+
+def _plain(paths):
+    return [p + ".sbn" for p in paths]
+
+
+# family -> (model, model kwargs, expected targets, how SBN paths are formed from targets)
+CASES = {
+    # ResNet-26-D: bottlenecks, depths (2, 2, 2, 2); bn3 closes each block of layer3 and layer4
+    "resnet": ("resnet26d", {}, [f"layer{s}.{b}.bn3" for s in (3, 4) for b in (0, 1)], _plain),
+    # SK-ResNet-18: basic blocks (2, 2, 2, 2); conv2.bn closes the block
+    "sknet": ("skresnet18", {}, [f"layer{s}.{b}.conv2.bn" for s in (3, 4) for b in (0, 1)],
+              _norm_act),
+    # RegNetX-200MF: stage depths (1, 1, 4, 7); blocks are named b1.., conv3.bn closes a block
+    "regnet": ("regnetx_002", {},
+               [f"s3.b{b}.conv3.bn" for b in range(1, 5)]
+               + [f"s4.b{b}.conv3.bn" for b in range(1, 8)], _norm_act),
+    # MobileNetV3-Small: feature points blocks.1 / blocks.3 / blocks.5, so the last two stages
+    # are blocks.2-3 (3 + 2 inverted residuals, bn3) and blocks.4-5 (3 inverted residuals, then
+    # one 1x1 conv block whose only norm is bn1)
+    "efficientnet": ("mobilenetv3_small_050", {},
+                     [f"blocks.2.{i}.bn3" for i in range(3)] + [f"blocks.3.{i}.bn3" for i in range(2)]
+                     + [f"blocks.4.{i}.bn3" for i in range(3)] + ["blocks.5.0.bn1"], _norm_act),
+    # DenseNet-121: dense blocks of (6, 12, 24, 16) layers; norm2 of denseblock3 and denseblock4
+    "densenet": ("densenet121", {},
+                 [f"features.denseblock3.denselayer{i}.norm2" for i in range(1, 25)]
+                 + [f"features.denseblock4.denselayer{i}.norm2" for i in range(1, 17)], _norm_act),
+    # VGG-11-BN: features = conv,bn,relu per conv and a pool per block: convs 64 | 128 | 256 256 |
+    # 512 512 | 512 512. The two 512-channel blocks hold the BNs at 16, 19 and 23, 26. A small
+    # pre-logits MLP keeps the test light.
+    "vgg": ("vgg11_bn", {"mlp_ratio": 0.0625}, ["features.16", "features.19", "features.23",
+                                                 "features.26"], _plain),
+    # DLA-46-C: level4 is a two-level tree of 4 bottlenecks, level5 a tree of 2; bn3 closes each
+    "dla": ("dla46_c", {},
+            [f"level4.tree{a}.tree{b}.bn3" for a in (1, 2) for b in (1, 2)]
+            + ["level5.tree1.bn3", "level5.tree2.bn3"], _plain),
+    # DarkNet-17: stages of (1, 1, 1, 1, 1) dark blocks (conv1 1x1, conv2 3x3); conv2.bn closes
+    # the block; the last two stages are stages.3 and stages.4
+    "cspnet": ("darknet17", {}, ["stages.3.blocks.0.conv2.bn", "stages.4.blocks.0.conv2.bn"],
+               _norm_act),
+    # GhostNet-0.5: feature points blocks.5 and blocks.7; bottlenecks blocks.4.0, blocks.5.0 and
+    # blocks.6.0-4, blocks.7.0
+    "ghostnet": ("ghostnet_050", {},
+                 ["blocks.4.0.ghost2", "blocks.5.0.ghost2"]
+                 + [f"blocks.6.{i}.ghost2" for i in range(5)] + ["blocks.7.0.ghost2"], _plain),
+    # ReXNet-1.0: 16 feature modules, feature points at features.10 and features.15
+    "rexnet": ("rexnet_100", {}, [f"features.{i}.conv_pwl.bn" for i in range(5, 16)], _norm_act),
+    # ConvNeXt-Atto: depths (2, 2, 6, 2)
+    "convnext": ("convnext_atto", {},
+                 [f"stages.2.blocks.{i}.conv_dw" for i in range(6)]
+                 + [f"stages.3.blocks.{i}.conv_dw" for i in range(2)], _plain),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small models on a shared 2-core machine run several times faster on one thread than on
+    # two threads that wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics and affines, so identity init is not tested on a model
+    whose norms are themselves near the identity."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0, 0.2, generator=g)
+
+
+def test_every_family_recipe_has_a_case_here():
+    assert set(shipped_recipes()) - {"default"} == set(CASES)
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_family_recipe_on_a_small_model(family):
+    name, kwargs, targets, site_path = CASES[family]
+    assert recipe_for_model(name) == family
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    _randomize_norms(model)
+    original = copy.deepcopy(model.state_dict())
+    reference = copy.deepcopy(model).eval()
+
+    plan = sbn.apply_recipe(model, family, input_size=SIZE)
+
+    # sites are what the recipe says
+    assert [s.target for s in plan.sites] == targets
+    assert [s.module for s in plan.sites] == site_path(targets)
+    assert plan.count == len(targets)
+    assert plan.params_added == 2 * sum(s.channels for s in plan.sites)
+
+    # the original state_dict loads strictly apart from the new SBN keys
+    assert set(model.state_dict()) - set(original) == set(plan.new_keys())
+    result = model.load_state_dict(original, strict=False)
+    assert sorted(result.missing_keys) == sorted(plan.new_keys())
+    assert not result.unexpected_keys
+
+    # forward and backward (on a copy: a training step moves the BatchNorm statistics)
+    trained = copy.deepcopy(model).train()
+    x = torch.randn(2, *SIZE)
+    trained(x).square().mean().backward()
+    for site in plan.sites:
+        layer = trained.get_submodule(site.module)
+        assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+        assert int(layer.num_batches_tracked) == 1
+
+    # identity init keeps the eval output
+    sbn.calibrate(model, synthetic_batches(SIZE, 4, 2), passthrough=True)
+    sbn.init_identity(model)
+    model.eval()
+    with torch.no_grad():
+        y_ref, y = reference(x), model(x)
+    assert float((y - y_ref).abs().max() / y_ref.abs().max()) <= 1e-4
+    first = model.get_submodule(plan.sites[0].module)
+    assert not torch.allclose(first.running_var, torch.ones_like(first.running_var))
+
+    # torch.export
+    exported = torch.export.export(model, (x,)).module()
+    assert torch.allclose(exported(x), y, atol=1e-5, rtol=1e-4)
+
+    # strip gives back the original state_dict
+    sbn.strip_sbn(model)
+    stripped = model.state_dict()
+    assert list(stripped) == list(original)
+    assert all(torch.equal(stripped[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("name,family", [
+    ("resnet50", "resnet"), ("resnet50d.a1_in1k", "resnet"), ("seresnext26d_32x4d", "resnet"),
+    ("wide_resnet50_2", "resnet"), ("legacy_seresnet18", "resnet"), ("res2net50d", "resnet"),
+    ("resnest14d", "resnet"), ("skresnext50_32x4d", "sknet"), ("regnety_040", "regnet"),
+    ("regnetv_040", "regnet"), ("efficientnet_b0", "efficientnet"),
+    ("tf_efficientnetv2_s", "efficientnet"), ("mnasnet_100", "efficientnet"),
+    ("mobilenetv3_large_100", "efficientnet"), ("hardcorenas_a", "efficientnet"),
+    ("densenet121", "densenet"), ("vgg16_bn", "vgg"), ("dla60x", "dla"),
+    ("cspresnet50", "cspnet"), ("cs3darknet_s", "cspnet"), ("darknet53", "cspnet"),
+    ("ghostnetv2_100", "ghostnet"), ("rexnetr_100", "rexnet"), ("convnextv2_atto", "convnext"),
+    # same prefixes, other timm modules with other module names: default
+    ("resnet33ts", "default"), ("resnet50_clip", "default"), ("resnetv2_50", "default"),
+    ("regnetz_b16", "default"), ("cspnext_s", "default"), ("vgg16", "default"),
+    ("mobilenetv4_conv_small", "default"), ("vit_small_patch16_224", "default"),
+    ("regnetz_040_h", "regnet"),
+    # GroupNorm variants have no BatchNorm for the family rule to find
+    ("efficientnet_b0_gn", "default"), ("regnety_040_sgn", "default"), ("resnet50_gn", "default"),
+])
+def test_recipe_for_model_picks_the_family(name, family):
+    assert recipe_for_model(name) == family
 
 
 def test_last_in_parent_levels_groups_by_the_ancestor():
@@ -69,3 +240,11 @@ def test_models_patterns_take_regexes_and_ignore_pretrained_tags():
     with pytest.raises(RecipeError, match=r"t.yaml:2: key 'models'.*bad regular expression"):
         Recipe.from_yaml_text("name: t\nmodels: ['re:res(']\nrules:\n  - types: [BatchNorm2d]\n",
                               source="t.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_shipped_recipes_say_why_and_catch_drift(name):
+    recipe = sbn.load_recipe(name)
+    assert len(recipe.description.split()) >= 30  # the reason for its sites
+    assert all(rule.expect is not None for rule in recipe.rules)
+    assert (recipe.models == []) == (name == "default")
