@@ -147,3 +147,15 @@ def test_tiny_model_parity(tmp_path, size, stats, mode):
     site = result.sites[0]
     assert site.spatial_size == size
     assert site.folded_into == ("1" if (mode, stats) == ("fold", "channel") else None)
+
+
+def test_same_padding_models_default_to_a_fixed_size(tmp_path):
+    """TensorFlow-'SAME' padding layers make symbolic-size tracing take minutes, so the automatic
+    choice is a fixed size there; the file still matches."""
+    from timm.layers import Conv2dSame
+
+    model = tiny_model("channel", (7, 7))
+    model[0] = Conv2dSame(3, 6, 3, stride=2)
+    result = export_onnx(model, tmp_path / "same.onnx", mode="fold", input_size=(3, 14, 14))
+    assert not result.dynamic_size
+    assert result.parity.passed

@@ -24,8 +24,9 @@ __all__ = ["export_onnx", "ExportResult", "SiteExport", "MODES", "DEFAULT_OPSET"
 
 MODES = ("fold", "matmul", "dft")
 DEFAULT_OPSET = 20
-#: ONNX DFT exists from opset 17; torch.onnx writes 18+ natively and converts down to 17.
-MIN_OPSET = 17
+#: ONNX DFT exists from opset 17, but torch.onnx writes opset 18 and newer only: its down-converter
+#: fails on Pad and ReduceMean, so opset 17 is refused up front rather than half-written.
+MIN_OPSET = 18
 
 ProgressFn = Callable[..., None]
 
@@ -213,10 +214,23 @@ def _resolve_input_size(model: nn.Module, input_size) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
-def _resolve_dynamic_size(dynamic_size: Optional[bool], mode: str, records: list[SiteExport]) -> bool:
+def _stat_size(model: nn.Module, site: _Site) -> Optional[tuple[int, int]]:
+    sbn = model.get_submodule(site.module)
+    return getattr(sbn, "spatial_size", None)
+
+
+def _same_padding_layers(model: nn.Module) -> list[str]:
+    """Layers that compute their padding from the input size at run time (timm's Conv2dSame,
+    MaxPool2dSame, AvgPool2dSame: TensorFlow 'SAME' padding). With a symbolic spatial size
+    torch.export builds nested ceil/max expressions for each of them, which takes minutes."""
+    return [n for n, m in model.named_modules() if type(m).__name__.endswith("Same")]
+
+
+def _resolve_dynamic_size(dynamic_size: Optional[bool], mode: str, records: list[SiteExport],
+                          model: nn.Module) -> bool:
     fixed = [r for r in records if r.stats == "frequency"]
     if dynamic_size is None:
-        return mode != "matmul" and not fixed
+        return mode != "matmul" and not fixed and not _same_padding_layers(model)
     if dynamic_size and fixed:
         r = fixed[0]
         raise ExportError(
@@ -299,7 +313,8 @@ def export_onnx(
     DFT op; fixed size), ``dft`` (ONNX DFT nodes; the faithful form).
     ``input_size`` (C, H, W): default ``model.sbn_meta["input_size"]``, else timm's.
     ``dynamic_batch``: a symbolic batch axis (else ``batch_size``). ``dynamic_size``: a symbolic
-    spatial size; None picks it wherever possible (channel mode in fold and dft modes); True
+    spatial size; None picks it wherever possible (channel mode in fold and dft modes, unless the
+    model has TensorFlow-'SAME' padding layers, whose symbolic tracing takes minutes); True
     where impossible (frequency statistics, matmul mode) is an :class:`ExportError`.
     ``layout``: the matmul form's layout (``auto``, ``dense``, ``separable``).
 
@@ -313,8 +328,9 @@ def export_onnx(
     max_opset = _max_opset()
     if not MIN_OPSET <= int(opset) <= max_opset:
         raise ExportError(
-            f"opset {opset} is not supported: SBN export needs opset {MIN_OPSET} (the first with "
-            f"DFT) to {max_opset} (the newest this onnx knows); the default is {DEFAULT_OPSET}."
+            f"opset {opset} is not supported: use {MIN_OPSET} (the oldest torch.onnx writes; DFT "
+            f"exists from 17) to {max_opset} (the newest this onnx knows); the default is "
+            f"{DEFAULT_OPSET}."
         )
     if not dynamic_batch and batch_size < 1:
         raise ExportError(f"batch size must be at least 1; got {batch_size}")
@@ -328,8 +344,11 @@ def export_onnx(
             progress("export", i, 4, info)
 
     step(0, "preparing")
+    # options that cannot work are refused before the (slow) copy and probe
+    _resolve_dynamic_size(dynamic_size, mode, [SiteExport(s.module, s.stats, "?", _stat_size(model, s))
+                                               for s in _sites(model)], model)
     work, records = prepare_export_model(model, mode, size, layout=layout)
-    dyn_size = _resolve_dynamic_size(dynamic_size, mode, records)
+    dyn_size = _resolve_dynamic_size(dynamic_size, mode, records, work)
     step(1, "tracing")
     from torch.export import Dim
 

@@ -1,0 +1,220 @@
+"""`sbn-surgery export`, `parity` and `bench`: ONNX files, their parity with PyTorch, their speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import out, print_json, progress_bar
+
+ORDER = 40
+
+PANEL = "Export"
+MODE_HELP = (
+    "How SBN is written. fold (default, deployment): channel mode as elementwise ops, its scale "
+    "folded into the BatchNorm in front where that is exact, any spatial size; frequency mode as "
+    "its per-channel circular filter in matmul form. matmul: the 2-D DFT as constant matrices in "
+    "real arithmetic, for runtimes without a DFT kernel (onnxruntime CUDA, TensorRT); FIXED "
+    "spatial size. dft: ONNX DFT nodes, the faithful form; slow on CPU."
+)
+DATA_HELP = ("Real images for the parity check besides random ones: digits, fashion-mnist, "
+             "synthetic, or an ImageFolder directory (train/, val/).")
+RTOL_HELP = ("Parity tolerance on max_rel_err (max |onnx - torch| / max |torch|). Default: sized "
+             "by the transform: 1e-5 without one, 1e-5*max(1, sqrt(HW/256)) for matmul, "
+             "1e-4*max(1, log2(HW)/12) for dft, HW the largest SBN feature map.")
+
+
+def _images(data: Optional[str], model, size, count: int):
+    if data is None:
+        return None
+    from sbn_surgery.data import calibration_batches, data_config_for
+
+    cfg = data_config_for(model, size)
+    return calibration_batches(data, cfg, count, 1)[0]
+
+
+def _parity_table(report, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("inputs", "shape", "max abs err", "max rel err", "top-1 agreement"):
+        table.add_column(col, justify="right" if col != "inputs" else "left")
+    for c in report.cases:
+        table.add_row(c.source, "x".join(map(str, c.shape)), f"{c.max_abs_err:.2e}",
+                      f"{c.max_rel_err:.2e}", f"{c.top1_agreement:.1%}")
+    return table
+
+
+def _print_parity(report, con, title: str) -> None:
+    con.print(_parity_table(report, title))
+    verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
+    con.print(f"parity {verdict}: {report.describe()}")
+
+
+def _layer_table(report) -> Table:
+    table = Table(title="SBN layers in graph order (error relative to each layer's output)")
+    for col in ("module", "stats", "form", "max abs err", "max rel err", ""):
+        table.add_column(col)
+    for layer in report.layers:
+        if layer.max_rel_err is None:
+            table.add_row(layer.module, layer.stats, layer.form, "-", "-", "[dim]not found in graph[/]")
+            continue
+        mark = "" if layer.passed else "[bold red]<- beyond tolerance[/]"
+        if layer.module == report.first_bad_layer:
+            mark = "[bold red]<- error starts here[/]"
+        table.add_row(layer.module, layer.stats, layer.form, f"{layer.max_abs_err:.2e}",
+                      f"{layer.max_rel_err:.2e}", mark)
+    return table
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="A converted checkpoint (.safetensors) from "
+                                      "`sbn-surgery convert` or `finetune`."),
+    output: Path = typer.Option(..., "--output", "-o", help="The ONNX file to write (.onnx)."),
+    mode: str = typer.Option("fold", "--mode", "-m", help=MODE_HELP),
+    opset: int = typer.Option(20, help="ONNX opset, 18 or later (torch.onnx writes 18+; DFT exists from 17)."),
+    input_size: Optional[tuple[int, int, int]] = typer.Option(
+        None, help="C H W of the exported input. Default: the size the checkpoint was converted "
+        "at. Frequency-mode SBN and matmul mode are fixed to the spatial size this gives."),
+    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static", help="A symbolic batch "
+                                       "axis, or a fixed one (--batch-size)."),
+    batch_size: int = typer.Option(1, min=1, help="The batch size of a --static file."),
+    dynamic_size: Optional[bool] = typer.Option(
+        None, "--dynamic-size/--fixed-size", help="A symbolic spatial size (any H, W). Default: "
+        "wherever possible, i.e. channel-mode SBN in fold and dft modes. Asking for it with "
+        "frequency-mode SBN or matmul mode is an error."),
+    rtol: Optional[float] = typer.Option(None, help=RTOL_HELP),
+    min_top1: float = typer.Option(1.0, min=0.0, max=1.0, help="Required top-1 agreement (0-1)."),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
+    data_images: int = typer.Option(8, min=2, help="How many real images --data contributes."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Export a converted checkpoint to one ONNX file and prove parity with PyTorch.
+
+    The file is run with onnxruntime on random inputs (and --data images) at batch 1 and 3 and
+    compared with the PyTorch model; a failure exits with code 2 and keeps the file. Each SBN's
+    nodes are named SpectralBatchNorm/<module path>/... (visible in Netron); the metadata holds
+    the model name, recipe, mode and library version.
+
+    [bold]Examples[/bold]
+
+      sbn-surgery export r18-sbn.safetensors -o r18.onnx
+
+      sbn-surgery export r18-sbn.safetensors -o r18-matmul.onnx --mode matmul --input-size 3 224 224
+
+      sbn-surgery export r18-sbn.safetensors -o r18-dft.onnx --mode dft --opset 20 --json
+    """
+    from sbn_surgery.checkpoint import load_converted
+    from sbn_surgery.export import export_onnx
+
+    model = load_converted(checkpoint)
+    size = input_size or tuple(model.sbn_meta.get("input_size") or ()) or None
+    images = _images(data, model, size, data_images)
+    with progress_bar(json_out) as progress:
+        result = export_onnx(model, output, mode=mode, opset=opset, input_size=size,
+                             dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
+                             batch_size=batch_size, images=images, rtol=rtol, min_top1=min_top1,
+                             progress=progress)
+    if json_out:
+        print_json(result.to_json())
+        return
+    con = out(False)
+    folded = sum(1 for s in result.sites if s.folded_into)
+    dims = ("N" if result.dynamic_batch else str(batch_size), str(result.input_size[0]),
+            "H" if result.dynamic_size else str(result.input_size[1]),
+            "W" if result.dynamic_size else str(result.input_size[2]))
+    con.print(f"wrote [cyan]{result.path}[/] ({result.size_bytes / 1e6:.1f} MB): mode "
+              f"[bold]{result.mode}[/], opset {result.opset}, input {'x'.join(dims)}, "
+              f"{len(result.sites)} SBN layer(s)" + (f", {folded} folded into their BatchNorm" if folded else ""))
+    _print_parity(result.parity, con, "parity with PyTorch (onnxruntime CPU)")
+
+
+def parity(
+    onnx_file: Path = typer.Argument(..., help="An ONNX file written by `sbn-surgery export`."),
+    checkpoint: Path = typer.Argument(..., help="The converted checkpoint it was exported from."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also compare every SBN layer's "
+                                   "output, in graph order, and show where the error starts."),
+    input_size: Optional[tuple[int, int, int]] = typer.Option(
+        None, help="C H W to test at (a dynamic-size file runs at any). Default: the export size."),
+    rtol: Optional[float] = typer.Option(None, help=RTOL_HELP),
+    min_top1: float = typer.Option(1.0, min=0.0, max=1.0, help="Required top-1 agreement (0-1)."),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
+    data_images: int = typer.Option(8, min=2, help="How many real images --data contributes."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Check an existing ONNX file against its checkpoint in PyTorch (exit 2 on failure).
+
+    [bold]Examples[/bold]
+
+      sbn-surgery parity r18.onnx r18-sbn.safetensors
+
+      sbn-surgery parity r18-dft.onnx r18-sbn.safetensors --per-layer --json
+    """
+    from sbn_surgery.checkpoint import load_converted
+    from sbn_surgery.export import read_metadata
+    from sbn_surgery.parity import ParityFailed, check_parity
+
+    model = load_converted(checkpoint)
+    size = input_size or tuple(read_metadata(onnx_file).get("input_size") or ()) or None
+    images = _images(data, model, size, data_images)
+    report = check_parity(onnx_file, model, images=images, input_size=size, rtol=rtol,
+                          min_top1=min_top1, per_layer=per_layer)
+    if json_out:
+        print_json({"onnx": str(onnx_file), **report.to_json()})
+    else:
+        con = out(False)
+        _print_parity(report, con, f"parity of {onnx_file} with PyTorch")
+        if report.layers is not None:
+            con.print(_layer_table(report))
+    if not report.passed:
+        raise ParityFailed(report, onnx_file)
+
+
+def bench(
+    onnx_file: Path = typer.Argument(..., help="The ONNX file to time."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Another ONNX file (e.g. the "
+                                           "model without SBN) timed on the same input, "
+                                           "alternately; the ratio is latency / its latency."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size."),
+    repeats: int = typer.Option(20, min=1, help="Timed runs per file (the median is reported)."),
+    warmup: int = typer.Option(3, min=0, help="Untimed runs per file first."),
+    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads "
+                                          "(default: onnxruntime's choice)."),
+    input_size: Optional[tuple[int, int, int]] = typer.Option(
+        None, help="C H W for files with a symbolic size. Default: the export size."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure onnxruntime CPU latency (median of repeats, warm-up excluded).
+
+    [bold]Examples[/bold]
+
+      sbn-surgery bench r18.onnx --against r18-plain.onnx --batch 8
+
+      sbn-surgery bench r18-dft.onnx --against r18.onnx --json
+    """
+    from sbn_surgery.parity import bench as run_bench
+
+    with progress_bar(json_out) as progress:
+        report = run_bench(onnx_file, against, batch=batch, repeats=repeats, warmup=warmup,
+                           threads=threads, input_size=input_size, progress=progress)
+    if json_out:
+        print_json(report.to_json())
+        return
+    con = out(False)
+    table = Table(title=f"onnxruntime CPU latency, input {'x'.join(map(str, report.input_shape))}, "
+                        f"median of {report.repeats}")
+    table.add_column("file")
+    table.add_column("latency (ms)", justify="right")
+    table.add_row(report.onnx, f"{report.latency_ms:.2f}")
+    if report.against is not None:
+        table.add_row(report.against, f"{report.against_latency_ms:.2f}")
+    con.print(table)
+    if report.ratio is not None:
+        con.print(f"ratio: [bold]{report.ratio:.3f}[/] x {report.against}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(rich_help_panel=PANEL)(export)
+    app.command(rich_help_panel=PANEL)(parity)
+    app.command(rich_help_panel=PANEL)(bench)

@@ -1,0 +1,189 @@
+"""export_onnx on whole timm models: every mode x {channel, frequency} x four architecture
+families, at odd feature sizes (7x7, 7x8, 14x15), parity at batch 1 and 3 in float32."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+from sbn_surgery import apply_recipe, calibrate
+from sbn_surgery.errors import ExportError
+from sbn_surgery.export import NODE_PREFIX, export_onnx, read_metadata
+from sbn_surgery.parity import session
+from sbn_surgery.recipe import Recipe
+
+#: name -> (input size, rules, model kwargs). Sites are chosen so SBN sees odd feature maps, and
+#: so the four families exercise each way SBN sits: after a BatchNorm2d (folds), replacing one,
+#: between a BatchNormAct2d's norm and its activation (MobileNetV3 class) (folds into it), and before a norm (no fold).
+ARCHS = {
+    "resnet10t": ((3, 56, 60), [{"paths": ["layer1.0.bn2"]},  # 14x15
+                                {"paths": ["layer2.0.bn2"], "position": "replace"}], {}),  # 7x8
+    "lcnet_035": ((3, 112, 112), [{"paths": ["blocks.3.*.bn2"]}], {}),  # 7x7, BatchNormAct2d
+    "regnetx_002": ((3, 112, 120), [{"paths": ["s2.b1.conv2.bn"]},  # 14x15
+                                    {"paths": ["s3.b1.conv3.bn"]}], {}),  # 7x8
+    # a small classifier MLP (mlp_ratio) keeps the test fast; the features are VGG-11's
+    "vgg11_bn": ((3, 56, 60), [{"paths": ["features.9"]},  # 14x15
+                               {"paths": ["features.16"], "position": "before"}],  # 7x7
+                 {"mlp_ratio": 0.01}),
+}
+EXPECTED_SIZES = {
+    "resnet10t": {(14, 15), (7, 8)}, "lcnet_035": {(7, 7)},
+    "regnetx_002": {(14, 15), (7, 8)}, "vgg11_bn": {(14, 15), (7, 7)},
+}
+TOL = {"dft": 1e-4, "matmul": 1e-5, "fold": 1e-5}
+
+
+def converted(name: str, stats: str, seed: int = 0):
+    """A timm model (random init) with SBN at the sites of ARCHS, statistics calibrated on random
+    images and random gamma/beta, so no SBN is close to the identity."""
+    size, rules, kwargs = ARCHS[name]
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    recipe = Recipe(name="test", rules=[{**r, "sbn": {"stats": stats}} for r in rules])
+    plan = apply_recipe(model, recipe, input_size=size)
+    g = torch.Generator().manual_seed(seed)
+    calibrate(model, [torch.randn(4, *size, generator=g) for _ in range(2)])
+    with torch.no_grad():
+        for site in plan.sites:
+            sbn = model.get_submodule(site.module)
+            sbn.weight.uniform_(0.5, 1.5, generator=g)
+            sbn.bias.normal_(0.0, 0.3, generator=g)
+    return model.eval(), plan, size
+
+
+@pytest.mark.parametrize("mode", ["fold", "matmul", "dft"])
+@pytest.mark.parametrize("stats", ["channel", "frequency"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_parity(tmp_path, arch, stats, mode):
+    model, plan, size = converted(arch, stats)
+    assert {s.spatial_size for s in plan.sites} == EXPECTED_SIZES[arch]
+    result = export_onnx(model, tmp_path / "m.onnx", mode=mode, input_size=size)
+    report = result.parity
+    assert report.passed, report.describe()
+    assert report.max_rel_err <= TOL[mode]
+    assert report.top1_agreement == 1.0
+    assert sorted(c.shape[0] for c in report.cases) == [1, 3]
+    assert len(result.sites) == len(plan.sites)
+    # channel mode in fold and dft modes accepts any size; frequency mode and matmul are fixed
+    assert result.dynamic_size == (stats == "channel" and mode != "matmul")
+    if mode == "fold" and stats == "channel":
+        folds = {s.module: s.folded_into for s in result.sites}
+        for site in plan.sites:
+            assert folds[site.module] == (site.fold_into if site.position == "after" else None)
+
+
+def test_export_leaves_the_model_alone(tmp_path):
+    model, plan, size = converted("resnet10t", "channel")
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    export_onnx(model, tmp_path / "m.onnx", mode="fold", input_size=size)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in model.modules())
+    assert type(model.get_submodule(plan.sites[0].module)).__name__ == "SpectralBatchNorm2d"
+
+
+def _sbn_ops(path) -> dict[str, set[str]]:
+    proto = onnx.load(str(path))
+    ops: dict[str, set[str]] = {}
+    for node in proto.graph.node:
+        if node.name.startswith(NODE_PREFIX + "/"):
+            site = node.name.split("/")[1]
+            ops.setdefault(site, set()).add(node.op_type)
+    return ops
+
+
+@pytest.mark.parametrize("mode", ["fold", "matmul", "dft"])
+def test_graph_names_ops_and_metadata(tmp_path, mode):
+    model, plan, size = converted("vgg11_bn", "channel")
+    model.sbn_meta = {"model_name": "vgg11_bn", "recipe": "name: test\n",
+                      "recipe_name": "test", "input_size": list(size)}
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, mode=mode)  # input size from sbn_meta
+    assert result.input_size == size
+    ops = _sbn_ops(path)
+    assert set(ops) == {s.module for s in plan.sites}
+    every = set().union(*ops.values())
+    if mode == "fold":  # elementwise only
+        assert not every & {"MatMul", "DFT", "Gemm", "Conv"}
+    elif mode == "matmul":
+        assert "MatMul" in every and "DFT" not in every
+    else:
+        assert "DFT" in every
+    meta = read_metadata(path)
+    assert meta["model_name"] == "vgg11_bn"
+    assert meta["recipe"] == "name: test\n" and meta["recipe_name"] == "test"
+    assert meta["mode"] == mode
+    from sbn_surgery import __version__
+
+    assert meta["version"] == __version__
+    assert [s["module"] for s in meta["sites"]] == [s.module for s in plan.sites]
+    assert all(s["output"] for s in meta["sites"])
+    # one self-contained file
+    proto = onnx.load(str(path), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("mode", ["fold", "dft"])
+def test_channel_file_runs_at_other_sizes(tmp_path, mode):
+    model, _, size = converted("resnet10t", "channel")
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, mode=mode, input_size=size)
+    assert result.dynamic_size
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+    sess = session(path)
+    for hw in [(64, 64), (88, 72)]:
+        x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref).max() / np.abs(ref).max() <= TOL[mode]
+        assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+@pytest.mark.parametrize("mode", ["fold", "matmul", "dft"])
+def test_frequency_mode_refuses_a_dynamic_size(tmp_path, mode):
+    model, _, size = converted("resnet10t", "frequency")
+    with pytest.raises(ExportError, match="frequency-mode statistics.*fixed size"):
+        export_onnx(model, tmp_path / "m.onnx", mode=mode, input_size=size, dynamic_size=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_matmul_mode_refuses_a_dynamic_size(tmp_path):
+    model, _, size = converted("resnet10t", "channel")
+    with pytest.raises(ExportError, match="matmul mode.*one spatial size"):
+        export_onnx(model, tmp_path / "m.onnx", mode="matmul", input_size=size, dynamic_size=True)
+
+
+def test_frequency_mode_at_the_wrong_size_is_an_error(tmp_path):
+    model, _, _ = converted("resnet10t", "frequency")
+    with pytest.raises(ExportError, match="14x15.*--input-size"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 64, 64))
+
+
+def test_static_batch(tmp_path):
+    model, _, size = converted("resnet10t", "channel")
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, mode="fold", input_size=size, dynamic_batch=False,
+                         dynamic_size=False, batch_size=2)
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, *size]
+    assert result.parity.passed and {c.shape[0] for c in result.parity.cases} == {2}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "fft"}, "unknown export mode"),
+    ({"opset": 17}, "opset 17 is not supported"),
+    ({"opset": 99}, "opset 99 is not supported"),
+])
+def test_bad_options(tmp_path, kwargs, match):
+    model, _, size = converted("resnet10t", "channel")
+    with pytest.raises(ExportError, match=match):
+        export_onnx(model, tmp_path / "m.onnx", input_size=size, **kwargs)
