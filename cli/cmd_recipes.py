@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -48,7 +49,7 @@ def recipes(
     for r in rows:
         models = ", ".join(r.models[:4]) + (" ..." if len(r.models) > 4 else "") or "any CNN with BatchNorm"
         first = r.description.strip().split(". ")[0].rstrip(".")
-        table.add_row(r.name, models, str(len(r.rules)), first)
+        table.add_row(r.name, escape(models), str(len(r.rules)), escape(first))
     console.print(table)
     console.print("Print one with [bold]sbn-surgery recipes NAME[/]; use one with "
                   "[bold]--recipe NAME[/] or [bold]--recipe path/to/recipe.yaml[/].")

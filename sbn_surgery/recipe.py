@@ -21,7 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from .errors import RecipeError, near_names
 
 __all__ = ["Recipe", "Rule", "SbnOptions", "Expect", "load_recipe", "shipped_recipes",
-           "recipe_text"]
+           "recipe_for_model"]
 
 
 class _Strict(BaseModel):
@@ -278,8 +278,9 @@ def shipped_recipes() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def recipe_text(name: str) -> str:
-    return load_recipe(name).to_yaml_text()
+@lru_cache(maxsize=None)
+def _parse_shipped(name: str) -> Recipe:
+    return _parse(shipped_recipes()[name], f"recipes/{name}.yaml")
 
 
 def load_recipe(spec: Union[str, Path, Recipe]) -> Recipe:
@@ -289,7 +290,7 @@ def load_recipe(spec: Union[str, Path, Recipe]) -> Recipe:
     text_spec = str(spec)
     shipped = shipped_recipes()
     if text_spec in shipped:
-        return _parse(shipped[text_spec], f"recipes/{text_spec}.yaml")
+        return _parse_shipped(text_spec)
     path = Path(text_spec)
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in text_spec:
         if not path.is_file():

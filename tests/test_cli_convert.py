@@ -28,6 +28,8 @@ def test_recipes_lists_and_prints(run_cli):
     assert listed.code == 0
     names = [r["name"] for r in json.loads(listed.stdout)["recipes"]]
     assert "resnet" in names and "default" in names
+    table = run_cli("recipes")
+    assert table.code == 0 and "[xyvz]" in table.stdout  # patterns shown literally, not as markup
     shown = run_cli("recipes", "resnet")
     assert shown.code == 0 and "last_in_parent" in shown.stdout
 
