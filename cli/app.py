@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 import typer
@@ -50,8 +51,24 @@ def _root(
     """sbn-surgery: Spectral Batch Normalization for timm models."""
 
 
+def _reflow(doc: str) -> str:
+    """Docstring -> help text: paragraphs joined into one line each (the terminal wraps them);
+    indented lines (examples) are kept as they are."""
+    paragraphs = []
+    for block in inspect.cleandoc(doc).split("\n\n"):
+        lines = block.splitlines()
+        if any(line.startswith("  ") for line in lines):
+            paragraphs.append(block)
+        else:
+            paragraphs.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(paragraphs)
+
+
 for _module in _command_modules():
     _module.register(app)
+for _info in app.registered_commands:
+    if _info.help is None and _info.callback is not None and _info.callback.__doc__:
+        _info.help = _reflow(_info.callback.__doc__)
 
 
 def main() -> None:
