@@ -307,10 +307,10 @@ def load_recipe(spec: Union[str, Path, Recipe]) -> Recipe:
 
 
 def recipe_for_model(model_name: str) -> str:
-    """The shipped recipe meant for ``model_name`` (first match by ``models``), else ``default``."""
-    for name, text in shipped_recipes().items():
-        if name == "default":
-            continue
-        if load_recipe(name).fits_model(model_name):
+    """The shipped recipe meant for ``model_name`` (first match by ``models``), else ``default``.
+    Recipes without ``models`` patterns are general-purpose: chosen by name only."""
+    for name in shipped_recipes():
+        recipe = load_recipe(name)
+        if name != "default" and recipe.models and recipe.fits_model(model_name):
             return name
     return "default"

@@ -101,8 +101,20 @@ def _randomize_norms(model: torch.nn.Module) -> None:
                     m.bias.normal_(0, 0.2, generator=g)
 
 
+#: Recipes without ``models`` patterns: chosen by name only, never by recipe_for_model.
+GENERAL = {"default", "resnet-every-block"}
+
+
 def test_every_family_recipe_has_a_case_here():
-    assert set(shipped_recipes()) - {"default"} == set(CASES)
+    assert set(shipped_recipes()) - GENERAL == set(CASES)
+
+
+def test_resnet_every_block_puts_sbn_after_the_last_norm_of_all_blocks():
+    model = timm.create_model("resnet18", pretrained=False)
+    plan = sbn.apply_recipe(model, "resnet-every-block", input_size=(3, 32, 32))
+    assert [s.target for s in plan.sites] == [f"layer{s}.{b}.bn2" for s in (1, 2, 3, 4)
+                                              for b in (0, 1)]
+    assert recipe_for_model("resnet18") == "resnet"
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
@@ -247,4 +259,4 @@ def test_shipped_recipes_say_why_and_catch_drift(name):
     recipe = sbn.load_recipe(name)
     assert len(recipe.description.split()) >= 30  # the reason for its sites
     assert all(rule.expect is not None for rule in recipe.rules)
-    assert (recipe.models == []) == (name == "default")
+    assert (recipe.models == []) == (name in GENERAL)
