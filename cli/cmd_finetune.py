@@ -50,6 +50,11 @@ def finetune(
         "synthetic; the model's own size for a directory."),
     subset: Optional[int] = typer.Option(None, min=2, help="Train on a fixed N-image subset "
                                          "(and validate on N/5)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Training "
+                                           "augmentation: timm's training transform for a "
+                                           "directory; shifts (+ flips where label-preserving) "
+                                           "for the built-in sources. [default: on for a "
+                                           "directory, off for the built-in sources]"),
     train: Optional[str] = typer.Option(None, help="Which parameters train: all, norm (norm "
                                         "layers + classifier) or sbn (SBN layers + classifier). "
                                         "[default: all]"),
@@ -104,8 +109,8 @@ def finetune(
                 epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                 weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                 label_smoothing=label_smoothing, input_size=input_size, subset=subset,
-                train=train, seed=seed, amp=amp, channels_last=channels_last, compile=compile,
-                sync_stats=sync_stats, device=device, workers=workers, resume=resume,
+                augment=augment, train=train, seed=seed, amp=amp, channels_last=channels_last,
+                compile=compile, sync_stats=sync_stats, device=device, workers=workers, resume=resume,
                 overwrite=overwrite, progress=progress)
         except TrainingInterrupted as stop:
             if main_rank:

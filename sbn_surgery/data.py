@@ -16,6 +16,10 @@ the model's channel count. The built-in sources live in memory as uint8 tensors 
 size and are preprocessed a batch at a time (one interpolate, one normalize), so a CPU epoch
 spends its time in the model. ImageFolder images go through timm's own transforms, per image.
 
+Training augmentation (``augment``; by default on for an ImageFolder, off for the built-in
+sources) is timm's training transform for an ImageFolder, and a random shift of up to 1/8 of the
+size plus, where label-preserving, a horizontal flip for the in-memory sources.
+
 Every random choice is a function of (seed, epoch, rank, batch): the shuffle order comes from a
 ``DistributedSampler`` (also with one process), and the augmentation of each batch (or image)
 uses its own generator. An epoch can therefore be replayed exactly, also from the middle, which
@@ -423,13 +427,15 @@ class Loader:
     """Batches of one split for one process: ``iter_epoch(epoch, start)`` yields (images, labels).
 
     Training loaders shuffle with ``DistributedSampler`` (seed + epoch; with several processes
-    each rank gets its shard, padded so every rank runs the same number of batches) and augment.
+    each rank gets its shard, padded so every rank runs the same number of batches) and, if
+    ``augment``, augment.
     Validation loaders keep the order and split it between ranks without padding.
     ``set_epoch`` + ``iter`` gives the DataLoader-style interface.
     """
 
     def __init__(self, ds: Dataset, split: Any, cfg: dict, batch_size: int, *, train: bool,
-                 seed: int = 0, rank: int = 0, world: int = 1, workers: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1, workers: int = 0,
+                 augment: Optional[bool] = None) -> None:
         if batch_size < 1:
             raise DataError(f"--batch-size must be at least 1; got {batch_size}")
         self.dataset = ds
@@ -437,6 +443,7 @@ class Loader:
         self.data_config = cfg
         self.batch_size = int(batch_size)
         self.train = train
+        self.augment = train and (default_augment(ds) if augment is None else bool(augment))
         self.seed = int(seed)
         self.rank, self.world = int(rank), int(world)
         self.workers = int(workers)
@@ -451,7 +458,7 @@ class Loader:
 
         cfg = self.data_config
         return create_transform(
-            cfg["input_size"], is_training=self.train, interpolation=cfg["interpolation"],
+            cfg["input_size"], is_training=self.augment, interpolation=cfg["interpolation"],
             mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct"),
             crop_mode=cfg.get("crop_mode"),
         )
@@ -503,7 +510,7 @@ class Loader:
         for b in range(start, len(batches)):
             idx = torch.tensor(batches[b], dtype=torch.long)
             gen = None
-            if self.train:
+            if self.augment:
                 gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, self.rank, b))
             x = _prepare(split.images[idx], self.data_config, gen, self.dataset.hflip)
             yield x, split.labels[idx]
@@ -511,7 +518,7 @@ class Loader:
     def _iter_folder(self, batches, epoch, start):
         keyed = []
         for b in range(start, len(batches)):
-            keyed.append([(i, _seed_of(self.seed, epoch, self.rank, b, j) if self.train else None)
+            keyed.append([(i, _seed_of(self.seed, epoch, self.rank, b, j) if self.augment else None)
                           for j, i in enumerate(batches[b])])
         if not keyed:
             return
@@ -532,17 +539,28 @@ def _dist_info(distributed: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def default_augment(ds: Dataset) -> bool:
+    """Training augmentation by default: on for an ImageFolder (timm's training transform), off
+    for the built-in in-memory sources, whose small centered images are learnt fastest as they
+    are in the few epochs one runs on them (resnet18, fashion-mnist, 5000 images, 3 epochs:
+    88 % val top-1 without, 80 % with shifts and flips)."""
+    return ds.kind == "folder"
+
+
 def build_loaders(source: Union[str, Path, Dataset], data_config: dict, batch_size: int, *,
                   subset: Optional[int] = None, seed: int = 0, workers: int = 0,
-                  distributed: bool = False) -> tuple[Loader, Loader, int]:
+                  distributed: bool = False,
+                  augment: Optional[bool] = None) -> tuple[Loader, Loader, int]:
     """(train loader, val loader, number of classes) for ``source`` preprocessed per
-    ``data_config`` (timm's: input_size, interpolation, mean, std, crop_pct)."""
+    ``data_config`` (timm's: input_size, interpolation, mean, std, crop_pct). ``augment``
+    (training only): None for :func:`default_augment`; ImageFolder images get timm's training
+    transform, in-memory ones a random shift of up to 1/8 and, where label-preserving, a flip."""
     ds = source if isinstance(source, Dataset) else open_source(source)
     ds = _apply_subset(ds, subset)
     cfg = _fit_channels(data_config)
     rank, world = _dist_info(distributed)
     common = dict(seed=seed, rank=rank, world=world, workers=workers)
-    train = Loader(ds, ds.train, cfg, batch_size, train=True, **common)
+    train = Loader(ds, ds.train, cfg, batch_size, train=True, augment=augment, **common)
     val = Loader(ds, ds.val, cfg, batch_size, train=False, **common)
     if len(ds.train) < 2:
         raise DataError(f"the training split of {ds.name} has {len(ds.train)} image(s); need 2+")

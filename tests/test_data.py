@@ -76,8 +76,19 @@ def test_shift_flip_matches_a_loop_reference():
         assert torch.equal(got[i], ref), i
 
 
+def test_augmentation_defaults_and_switch():
+    plain, _, _ = D.build_loaders("digits", CFG, 16, subset=64)
+    assert not plain.augment  # built-in sources: off unless asked
+    aug, _, _ = D.build_loaders("digits", CFG, 16, subset=64, augment=True)
+    x, y = next(plain.iter_epoch(0))
+    idx = torch.tensor(plain._batches(0)[0])
+    assert torch.equal(x, D._prepare(plain.split.images[idx], CFG))
+    xa, ya = next(aug.iter_epoch(0))
+    assert torch.equal(y, ya) and not torch.equal(x, xa)
+
+
 def test_epochs_are_deterministic_and_resumable_mid_epoch():
-    tr, va, n = D.build_loaders("synthetic", CFG, 32, subset=200, seed=5)
+    tr, va, n = D.build_loaders("synthetic", CFG, 32, subset=200, seed=5, augment=True)
     assert n == 10 and tr.total_samples == 200 and va.total_samples == 40
     full = list(tr.iter_epoch(1))
     again = list(tr.iter_epoch(1))
@@ -189,7 +200,7 @@ def test_image_folder_loaders(tmp_path):
     root = _folder(tmp_path / "ds")
     cfg = dict(CFG, crop_pct=0.875, crop_mode="center")
     tr, va, n = D.build_loaders(str(root), cfg, 4, seed=0)
-    assert n == 2 and tr.classes == ["cat", "dog"]
+    assert n == 2 and tr.classes == ["cat", "dog"] and tr.augment  # timm's train transform
     xs, ys = zip(*tr.iter_epoch(0))
     assert all(x.shape[1:] == (3, 16, 16) for x in xs)
     assert sorted(torch.cat(ys).tolist()) == [0, 0, 0, 1, 1, 1]

@@ -15,7 +15,7 @@ from sbn_surgery.train import TrainingInterrupted, finetune
 from sbn_surgery.train import model as M
 from sbn_surgery.train import outputs as O
 
-TINY = dict(subset=96, batch_size=16, input_size=(3, 32, 32))
+TINY = dict(subset=96, batch_size=16, input_size=(3, 32, 32), augment=True)
 COMPARED = ("epoch", "loss", "train_top1", "val_loss", "top1", "top5", "lr", "images")
 
 

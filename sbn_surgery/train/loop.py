@@ -108,6 +108,7 @@ def finetune(
     label_smoothing: Optional[float] = None,
     input_size: Optional[tuple[int, int, int]] = None,
     subset: Optional[int] = None,
+    augment: Optional[bool] = None,
     train: Optional[str] = None,
     seed: Optional[int] = None,
     amp: Optional[bool] = None,
@@ -137,7 +138,8 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
         model=None if isinstance(spec, nn.Module) else str(spec), data=str(data),
         **{k: args[k] for k in ("recipe", "num_classes", "checkpoint", "model_kwargs", "epochs",
                                 "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
-                                "label_smoothing", "input_size", "subset", "train", "seed")})
+                                "label_smoothing", "input_size", "subset", "augment", "train",
+                                "seed")})
     state = None
     if args["resume"]:
         state = O.load_state(out)
@@ -165,7 +167,7 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
         net, data_config = build_model(spec, opts, ds, progress)
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
-        workers=args["workers"], distributed=ctx.distributed)
+        workers=args["workers"], distributed=ctx.distributed, augment=opts.augment)
 
     dev = ctx.device
     amp = args["amp"] if args["amp"] is not None else dev.type == "cuda"

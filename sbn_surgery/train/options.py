@@ -41,6 +41,7 @@ class RunOptions:
     label_smoothing: Optional[float] = None
     input_size: Optional[list] = None
     subset: Optional[int] = None
+    augment: Optional[bool] = None  # None: data.default_augment (ImageFolder on, built-ins off)
     train: Optional[str] = None
     seed: Optional[int] = None
 
