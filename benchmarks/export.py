@@ -35,8 +35,13 @@ def build(input_size: tuple[int, int, int]):
 
     torch.manual_seed(0)
     model = timm.create_model("resnet50", pretrained=False, num_classes=1000).eval()
-    plan = apply_recipe(model, "resnet", input_size=input_size)
     g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-like norms (timm zero-initializes bn3, which feeds SBN)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0.0, 0.2, generator=g)
+    plan = apply_recipe(model, "resnet", input_size=input_size)
     calibrate(model, [torch.randn(4, *input_size, generator=g) for _ in range(2)])
     with torch.no_grad():
         for site in plan.sites:

@@ -41,6 +41,9 @@ def _parity_table(report, title: str) -> Table:
     for col in ("inputs", "shape", "max abs err", "max rel err", "top-1 agreement"):
         table.add_column(col, justify="right" if col != "inputs" else "left")
     for c in report.cases:
+        if c.error:
+            table.add_row(c.source, "x".join(map(str, c.shape)), "-", "-", f"[red]{c.error[:60]}[/]")
+            continue
         table.add_row(c.source, "x".join(map(str, c.shape)), f"{c.max_abs_err:.2e}",
                       f"{c.max_rel_err:.2e}", f"{c.top1_agreement:.1%}")
     return table
@@ -48,23 +51,33 @@ def _parity_table(report, title: str) -> Table:
 
 def _print_parity(report, con, title: str) -> None:
     con.print(_parity_table(report, title))
+    for note in report.notes:
+        con.print(f"[yellow]note:[/] {note}")
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
     con.print(f"parity {verdict}: {report.describe()}")
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
 def _layer_table(report) -> Table:
-    table = Table(title="SBN layers in graph order (error relative to each layer's output)")
-    for col in ("module", "stats", "form", "max abs err", "max rel err", ""):
+    table = Table(title="SBN layers in graph order", caption="relative errors; own: the layer's "
+                  "output against the PyTorch layer run on the input the file gave it")
+    table.add_column("module", no_wrap=True)
+    for col in ("stats", "form", "input err", "output err", "own err", ""):
         table.add_column(col)
     for layer in report.layers:
         if layer.max_rel_err is None:
-            table.add_row(layer.module, layer.stats, layer.form, "-", "-", "[dim]not found in graph[/]")
+            table.add_row(layer.module, layer.stats, layer.form, "-", "-", "-", "[dim]not found in graph[/]")
             continue
-        mark = "" if layer.passed else "[bold red]<- beyond tolerance[/]"
+        mark = ""
         if layer.module == report.first_bad_layer:
             mark = "[bold red]<- error starts here[/]"
-        table.add_row(layer.module, layer.stats, layer.form, f"{layer.max_abs_err:.2e}",
-                      f"{layer.max_rel_err:.2e}", mark)
+        elif layer.passed is False:
+            mark = "[red]beyond tolerance[/]"
+        table.add_row(layer.module, layer.stats, layer.form, _fmt(layer.input_rel_err),
+                      _fmt(layer.max_rel_err), _fmt(layer.own_rel_err), mark)
     return table
 
 
@@ -127,6 +140,8 @@ def export(
     con.print(f"wrote [cyan]{result.path}[/] ({result.size_bytes / 1e6:.1f} MB): mode "
               f"[bold]{result.mode}[/], opset {result.opset}, input {'x'.join(dims)}, "
               f"{len(result.sites)} SBN layer(s)" + (f", {folded} folded into their BatchNorm" if folded else ""))
+    for note in result.notes:
+        con.print(f"[yellow]note:[/] {note}")
     _print_parity(result.parity, con, "parity with PyTorch (onnxruntime CPU)")
 
 

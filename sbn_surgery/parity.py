@@ -18,6 +18,7 @@ float32 twiddles, 1e-4 * max(1, log2(L)/12).
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -41,18 +42,24 @@ __all__ = ["ParityReport", "ParityCase", "LayerParity", "ParityFailed", "BenchRe
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ParityCase:
-    """One run: ``source`` is ``random`` or ``images``."""
+    """One run: ``source`` is ``random``, ``images``, or ``other-size`` (random inputs at another
+    spatial size, for a file with a symbolic size). ``error``: why onnxruntime could not run it."""
 
     source: str
     shape: tuple[int, ...]
     max_abs_err: float
     max_rel_err: float
     top1_agreement: float
+    error: Optional[str] = None
 
 
 @dataclass
 class LayerParity:
-    """Error at one SBN layer's output, relative to that output's scale."""
+    """One SBN layer in the file against PyTorch, errors relative to the layer's output scale
+    (input: to its input scale). ``max_*_err``: at the layer's output, including whatever came
+    from upstream; ``input_rel_err``: what arrived at its input; ``own_rel_err``: the layer's
+    own error (its output against the PyTorch layer run on the input the file gave it);
+    ``passed``: ``own_rel_err <= rtol``. None where the graph no longer shows the layer."""
 
     module: str
     stats: str
@@ -60,6 +67,8 @@ class LayerParity:
     output: Optional[str]
     max_abs_err: Optional[float]
     max_rel_err: Optional[float]
+    input_rel_err: Optional[float]
+    own_rel_err: Optional[float]
     passed: Optional[bool]
 
 
@@ -74,23 +83,41 @@ class ParityReport:
     cases: list[ParityCase] = field(default_factory=list)
     layers: Optional[list[LayerParity]] = None
     first_bad_layer: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+    def failing(self) -> list[ParityCase]:
+        return [c for c in self.cases if not (c.max_rel_err <= self.rtol and c.top1_agreement >= self.min_top1)]
 
     def summary(self) -> dict[str, Any]:
-        return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
+        return {"max_abs_err": _finite(self.max_abs_err), "max_rel_err": _finite(self.max_rel_err),
                 "top1_agreement": self.top1_agreement, "passed": self.passed}
 
     def to_json(self) -> dict[str, Any]:
-        out = {**self.summary(), "rtol": self.rtol, "min_top1": self.min_top1,
-               "cases": [asdict(c) | {"shape": list(c.shape)} for c in self.cases]}
+        cases = [{k: _finite(v) for k, v in asdict(c).items()} | {"shape": list(c.shape)}
+                 for c in self.cases]
+        out = {**self.summary(), "rtol": self.rtol, "min_top1": self.min_top1, "cases": cases,
+               "notes": list(self.notes)}
         if self.layers is not None:
             out["layers"] = [asdict(layer) for layer in self.layers]
             out["first_bad_layer"] = self.first_bad_layer
         return out
 
     def describe(self) -> str:
-        return (f"max_rel_err {self.max_rel_err:.2e} (tolerance {self.rtol:.1e}), max_abs_err "
+        text = (f"max_rel_err {self.max_rel_err:.2e} (tolerance {self.rtol:.1e}), max_abs_err "
                 f"{self.max_abs_err:.2e}, top-1 agreement {self.top1_agreement:.1%} (required "
                 f"{self.min_top1:.1%})")
+        bad = self.failing()
+        if bad:
+            c = bad[0]
+            text += f"; first failing run: {c.source} input {'x'.join(map(str, c.shape))}"
+            if c.error:
+                text += f" ({c.error})"
+        return text
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no infinity: a run that could not be compared reports None."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class ParityFailed(ParityError):
@@ -170,7 +197,8 @@ def _batches(images: Union[Tensor, Iterable[Tensor]]) -> Tensor:
 
 
 def _inputs(dims, size, batch_sizes, images, seed) -> list[tuple[str, Tensor]]:
-    """(source, batch) pairs: random at each batch size, then real images in the same sizes."""
+    """(source, batch) pairs: random inputs at each batch size; then the real images, the first
+    one alone and the rest in batches of the largest size (the fixed size of a static file)."""
     static_batch = dims[0]
     sizes = [static_batch] * 2 if static_batch is not None else list(batch_sizes)
     g = torch.Generator().manual_seed(seed)
@@ -183,10 +211,13 @@ def _inputs(dims, size, batch_sizes, images, seed) -> list[tuple[str, Tensor]]:
                 f"{', '.join(map(str, size))}). Resize them to the export input size."
             )
         start = 0
-        for b in sizes:
-            if start + b <= data.shape[0]:
-                runs.append(("images", data[start:start + b]))
-                start += b
+        if static_batch is None:
+            runs.append(("images", data[:1]))
+            start = 1
+        step = static_batch or max(sizes)
+        while start + (step if static_batch else 1) <= data.shape[0]:
+            runs.append(("images", data[start:start + step]))
+            start += step
     return runs
 
 
@@ -231,13 +262,18 @@ def check_parity(
     rtol: Optional[float] = None,
     min_top1: float = 1.0,
     per_layer: bool = False,
+    other_sizes: Optional[Sequence[tuple[int, int]]] = None,
     seed: int = 0,
 ) -> ParityReport:
     """Run ``onnx_path`` with onnxruntime and ``model`` in eval mode on the same inputs and
-    compare (see the module docstring). ``per_layer=True`` also compares every SBN layer's
-    output (exposed as extra graph outputs, against forward hooks) on the largest random batch,
-    in graph order, and names the first layer beyond ``rtol``. The model's train/eval flags are
-    restored afterwards."""
+    compare (see the module docstring). ``per_layer=True`` also compares every SBN layer
+    (exposed as extra graph outputs, against forward hooks) on the largest random batch, in
+    graph order: the error at its input and output, and its own error (see
+    :class:`LayerParity`); ``first_bad_layer`` is the first whose own error exceeds ``rtol``,
+    i.e. where the error starts. A file with a symbolic spatial size is also run at
+    ``other_sizes`` (H, W) (default: 32 more pixels each way, which keeps every stride's
+    divisibility), so a graph that only works at its export size is caught; sizes PyTorch cannot
+    run are skipped with a note. The model's train/eval flags are restored afterwards."""
     proto = graph.load(onnx_path)
     meta = graph.read_metadata(proto)
     dims = graph.input_dims(proto)
@@ -251,23 +287,41 @@ def check_parity(
     sess = session(onnx_path)
     name = sess.get_inputs()[0].name
     runs = _inputs(dims, size, batch_sizes, images, seed)
+    if dims[2] is None and dims[3] is None:
+        extra = other_sizes if other_sizes is not None else [(size[1] + 32, size[2] + 32)]
+        g = torch.Generator().manual_seed(seed + 1)
+        batch = dims[0] or max(batch_sizes)
+        runs += [("other-size", torch.randn(batch, size[0], *hw, generator=g)) for hw in extra]
 
     flags = {m: m.training for m in model.modules()}
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    cases = []
+    dtype = param.dtype if param is not None else torch.float32
+    cases, notes = [], []
     try:
         model.eval()
         for source, x in runs:
-            with torch.no_grad():
-                ref = _outputs(model, x.to(device=device, dtype=param.dtype if param is not None else torch.float32))
+            shape = tuple(x.shape)
+            try:
+                with torch.no_grad():
+                    ref = _outputs(model, x.to(device=device, dtype=dtype))
+            except Exception as exc:  # noqa: BLE001 - a size the model itself cannot take
+                if source != "other-size":
+                    raise
+                notes.append(f"PyTorch cannot run the model at {'x'.join(map(str, shape))} "
+                             f"({type(exc).__name__}); that size was not checked")
+                continue
             ref_np = ref.detach().float().cpu().numpy()
-            got = sess.run(None, {name: x.numpy()})[0]
-            if got.shape != ref_np.shape:
-                raise ParityError(f"{onnx_path}: output shape {got.shape} differs from PyTorch's "
-                                  f"{ref_np.shape} for input {tuple(x.shape)}; is it the same model?")
+            try:
+                got = sess.run(None, {name: x.numpy()})[0]
+                if got.shape != ref_np.shape:
+                    raise ValueError(f"output shape {got.shape}, PyTorch's {ref_np.shape}")
+            except Exception as exc:  # noqa: BLE001 - record it as a failed run
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                cases.append(ParityCase(source, shape, math.inf, math.inf, 0.0, error=first[:300]))
+                continue
             abs_err, rel, agree = _compare(ref_np, got)
-            cases.append(ParityCase(source, tuple(x.shape), abs_err, rel, agree / x.shape[0]))
+            cases.append(ParityCase(source, shape, abs_err, rel, agree / x.shape[0]))
         layers = first_bad = None
         if per_layer:
             big = max((x for s, x in runs if s == "random"), key=lambda t: t.shape[0])
@@ -283,21 +337,24 @@ def check_parity(
     passed = rel_max <= tol and top1 >= min_top1 and math.isfinite(rel_max)
     return ParityReport(max_abs_err=abs_max, max_rel_err=rel_max, top1_agreement=top1,
                         passed=passed, rtol=tol, min_top1=min_top1, cases=cases, layers=layers,
-                        first_bad_layer=first_bad)
+                        first_bad_layer=first_bad, notes=notes)
 
 
 def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name: str, tol: float,
                device) -> list[LayerParity]:
+    """Compare each SBN layer's input and output in the file with the model's (forward hooks),
+    and the layer's own error: its output in the file against the PyTorch layer (float64) applied
+    to the input the file gave it, so upstream differences do not count against it."""
     if not sites:
         raise ParityError(
             "per-layer parity needs the SBN sites recorded at export; this file has no "
             "sbn-surgery metadata (was it written by `sbn-surgery export`?)"
         )
-    outputs = [s.get("output") for s in sites]
-    extra = graph.with_extra_outputs(proto, [o for o in outputs if o])
+    wanted = [o for s in sites for o in [s.get("output"), *(s.get("inputs") or [])] if o]
+    extra = graph.with_extra_outputs(proto, wanted)
     sess = session(extra.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
-    captured: dict[str, Tensor] = {}
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
     handles = []
     for s in sites:
         try:
@@ -309,7 +366,8 @@ def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name
             ) from None
 
         def hook(m, args, out, key=s["module"]):
-            captured[key] = out.detach().float().cpu()
+            # clone: the network may update these tensors in place later (x += shortcut)
+            captured[key] = (args[0].detach().double().cpu().clone(), out.detach().double().cpu().clone())
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -319,20 +377,47 @@ def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name
         for h in handles:
             h.remove()
     results = dict(zip(names, sess.run(None, {input_name: x.numpy()})))
-    layers = []
-    for s in sites:
-        out = s.get("output")
-        ref = captured.get(s["module"])
-        if not out or out not in results or ref is None:
-            layers.append(LayerParity(s["module"], s["stats"], s["form"], out, None, None, None))
+    return [_layer_parity(s, model, captured.get(s["module"]), results, tol) for s in sites]
+
+
+def _rel(a: Tensor, b: Tensor, scale: Tensor) -> tuple[float, float]:
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    ref = float(scale.abs().max()) if scale.numel() else 0.0
+    return err, (err / ref if ref > 0 else err)
+
+
+def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tensor]],
+                  results: dict, tol: float) -> LayerParity:
+    from .export.forms import channel_constants
+
+    row = LayerParity(site["module"], site["stats"], site["form"], site.get("output"),
+                      None, None, None, None, None)
+    out = results.get(site.get("output") or "")
+    if ref is None or out is None or tuple(out.shape) != tuple(ref[1].shape):
+        return row
+    torch_in, torch_out = ref
+    got_out = torch.from_numpy(out).double()
+    row.max_abs_err, row.max_rel_err = _rel(got_out, torch_out, torch_out)
+    layer = copy.deepcopy(model.get_submodule(site["module"])).double().cpu().eval()
+    # the input the file gave the layer: the entering tensor of the layer's input shape; where
+    # the scale was folded into the BatchNorm in front, that tensor is the input times the scale
+    scale = None
+    if site.get("folded_into"):
+        scale = channel_constants(layer)[0].view(1, -1, 1, 1)
+    for name in site.get("inputs") or []:
+        got_in = results.get(name)
+        if got_in is None or tuple(got_in.shape) != tuple(torch_in.shape):
             continue
-        got = results[out]
-        if tuple(got.shape) != tuple(ref.shape):
-            layers.append(LayerParity(s["module"], s["stats"], s["form"], out, None, None, None))
-            continue
-        abs_err, rel, _ = _compare(ref.numpy(), got)
-        layers.append(LayerParity(s["module"], s["stats"], s["form"], out, abs_err, rel, rel <= tol))
-    return layers
+        got_in = torch.from_numpy(got_in).double()
+        if scale is not None:
+            got_in = got_in / scale
+        row.input_rel_err = _rel(got_in, torch_in, torch_in)[1]
+        with torch.no_grad():
+            own = layer(got_in)
+        row.own_rel_err = _rel(got_out, own, torch_out)[1]
+        row.passed = row.own_rel_err <= tol
+        break
+    return row
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""export_onnx on whole timm models: every mode x {channel, frequency} x four architecture
-families, at odd feature sizes (7x7, 7x8, 14x15), parity at batch 1 and 3 in float32."""
+"""export_onnx on whole timm models from four families, in every mode, with channel- and
+frequency-mode SBN layers at odd feature sizes (7x7, 7x8, 14x15); parity at batch 1 and 3 in
+float32, for the output and for every SBN layer's own output."""
 
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 
 import numpy as np
 import onnx
@@ -14,22 +16,28 @@ import torch
 from sbn_surgery import apply_recipe, calibrate
 from sbn_surgery.errors import ExportError
 from sbn_surgery.export import NODE_PREFIX, export_onnx, read_metadata
-from sbn_surgery.parity import session
+from sbn_surgery.parity import check_parity, session
 from sbn_surgery.recipe import Recipe
 
-#: name -> (input size, rules, model kwargs). Sites are chosen so SBN sees odd feature maps, and
-#: so the four families exercise each way SBN sits: after a BatchNorm2d (folds), replacing one,
-#: between a BatchNormAct2d's norm and its activation (MobileNetV3 class) (folds into it), and before a norm (no fold).
+#: name -> (input size, rules, model kwargs, another input size). Each model has a channel-mode
+#: and a frequency-mode site at odd feature maps, and together they cover each way SBN sits:
+#: after a BatchNorm2d (channel mode folds into it), replacing one, between a BatchNormAct2d's
+#: norm and its activation (MobileNetV3 class; folds into it), and before a norm (no fold).
 ARCHS = {
-    "resnet10t": ((3, 56, 60), [{"paths": ["layer1.0.bn2"]},  # 14x15
-                                {"paths": ["layer2.0.bn2"], "position": "replace"}], {}),  # 7x8
-    "lcnet_035": ((3, 112, 112), [{"paths": ["blocks.3.*.bn2"]}], {}),  # 7x7, BatchNormAct2d
-    "regnetx_002": ((3, 112, 120), [{"paths": ["s2.b1.conv2.bn"]},  # 14x15
-                                    {"paths": ["s3.b1.conv3.bn"]}], {}),  # 7x8
+    "resnet10t": ((3, 56, 60), [{"paths": ["layer1.0.bn2"], "sbn": {"stats": "channel"}},  # 14x15
+                                {"paths": ["layer2.0.bn2"], "position": "replace",  # 7x8
+                                 "sbn": {"stats": "frequency"}}], {}, (88, 72)),
+    "lcnet_035": ((3, 112, 112), [{"paths": ["blocks.3.0.bn2"], "sbn": {"stats": "frequency"}},  # 7x7
+                                  {"paths": ["blocks.3.1.bn2"], "sbn": {"stats": "channel"}}],  # 7x7
+                  {}, (96, 128)),
+    "regnetx_002": ((3, 112, 120), [{"paths": ["s2.b1.conv2.bn"], "sbn": {"stats": "frequency"}},  # 14x15
+                                    {"paths": ["s3.b1.conv3.bn"], "sbn": {"stats": "channel"}}],  # 7x8
+                    {}, (128, 96)),
     # a small classifier MLP (mlp_ratio) keeps the test fast; the features are VGG-11's
-    "vgg11_bn": ((3, 56, 60), [{"paths": ["features.9"]},  # 14x15
-                               {"paths": ["features.16"], "position": "before"}],  # 7x7
-                 {"mlp_ratio": 0.01}),
+    "vgg11_bn": ((3, 56, 60), [{"paths": ["features.9"], "sbn": {"stats": "frequency"}},  # 14x15
+                               {"paths": ["features.16"], "position": "before",  # 7x7
+                                "sbn": {"stats": "channel"}}],
+                 {"mlp_ratio": 0.01}, (64, 80)),
 }
 EXPECTED_SIZES = {
     "resnet10t": {(14, 15), (7, 8)}, "lcnet_035": {(7, 7)},
@@ -38,14 +46,28 @@ EXPECTED_SIZES = {
 TOL = {"dft": 1e-4, "matmul": 1e-5, "fold": 1e-5}
 
 
-def converted(name: str, stats: str, seed: int = 0):
-    """A timm model (random init) with SBN at the sites of ARCHS, statistics calibrated on random
-    images and random gamma/beta, so no SBN is close to the identity."""
-    size, rules, kwargs = ARCHS[name]
+def randomize_norms(model: torch.nn.Module, g: torch.Generator) -> None:
+    """Random BatchNorm affine parameters and running statistics, as a trained model has (timm
+    zero-initializes the last norm of residual blocks, which would feed SBN all zeros)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0.0, 0.2, generator=g)
+                m.running_mean.normal_(0.0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+
+
+@lru_cache(maxsize=None)
+def _converted(name: str, stats, seed: int):
+    size, rules, kwargs, _ = ARCHS[name]
+    torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    recipe = Recipe(name="test", rules=[{**r, "sbn": {"stats": stats}} for r in rules])
-    plan = apply_recipe(model, recipe, input_size=size)
     g = torch.Generator().manual_seed(seed)
+    randomize_norms(model, g)
+    if stats is not None:
+        rules = [{**r, "sbn": {"stats": stats}} for r in rules]
+    plan = apply_recipe(model, Recipe(name="test", rules=rules), input_size=size)
     calibrate(model, [torch.randn(4, *size, generator=g) for _ in range(2)])
     with torch.no_grad():
         for site in plan.sites:
@@ -55,25 +77,70 @@ def converted(name: str, stats: str, seed: int = 0):
     return model.eval(), plan, size
 
 
+def converted(name: str, stats=None, seed: int = 0):
+    """A timm model (random init, random norms) with SBN at the sites of ARCHS, in the modes
+    given there (or all in ``stats``), statistics calibrated on random images and random
+    gamma/beta, so no SBN is close to the identity. A fresh copy each call."""
+    model, plan, size = _converted(name, stats, seed)
+    return copy.deepcopy(model), plan, size
+
+
 @pytest.mark.parametrize("mode", ["fold", "matmul", "dft"])
-@pytest.mark.parametrize("stats", ["channel", "frequency"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_parity(tmp_path, arch, stats, mode):
-    model, plan, size = converted(arch, stats)
+def test_parity(tmp_path, arch, mode):
+    model, plan, size = converted(arch)
     assert {s.spatial_size for s in plan.sites} == EXPECTED_SIZES[arch]
-    result = export_onnx(model, tmp_path / "m.onnx", mode=mode, input_size=size)
+    assert {s.stats for s in plan.sites} == {"channel", "frequency"}
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, mode=mode, input_size=size)
     report = result.parity
     assert report.passed, report.describe()
     assert report.max_rel_err <= TOL[mode]
     assert report.top1_agreement == 1.0
-    assert sorted(c.shape[0] for c in report.cases) == [1, 3]
-    assert len(result.sites) == len(plan.sites)
-    # channel mode in fold and dft modes accepts any size; frequency mode and matmul are fixed
-    assert result.dynamic_size == (stats == "channel" and mode != "matmul")
-    if mode == "fold" and stats == "channel":
-        folds = {s.module: s.folded_into for s in result.sites}
-        for site in plan.sites:
-            assert folds[site.module] == (site.fold_into if site.position == "after" else None)
+    assert sorted(c.shape for c in report.cases) == [(1, *size), (3, *size)]
+    assert not result.dynamic_size  # frequency-mode statistics fix the size
+    # each layer on its own, channel and frequency mode (batch 3)
+    layers = check_parity(path, model, per_layer=True).layers
+    assert [l.module for l in layers] == [s.module for s in plan.sites]
+    for layer in layers:  # the layer's own error; its output also carries upstream rounding
+        assert layer.passed and layer.own_rel_err <= TOL[mode], layer
+        assert layer.max_rel_err <= 1e-4, layer
+    forms = {s.module: (s.form, s.folded_into) for s in result.sites}
+    for site in plan.sites:
+        form, folded = forms[site.module]
+        if mode == "fold" and site.stats == "channel":
+            assert form == "elementwise"
+            assert folded == (site.fold_into if site.position == "after" else None)
+        else:
+            assert folded is None
+            assert form == ("dft" if mode == "dft" else "matmul")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_channel_fold_file_serves_other_sizes(tmp_path, arch):
+    """With channel-mode SBN only, a fold-mode file has a symbolic spatial size and matches
+    PyTorch at a size other than the one it was exported at. VGG's classifier pools adaptively
+    to 7x7, which the exporter writes for one input size only: export notices it (parity at
+    another size fails) and writes a fixed-size file instead."""
+    model, plan, size = converted(arch, "channel")
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, mode="fold", input_size=size)
+    assert result.parity.passed
+    folds = {s.module: s.folded_into for s in result.sites}
+    assert all(folds[s.module] == (s.fold_into if s.position == "after" else None) for s in plan.sites)
+    if arch == "vgg11_bn":
+        assert not result.dynamic_size and "fixed spatial size" in result.notes[0]
+        assert {c.shape[2:] for c in result.parity.cases} == {size[1:]}
+        return
+    assert result.dynamic_size
+    assert ("other-size", (3, 3, size[1] + 32, size[2] + 32)) in [(c.source, c.shape) for c in result.parity.cases]
+    sess = session(path)
+    x = torch.randn(2, 3, *ARCHS[arch][3], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = sess.run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= TOL["fold"]
+    assert (got.argmax(1) == ref.argmax(1)).all()
 
 
 def test_export_leaves_the_model_alone(tmp_path):
@@ -100,8 +167,8 @@ def _sbn_ops(path) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("mode", ["fold", "matmul", "dft"])
 def test_graph_names_ops_and_metadata(tmp_path, mode):
-    model, plan, size = converted("vgg11_bn", "channel")
-    model.sbn_meta = {"model_name": "vgg11_bn", "recipe": "name: test\n",
+    model, plan, size = converted("resnet10t", "channel")
+    model.sbn_meta = {"model_name": "resnet10t", "recipe": "name: test\n",
                       "recipe_name": "test", "input_size": list(size)}
     path = tmp_path / "m.onnx"
     result = export_onnx(model, path, mode=mode)  # input size from sbn_meta
@@ -116,7 +183,7 @@ def test_graph_names_ops_and_metadata(tmp_path, mode):
     else:
         assert "DFT" in every
     meta = read_metadata(path)
-    assert meta["model_name"] == "vgg11_bn"
+    assert meta["model_name"] == "resnet10t"
     assert meta["recipe"] == "name: test\n" and meta["recipe_name"] == "test"
     assert meta["mode"] == mode
     from sbn_surgery import __version__
@@ -130,11 +197,10 @@ def test_graph_names_ops_and_metadata(tmp_path, mode):
     assert list(tmp_path.iterdir()) == [path]
 
 
-@pytest.mark.parametrize("mode", ["fold", "dft"])
-def test_channel_file_runs_at_other_sizes(tmp_path, mode):
+def test_channel_dft_file_runs_at_two_sizes(tmp_path):
     model, _, size = converted("resnet10t", "channel")
     path = tmp_path / "m.onnx"
-    result = export_onnx(model, path, mode=mode, input_size=size)
+    result = export_onnx(model, path, mode="dft", input_size=size)
     assert result.dynamic_size
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
@@ -144,7 +210,7 @@ def test_channel_file_runs_at_other_sizes(tmp_path, mode):
         with torch.no_grad():
             ref = model(x).numpy()
         got = sess.run(None, {"input": x.numpy()})[0]
-        assert np.abs(got - ref).max() / np.abs(ref).max() <= TOL[mode]
+        assert np.abs(got - ref).max() / np.abs(ref).max() <= TOL["dft"]
         assert (got.argmax(1) == ref.argmax(1)).all()
 
 

@@ -120,7 +120,7 @@ def test_channel_forms_follow_the_runtime_size():
 # --------------------------------------------------------------------------------------------
 def tiny_model(stats: str, size: tuple[int, int], position: str = "after") -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5))
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
     recipe = Recipe(name="tiny", rules=[{"paths": ["1"], "position": position, "sbn": {"stats": stats}}])
     apply_recipe(model, recipe, input_size=(3, *size))
     g = torch.Generator().manual_seed(0)
@@ -143,7 +143,12 @@ def test_tiny_model_parity(tmp_path, size, stats, mode):
     assert report.passed
     assert report.top1_agreement == 1.0
     assert report.max_rel_err <= (1e-4 if mode == "dft" else 1e-5)
-    assert sorted(c.shape[0] for c in report.cases) == [1, 3]
+    runs = sorted((c.source, c.shape) for c in report.cases)
+    expected = [("random", (1, 3, *size)), ("random", (3, 3, *size))]
+    if result.dynamic_size:  # channel mode, fold and dft: also checked at another size
+        expected.insert(0, ("other-size", (3, 3, size[0] + 32, size[1] + 32)))
+    assert runs == expected
+    assert result.dynamic_size == (stats == "channel" and mode != "matmul")
     site = result.sites[0]
     assert site.spatial_size == size
     assert site.folded_into == ("1" if (mode, stats) == ("fold", "channel") else None)

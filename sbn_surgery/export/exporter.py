@@ -42,6 +42,7 @@ class SiteExport:
     folded_into: Optional[str] = None  # BatchNorm whose weight/bias absorbed the channel scale
     layout: Optional[str] = None  # matmul form: "dense" | "separable"
     output: Optional[str] = None  # name of the graph tensor holding the layer's output
+    inputs: list[str] = field(default_factory=list)  # tensors entering the layer's nodes
     nodes: int = 0
 
 
@@ -58,6 +59,7 @@ class ExportResult:
     sites: list[SiteExport] = field(default_factory=list)
     size_bytes: int = 0
     parity: Any = None  # sbn_surgery.parity.ParityReport, or None when parity=False
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +71,7 @@ class ExportResult:
             "dynamic_batch": self.dynamic_batch,
             "dynamic_size": self.dynamic_size,
             "size_bytes": self.size_bytes,
+            "notes": list(self.notes),
             "sites": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()}
                       for s in self.sites],
         }
@@ -381,7 +384,7 @@ def export_onnx(
     site_dicts = [asdict(r) for r in records]
     graph.name_sbn_nodes(proto, site_dicts)
     for rec, d in zip(records, site_dicts):
-        rec.output, rec.nodes = d.get("output"), d.get("nodes", 0)
+        rec.output, rec.inputs, rec.nodes = d.get("output"), d.get("inputs", []), d.get("nodes", 0)
     graph.set_metadata(proto, _metadata(model, mode, int(opset), size, dynamic_batch, dyn_size,
                                         records))
     proto.doc_string = (f"{graph.read_metadata(proto)['model_name']} with {len(records)} "
@@ -401,6 +404,21 @@ def export_onnx(
         report = check_parity(path, ref, images=images, rtol=rtol, min_top1=min_top1,
                               batch_sizes=parity_batches, input_size=size)
         result.parity = report
+        bad = report.failing()
+        if bad and dyn_size and dynamic_size is None and all(c.source == "other-size" for c in bad):
+            # the symbolic-size graph only holds at the export size (e.g. adaptive pooling
+            # written for one size): write a fixed-size file instead, and say so
+            c = bad[0]
+            fixed = export_onnx(model, path, mode, opset, size, dynamic_batch, dynamic_size=False,
+                                batch_size=batch_size, layout=layout, parity=True, images=images,
+                                rtol=rtol, min_top1=min_top1, parity_batches=parity_batches,
+                                progress=progress)
+            fixed.notes.insert(0, (
+                f"the graph with a symbolic spatial size did not match PyTorch at "
+                f"{'x'.join(map(str, c.shape[1:]))} ({c.error or f'max_rel_err {c.max_rel_err:.1e}'}): "
+                "some layer of the model was exported for one size only, so this file has a "
+                "fixed spatial size"))
+            return fixed
         if not report.passed:
             raise ParityFailed(report, path)
     step(4, "done")

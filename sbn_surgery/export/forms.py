@@ -5,9 +5,12 @@ In eval mode SBN is a fixed linear map plus a constant (see shared/SBN.md):
 
 * channel mode: ``y = s * x + S * k`` at pixel (0, 0) only, with ``s = gamma / sqrt(var + eps)``,
   ``k = beta - s * mu`` and ``S = sqrt(H * W)``;
-* frequency mode: ``Y = X * g + K`` on the one-sided orthonormal spectrum, with the per-frequency
-  gain ``g = frequency_scale(var, gamma, eps)`` and ``K = beta - rfft2(mean) * g``: a per-channel
-  circular filter plus a constant pattern.
+* frequency mode: ``Y = F(x - m) * g + beta`` on the one-sided orthonormal spectrum, with the
+  spatial-domain running mean ``m`` and the per-frequency gain
+  ``g = frequency_scale(var, gamma, eps)``: a per-channel circular filter plus a constant pattern.
+  The mean is subtracted before the transform: where a channel's input barely varies, x and m
+  nearly cancel, and subtracting them first (exactly, in float32) keeps the rounding relative to
+  the output; forming ``F(x) * g`` first loses digits to cancellation with ``F(m) * g``.
 
 Three forms, one per export mode:
 
@@ -20,8 +23,8 @@ Three forms, one per export mode:
 
 Frequency mode has no elementwise form: its eval map is a per-channel circular filter whose
 kernel covers the whole feature map. In ``fold`` mode it is written as :class:`MatmulForm` with
-the mean and beta folded into one constant spatial pattern added after the inverse transform
-(``y = F^-1(F(x) * g) + P``); see :func:`build_form`.
+beta brought to the spatial domain as one constant pattern added after the inverse transform
+(``y = F^-1(F(x - m) * g) + P``); see :func:`build_form`.
 
 All constants are computed in float64 from the layer's buffers and stored in float32.
 """
@@ -65,16 +68,15 @@ def channel_constants(sbn: SpectralBatchNorm2d) -> tuple[Tensor, Tensor]:
     return s, b - s * mean
 
 
-def frequency_constants(sbn: SpectralBatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(g, K) on the one-sided spectrum, shapes (C, H, W//2+1), float64 real gain and complex
-    constant: frequency-mode eval SBN is ``Y = X * g + K``."""
+def frequency_constants(sbn: SpectralBatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, g, beta), float64: the spatial-domain mean (C, H, W), the real gain on the one-sided
+    spectrum (C, H, W//2+1) and beta (C,): frequency-mode eval SBN is
+    ``Y = rfft2(x - m) * g + beta``."""
     w, b = _affine64(sbn)
     mean = sbn.running_mean.detach().double().cpu()
     var = sbn.running_var.detach().double().cpu()
     wr = var.shape[-1] // 2 + 1
-    g = frequency_scale(var, w, sbn.eps)[..., :wr]
-    m = torch.fft.rfft2(mean, norm="ortho")
-    return g, b.view(-1, 1, 1) - m * g
+    return mean, frequency_scale(var, w, sbn.eps)[..., :wr], b
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,26 +180,29 @@ class CornerForm(SBNForm):
 
 
 class DftForm(SBNForm):
-    """``irfft2(rfft2(x) * gain + const)`` with the spectrum as real pairs (view_as_real).
-    Channel mode: gain and const per channel, any spatial size; frequency mode: per frequency."""
+    """``irfft2(rfft2(x - mean) * gain + const)`` with the spectrum as real pairs
+    (view_as_real). Channel mode: no mean (it is part of ``const``), gain and const per channel,
+    any spatial size; frequency mode: spatial mean and gain per frequency, const = beta."""
 
     form = "dft"
 
     def __init__(self, path: str, stats: str, channels: int, gain: Tensor, const: Tensor,
-                 spatial_size: Optional[tuple[int, int]] = None) -> None:
+                 mean: Optional[Tensor] = None, spatial_size: Optional[tuple[int, int]] = None) -> None:
         super().__init__(path, stats, channels)
         self.spatial_size = spatial_size
         c = channels
-        if stats == "channel":
-            self.register_buffer("gain", gain.float().view(c, 1, 1, 1))
-            pair = torch.stack([const, torch.zeros_like(const)], dim=-1)
-            self.register_buffer("const", pair.float().view(c, 1, 1, 2))
+        if mean is not None:
+            self.register_buffer("mean", mean.float().unsqueeze(0).contiguous())
         else:
-            self.register_buffer("gain", gain.float().unsqueeze(-1))
-            self.register_buffer("const", torch.view_as_real(const).float().contiguous())
+            self.mean = None
+        self.register_buffer("gain", (gain.view(c, 1, 1, 1) if gain.dim() == 1 else gain.unsqueeze(-1)).float())
+        pair = torch.stack([const, torch.zeros_like(const)], dim=-1)
+        self.register_buffer("const", pair.float().view(c, 1, 1, 2))
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
+        if self.mean is not None:
+            x = x - self.mean
         spec = torch.view_as_real(torch.fft.rfft2(x, norm="ortho"))
         spec = spec * self.gain + self.const
         return torch.fft.irfft2(torch.view_as_complex(spec), s=(h, w), norm="ortho")
@@ -206,19 +211,20 @@ class DftForm(SBNForm):
 class MatmulForm(SBNForm):
     """The spectrum arithmetic with the 2-D real DFT as constant matrices; fixed spatial size.
 
-    ``dense`` layout: ``spec = x.flatten(2) @ fwd`` (one GEMM), ``spec * gain + const``,
+    ``dense`` layout: ``spec = (x - mean).flatten(2) @ fwd`` (one GEMM), ``spec * gain + const``,
     ``y = spec @ inv`` (+ ``pattern``). ``separable`` layout, for larger maps: the W transform as a
     right product with (W, 2Wr), a transpose to (Wr, [re|im], H), the H transform as a right
-    product with (2H, 2H), the same arithmetic, and the way back. ``const`` is added in the
-    spectrum (the faithful form); ``pattern`` is the same constant already brought to the
-    spatial domain (fold mode); a form has one or the other.
+    product with (2H, 2H), the same arithmetic, and the way back. ``const`` (a real constant at
+    every frequency) is added in the spectrum (the faithful form); ``pattern`` is the same
+    constant brought to the spatial domain (fold mode); a form has one or the other. ``mean``
+    (frequency mode) is subtracted before the transform.
     """
 
     form = "matmul"
 
     def __init__(self, path: str, stats: str, channels: int, spatial_size: tuple[int, int],
-                 gain: Tensor, const: Tensor, *, layout: str = "auto",
-                 spatial_constant: bool = False) -> None:
+                 gain: Tensor, const: Tensor, *, mean: Optional[Tensor] = None,
+                 layout: str = "auto", spatial_constant: bool = False) -> None:
         super().__init__(path, stats, channels)
         h, w = spatial_size
         if layout not in MATMUL_LAYOUTS:
@@ -228,18 +234,22 @@ class MatmulForm(SBNForm):
         self.layout = layout
         self.spatial_size = (int(h), int(w))
         c, wr = channels, w // 2 + 1
-        g = gain.view(c, 1, 1).expand(c, h, wr) if gain.dim() == 1 else gain  # (C, H, Wr)
-        if const.dim() == 1:  # channel mode: a real constant at every frequency
-            k = torch.complex(const.view(c, 1, 1).expand(c, h, wr), torch.zeros(c, h, wr, dtype=const.dtype))
+        if gain.dim() == 1:  # channel mode: one gain per channel, broadcast over the spectrum
+            self.register_buffer("gain", gain.float().view((c, 1) if layout == "dense" else (c, 1, 1)))
         else:
-            k = const
-        self.register_buffer("gain", self._lay_out(torch.stack([g, g]), c, h, wr))
-        if spatial_constant:
-            pattern = torch.fft.irfft2(k, s=(h, w), norm="ortho")
+            self.register_buffer("gain", self._lay_out(torch.stack([gain, gain]), c, h, wr))
+        if mean is not None:
+            self.register_buffer("mean", mean.float().contiguous())  # (C, H, W), before flattening
+        else:
+            self.mean = None
+        if spatial_constant:  # a real constant k at every frequency is sqrt(H*W) * k at pixel (0, 0)
+            pattern = torch.zeros(c, h, w, dtype=torch.float64)
+            pattern[:, 0, 0] = const * math.sqrt(h * w)
             self.register_buffer("pattern", self._spatial(pattern, c, h, w))
             self.const = None
         else:
-            self.register_buffer("const", self._lay_out(torch.stack([k.real, k.imag]), c, h, wr))
+            re = const.view(c, 1, 1).expand(c, h, wr)
+            self.register_buffer("const", self._lay_out(torch.stack([re, torch.zeros_like(re)]), c, h, wr))
             self.pattern = None
         if layout == "dense":
             fwd, inv = dense_dft_matrices(h, w)
@@ -267,6 +277,8 @@ class MatmulForm(SBNForm):
                 f"{self.path}: the matmul form of this SBN is built for {h}x{w} feature maps; got "
                 f"shape {tuple(x.shape)}"
             )
+        if self.mean is not None:
+            x = x - self.mean
         if self.layout == "dense":
             spec = torch.matmul(x.flatten(2), self.fwd) * self.gain
             if self.const is not None:
@@ -309,8 +321,8 @@ def build_form(sbn: SpectralBatchNorm2d, path: str, mode: str, spatial_size: tup
         if mode == "dft":
             return DftForm(path, "channel", c, s, k)
         return MatmulForm(path, "channel", c, spatial_size, s, k, layout=layout)
-    g, k = frequency_constants(sbn)
+    m, g, beta = frequency_constants(sbn)
     if mode == "dft":
-        return DftForm(path, "frequency", c, g, k, spatial_size=spatial_size)
-    return MatmulForm(path, "frequency", c, spatial_size, g, k, layout=layout,
+        return DftForm(path, "frequency", c, g, beta, mean=m, spatial_size=spatial_size)
+    return MatmulForm(path, "frequency", c, spatial_size, g, beta, mean=m, layout=layout,
                       spatial_constant=(mode == "fold"))

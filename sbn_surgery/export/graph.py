@@ -43,8 +43,10 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
 def name_sbn_nodes(model: onnx.ModelProto, sites: list[dict[str, Any]]) -> None:
     """Prefix the nodes that each SBN layer's export form produced with
     ``SpectralBatchNorm/<path>/`` (found through the exporter's module name scopes), describe them
-    in ``doc_string``, and store in each site dict the number of nodes and the name of the tensor
-    that carries the layer's output (``"output"``; None when the scopes were lost)."""
+    in ``doc_string``, and store in each site dict the number of nodes, the name of the tensor
+    that carries the layer's output (``"output"``; None when the scopes were lost) and the
+    tensors flowing into the layer from outside (``"inputs"``: the layer's input, and maybe
+    shape values shared with other layers)."""
     paths = {s["module"]: s for s in sites}
     members: dict[str, list[onnx.NodeProto]] = {p: [] for p in paths}
     for node in model.graph.node:
@@ -59,13 +61,22 @@ def name_sbn_nodes(model: onnx.ModelProto, sites: list[dict[str, Any]]) -> None:
             doc += f"; per-channel scale folded into {site['folded_into']}"
         node.doc_string = doc + ")"
     graph_outputs = {o.name for o in model.graph.output}
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     for path, nodes in members.items():
         produced = {o for n in nodes for o in n.output if o}
         inside = {id(n) for n in nodes}
         used_outside = {i for n in model.graph.node if id(n) not in inside for i in n.input}
         leaving = [o for n in nodes for o in n.output if o in produced and (o in used_outside or o in graph_outputs)]
+        entering = []
+        for n in nodes:
+            for i in n.input:
+                if i and i not in produced and i not in constants and i not in entering:
+                    entering.append(i)
         paths[path]["nodes"] = len(nodes)
         paths[path]["output"] = leaving[-1] if leaving else None
+        # candidates for the layer's input (per-layer parity picks the one of the right shape)
+        paths[path]["inputs"] = entering
 
 
 def drop_inferred_shapes(model: onnx.ModelProto) -> None:
@@ -157,13 +168,20 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> int:
 
 
 def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs the tensors ``names`` (float32, any shape)."""
+    """A copy of ``model`` whose graph also outputs the tensors ``names`` (element types from
+    ONNX type inference, float32 where unknown; shapes left open)."""
     extra = onnx.ModelProto()
     extra.CopyFrom(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    except Exception:  # noqa: BLE001 - inference is only a help here
+        types = {}
     present = {o.name for o in extra.graph.output}
     for name in names:
         if name and name not in present:
-            extra.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem = types.get(name) or onnx.TensorProto.FLOAT
+            extra.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
             present.add(name)
     return extra
 
