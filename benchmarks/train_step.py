@@ -3,7 +3,8 @@
 One step = forward, cross-entropy, backward, SGD step (momentum 0.9). Both models are built from
 the same seed; the converted one gets SBN where the recipe says. Steps are interleaved (plain,
 SBN, plain, SBN, ...) so drift in machine load hits both alike. Prints one JSON object with the
-median step times, their ratio (SBN / plain) and images/s.
+median step times, their ratio (SBN / plain), images/s, and the share of a profiled step's CPU
+time spent in the SBN layers (robust to other load on the machine).
 
     python benchmarks/train_step.py [--model resnet50] [--recipe resnet] [--batch 16]
         [--size 128] [--repeats 20] [--device cpu|cuda] [--amp] [--channels-last] [--threads N]
@@ -39,6 +40,22 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.step()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def _sbn_share(model: nn.Module, opt, x, y, amp: bool, device: torch.device):
+    """Share of one profiled SBN-model step's CPU time spent in the SBN layers (forward and
+    backward of the layer's autograd functions): a figure that other load on the machine does
+    not distort, unlike wall-clock ratios. None when the layers run no custom autograd function
+    (e.g. the FFT path), whose ops the profiler cannot attribute."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _step(model, opt, x, y, amp, device)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    sbn = sum(e.cpu_time_total for e in events
+              if "SBN" in e.key and not e.key.startswith("autograd::engine"))
+    return round(sbn / total, 4) if total and sbn else None
 
 
 def main() -> None:
@@ -86,6 +103,7 @@ def main() -> None:
         for name, m in models.items():
             times[name].append(_step(m, opts[name], x, y, args.amp, device))
     med = {k: statistics.median(v) for k, v in times.items()}
+    share = _sbn_share(sbn, opts["sbn"], x, y, args.amp, device)
     print(json.dumps({
         "benchmark": "train_step",
         "model": args.model,
@@ -104,6 +122,7 @@ def main() -> None:
         "sbn_median_ms": round(med["sbn"] * 1e3, 2),
         "ratio": round(med["sbn"] / med["plain"], 4),
         "ratio_of_minima": round(min(times["sbn"]) / min(times["plain"]), 4),
+        "sbn_share_of_step_cpu": share,
         "plain_images_per_s": round(args.batch / med["plain"], 1),
         "sbn_images_per_s": round(args.batch / med["sbn"], 1),
     }, indent=2))
