@@ -1,5 +1,6 @@
-"""ONNX export of converted models, in three SBN forms (see forms.py), with metadata and
-recognizable SBN node names (graph.py); export_onnx (exporter.py) ties them together."""
+"""ONNX export of converted models: the SBN export forms (forms.py), the export-ready copy of a
+model with forms swapped in and scales folded (prepare.py), the written graph's names, metadata
+and saving (graph.py), and export_onnx, which traces, writes and checks parity (exporter.py)."""
 
 from __future__ import annotations
 
