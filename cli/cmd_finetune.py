@@ -101,6 +101,7 @@ def finetune(
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     con = out(json_out)
+    stopped = None
     with progress_bar(json_out, quiet=not main_rank) as progress:
         try:
             result = run_finetune(
@@ -110,19 +111,21 @@ def finetune(
                 weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                 label_smoothing=label_smoothing, input_size=input_size, subset=subset,
                 augment=augment, train=train, seed=seed, amp=amp, channels_last=channels_last,
-                compile=compile, sync_stats=sync_stats, device=device, workers=workers, resume=resume,
-                overwrite=overwrite, progress=progress)
+                compile=compile, sync_stats=sync_stats, device=device, workers=workers,
+                resume=resume, overwrite=overwrite, progress=progress)
         except TrainingInterrupted as stop:
-            if main_rank:
-                where = f"epoch {stop.epoch + 1}, after batch {stop.step}"
-                if stop.saved:
-                    err_console.print(f"[yellow]interrupted[/] in {where}: state saved in "
-                                      f"{stop.output}; continue with the same command plus "
-                                      f"--resume", highlight=False)
-                else:
-                    err_console.print(f"[yellow]interrupted[/] in {where}; the last finished "
-                                      f"epoch in {stop.output} can be resumed", highlight=False)
-            raise typer.Exit(130)
+            stopped = stop
+    if stopped is not None:  # after the progress bar is closed, so the message is the last line
+        if main_rank:
+            where = f"epoch {stopped.epoch + 1}, after batch {stopped.step}"
+            if stopped.saved:
+                err_console.print(f"[yellow]interrupted[/] in {where}: state saved in "
+                                  f"{stopped.output}; continue with the same command plus "
+                                  f"--resume", highlight=False)
+            else:
+                err_console.print(f"[yellow]interrupted[/] in {where}; the last finished epoch "
+                                  f"in {stopped.output} can be resumed", highlight=False)
+        raise typer.Exit(130)
     if not main_rank:
         return
     if json_out:

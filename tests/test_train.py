@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 
 import pytest
@@ -64,23 +66,28 @@ def test_loss_decreases_and_outputs_are_written(two_epochs):
     assert lines[0]["lr"] == pytest.approx(0.4 * 16 / 256) and lines[1]["lr"] == pytest.approx(0.0)
 
 
-def _interrupt_at(description: str, step: int):
+def _interrupt_at(description: str, step: int, how: str):
     def progress(desc, completed, total, info=""):
         if desc == description and completed == step:
-            raise KeyboardInterrupt
+            if how == "signal":  # a real Ctrl-C: the handler lets the batch finish
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
 
     return progress
 
 
-@pytest.mark.parametrize("where", [("epoch 2/2", 0), ("epoch 1/2", 3)],
-                         ids=["between-epochs", "mid-epoch"])
-def test_resume_equals_uninterrupted(tmp_path, two_epochs, where):
+@pytest.mark.parametrize("where, saved_at", [(("epoch 2/2", 0, "raise"), (1, 0)),
+                                             (("epoch 1/2", 3, "raise"), (0, 3)),
+                                             (("epoch 1/2", 2, "signal"), (0, 2))],
+                         ids=["between-epochs", "mid-epoch", "sigint"])
+def test_resume_equals_uninterrupted(tmp_path, two_epochs, where, saved_at):
     with pytest.raises(TrainingInterrupted) as info:
         finetune("resnet10t", "synthetic", output=tmp_path, recipe="resnet", epochs=2,
                  progress=_interrupt_at(*where), **TINY)
     assert info.value.saved
     state = torch.load(tmp_path / "state.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == ((1, 0) if where[1] == 0 else (0, 3))
+    assert (state["epoch"], state["step"]) == saved_at
     resumed = finetune("resnet10t", "synthetic", output=tmp_path, resume=True)
     assert _rows(resumed) == pytest.approx(_rows(two_epochs), rel=1e-6, abs=1e-7)
     ref = two_epochs.model.state_dict()
