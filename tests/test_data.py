@@ -29,12 +29,15 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
         n_tr = int((ds.train.labels == c).sum())
         n_va = int((ds.val.labels == c).sum())
         assert abs(n_va / (n_tr + n_va) - 0.2) < 0.02
-    # the uint8 images are the sklearn images (0..16) rescaled, and no image is in both splits
+    # the uint8 images are the sklearn images (0..16) rescaled; the split is a partition
     ref = load_digits()
     ref_u8 = {bytes(np.round(im * 255 / 16).astype(np.uint8).tobytes()) for im in ref.images}
     tr = {bytes(im.numpy().tobytes()) for im in ds.train.images}
     va = {bytes(im.numpy().tobytes()) for im in ds.val.images}
     assert tr <= ref_u8 and va <= ref_u8
+    tr_idx, va_idx = D._stratified_split(torch.from_numpy(ref.target), 0.2)
+    assert set(tr_idx.tolist()).isdisjoint(va_idx.tolist())
+    assert sorted(tr_idx.tolist() + va_idx.tolist()) == list(range(1797))
     again = D.open_source("digits")
     assert torch.equal(again.val.labels, ds.val.labels)
 
