@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from sbn_surgery import data as D
+from sbn_surgery.data import sources as S
+from sbn_surgery.data import transforms as T
 from sbn_surgery.errors import DataError
 
 CFG = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
@@ -35,7 +37,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     tr = {bytes(im.numpy().tobytes()) for im in ds.train.images}
     va = {bytes(im.numpy().tobytes()) for im in ds.val.images}
     assert tr <= ref_u8 and va <= ref_u8
-    tr_idx, va_idx = D._stratified_split(torch.from_numpy(ref.target), 0.2)
+    tr_idx, va_idx = S._stratified_split(torch.from_numpy(ref.target), 0.2)
     assert set(tr_idx.tolist()).isdisjoint(va_idx.tolist())
     assert sorted(tr_idx.tolist() + va_idx.tolist()) == list(range(1797))
     again = D.open_source("digits")
@@ -44,7 +46,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 
 def test_prepare_resizes_normalizes_and_repeats_gray():
     img = torch.full((2, 1, 8, 8), 51, dtype=torch.uint8)  # 0.2 everywhere
-    x = D._prepare(img, CFG)
+    x = T.prepare_batch(img, CFG)
     assert x.shape == (2, 3, 16, 16)
     for c in range(3):
         want = (0.2 - CFG["mean"][c]) / CFG["std"][c]
@@ -52,7 +54,7 @@ def test_prepare_resizes_normalizes_and_repeats_gray():
     one = dict(CFG, input_size=(1, 16, 16))
     rgb = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
     rgb[:, 0] = 255  # pure red -> luminance 0.299
-    y = D._prepare(rgb, D._fit_channels(one))
+    y = T.prepare_batch(rgb, T.fit_channels(one))
     mean1 = sum(CFG["mean"]) / 3
     std1 = sum(CFG["std"]) / 3
     assert y.shape == (1, 1, 16, 16)
@@ -62,7 +64,7 @@ def test_prepare_resizes_normalizes_and_repeats_gray():
 def test_shift_flip_matches_a_loop_reference():
     x = torch.rand(6, 2, 9, 11)
     gen = torch.Generator().manual_seed(3)
-    got = D._shift_flip(x.clone(), gen, hflip=True)
+    got = T.shift_flip(x.clone(), gen, hflip=True)
     gen = torch.Generator().manual_seed(3)
     b, _, h, w = x.shape
     dy = torch.randint(-(h // 8), h // 8 + 1, (b,), generator=gen)
@@ -85,7 +87,7 @@ def test_augmentation_defaults_and_switch():
     aug, _, _ = D.build_loaders("digits", CFG, 16, subset=64, augment=True)
     x, y = next(plain.iter_epoch(0))
     idx = torch.tensor(plain._batches(0)[0])
-    assert torch.equal(x, D._prepare(plain.split.images[idx], CFG))
+    assert torch.equal(x, T.prepare_batch(plain.split.images[idx], CFG))
     xa, ya = next(aug.iter_epoch(0))
     assert torch.equal(y, ya) and not torch.equal(x, xa)
 
@@ -153,7 +155,7 @@ def test_fashion_mnist_reads_idx_files(tmp_path, monkeypatch):
     _idx(tmp_path / "train-labels-idx1-ubyte", tr_lab)
     _idx(tmp_path / "t10k-images-idx3-ubyte", tr_img[:5], gz=False)
     _idx(tmp_path / "t10k-labels-idx1-ubyte", tr_lab[:5], gz=False)
-    monkeypatch.setattr(D, "FASHION_MNIST_DIRS", [tmp_path])
+    monkeypatch.setattr(S, "FASHION_MNIST_DIRS", [tmp_path])
     ds = D.open_source("fashion-mnist")
     assert ds.num_classes == 10 and len(ds.train) == 12 and len(ds.val) == 5
     assert np.array_equal(ds.train.images[:, 0].numpy(), tr_img)
@@ -166,7 +168,7 @@ def test_fashion_mnist_truncated_file_is_a_data_error(tmp_path, monkeypatch):
         _idx(tmp_path / f"{stem}-labels-idx1-ubyte", np.zeros(3), gz=False)
     p = tmp_path / "train-images-idx3-ubyte"
     p.write_bytes(p.read_bytes()[:-10])
-    monkeypatch.setattr(D, "FASHION_MNIST_DIRS", [tmp_path])
+    monkeypatch.setattr(S, "FASHION_MNIST_DIRS", [tmp_path])
     with pytest.raises(DataError, match="truncated"):
         D.open_source("fashion-mnist")
 
@@ -178,8 +180,8 @@ def test_fashion_mnist_missing_without_network(tmp_path, monkeypatch):
         def __init__(self, *a, **k):
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
-    monkeypatch.setattr(D, "FASHION_MNIST_DIRS", [tmp_path / "none"])
-    monkeypatch.setattr(D, "FASHION_MNIST_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(S, "FASHION_MNIST_DIRS", [tmp_path / "none"])
+    monkeypatch.setattr(S, "FASHION_MNIST_CACHE", tmp_path / "cache")
     monkeypatch.setattr(tvd, "FashionMNIST", NoNet)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         D.open_source("fashion-mnist")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import _seed_of, build_loaders, open_source
+from ..data import build_loaders, open_source
+from ..data.transforms import seed_of
 from ..errors import CheckpointError
 from . import distributed as D
 from . import outputs as O
@@ -277,7 +278,7 @@ class _Run:
     def _train_epoch(self, stop: _StopFlag) -> None:
         e, loader = self.epoch, self.train_loader
         if self.step == 0:
-            torch.manual_seed(_seed_of(self.opts.seed, e, self.ctx.rank))
+            torch.manual_seed(seed_of(self.opts.seed, e, self.ctx.rank))
             self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
         elif self.rng is not None:
             O.restore_rng(self.rng)

@@ -1,0 +1,50 @@
+"""Datasets and loaders for fine-tuning: the embedded default, Fashion-MNIST, ImageFolder, synthetic.
+
+Sources (the ``--data`` argument):
+
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes); offline
+  anywhere. A fixed, class-stratified 80/20 split gives train and val.
+* ``fashion-mnist``: the idx files of the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``), else torchvision's downloader where a network exists.
+  Train is the 60000-image training set, val the 10000-image test set.
+* a directory in ImageFolder layout with ``train/`` and ``val/`` (one sub-folder per class).
+* ``synthetic``: 10 classes of smooth random patterns plus noise, 3x32x32, for tests.
+
+Preprocessing comes from timm's data config for the model (``resolve_data_config``): images are
+resized to its input size, normalized with its mean and std, and grayscale images are repeated to
+the model's channel count. The built-in sources live in memory as uint8 tensors at their native
+size and are preprocessed a batch at a time (one interpolate, one normalize), so a CPU epoch
+spends its time in the model. ImageFolder images go through timm's own transforms, per image.
+
+Training augmentation (``augment``; by default on for an ImageFolder, off for the built-in
+sources) is timm's training transform for an ImageFolder, and a random shift of up to 1/8 of the
+size plus, where label-preserving, a horizontal flip for the in-memory sources.
+
+Every random choice is a function of (seed, epoch, rank, batch): the shuffle order comes from a
+``DistributedSampler`` (also with one process), and the augmentation of each batch (or image)
+uses its own generator. An epoch can therefore be replayed exactly, also from the middle, which
+is what ``--resume`` relies on. ``--subset N`` always picks the same N training images (and N/5
+validation images), whatever the seed.
+"""
+
+from .loaders import (SMALL_IMAGE_SIZE, Loader, build_loaders, calibration_batches,
+                      default_augment, default_input_size)
+from .sources import (BUILTIN_SOURCES, FASHION_MNIST_DIRS, Dataset, TensorSplit, is_builtin,
+                      open_source)
+from .transforms import data_config_for
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "FASHION_MNIST_DIRS",
+    "SMALL_IMAGE_SIZE",
+    "Dataset",
+    "TensorSplit",
+    "Loader",
+    "build_loaders",
+    "calibration_batches",
+    "data_config_for",
+    "default_augment",
+    "default_input_size",
+    "is_builtin",
+    "open_source",
+]

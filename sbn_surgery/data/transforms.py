@@ -1,0 +1,131 @@
+"""Preprocessing per timm's data config, batch augmentation, and per-sample seeding.
+
+The built-in sources are preprocessed a batch of uint8 tensors at a time (one interpolate, one
+normalize); ImageFolder images go through timm's transforms, each under its own seed so that any
+image of any epoch can be reproduced (what an exact ``--resume`` needs).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import DataError
+
+# --------------------------------------------------------------------------------------------
+# preprocessing
+# --------------------------------------------------------------------------------------------
+def data_config_for(model: torch.nn.Module, input_size: Optional[Sequence[int]] = None,
+                    in_chans: Optional[int] = None) -> dict:
+    """timm's data config for ``model`` (resize, interpolation, mean, std), at ``input_size``
+    ((C, H, W) or (H, W)) when given; the channel count follows the model's ``in_chans``."""
+    from timm.data import resolve_data_config
+
+    args: dict[str, Any] = {}
+    if input_size is not None:
+        size = tuple(int(v) for v in input_size)
+        if len(size) == 2:
+            size = (in_chans or 3,) + size
+        if len(size) != 3 or min(size) < 1:
+            raise DataError(f"--input-size expects C H W (e.g. 3 64 64); got {list(input_size)}")
+        args["input_size"] = size
+    cfg = dict(resolve_data_config(args, model=model))
+    if in_chans is not None and cfg["input_size"][0] != in_chans:
+        cfg["input_size"] = (in_chans,) + tuple(cfg["input_size"][1:])
+    return fit_channels(cfg)
+
+
+def fit_channels(cfg: dict) -> dict:
+    """Mean/std with one entry per input channel (timm keeps 3 for a 1-channel model)."""
+    cfg = dict(cfg)
+    c = int(cfg["input_size"][0])
+    for key, fill in (("mean", 0.5), ("std", 0.5)):
+        v = tuple(float(t) for t in cfg.get(key, (fill,) * c))
+        if len(v) != c:
+            v = (sum(v) / len(v),) * c
+        cfg[key] = v
+    return cfg
+
+
+def prepare_batch(images: Tensor, cfg: dict, gen: Optional[torch.Generator] = None,
+             hflip: bool = False) -> Tensor:
+    """uint8 (B, c, h, w) -> normalized float (B, C, H, W) at the config's size; with ``gen``,
+    a random shift of up to 1/8 of the size (zero fill) and, if ``hflip``, a random flip."""
+    c, h, w = (int(v) for v in cfg["input_size"])
+    x = images.float().div_(255.0)
+    if tuple(x.shape[-2:]) != (h, w):
+        mode = "bicubic" if cfg.get("interpolation", "bilinear") == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=(h, w), mode=mode, align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 1.0)
+    if gen is not None:
+        x = shift_flip(x, gen, hflip)
+    if x.shape[1] != c:
+        if x.shape[1] == 1:
+            x = x.expand(-1, c, -1, -1)
+        elif c == 1:  # RGB to luminance (ITU-R 601), as PIL's convert("L")
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise DataError(f"images have {x.shape[1]} channels, the model expects {c}")
+    mean = torch.tensor(cfg["mean"], dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=x.dtype).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def shift_flip(x: Tensor, gen: torch.Generator, hflip: bool) -> Tensor:
+    """Per-image integer translation (up to 1/8 of each side, zero fill) and optional h-flip."""
+    b, _, h, w = x.shape
+    max_dy, max_dx = h // 8, w // 8
+    dy = torch.randint(-max_dy, max_dy + 1, (b,), generator=gen)
+    dx = torch.randint(-max_dx, max_dx + 1, (b,), generator=gen)
+    flip = (torch.rand(b, generator=gen) < 0.5) if hflip else torch.zeros(b, dtype=torch.bool)
+    rows = torch.arange(h).view(1, h) - dy.view(b, 1)  # source row of each output row
+    cols = torch.arange(w).view(1, w) - dx.view(b, 1)
+    cols = torch.where(flip.view(b, 1), (w - 1) - cols, cols)
+    valid = ((rows >= 0) & (rows < h)).view(b, 1, h, 1) & ((cols >= 0) & (cols < w)).view(b, 1, 1, w)
+    ri = rows.clamp(0, h - 1).view(b, 1, h, 1).expand(b, x.shape[1], h, w)
+    ci = cols.clamp(0, w - 1).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
+    out = x.gather(2, ri).gather(3, ci)
+    return out.masked_fill_(~valid, 0.0)
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers, well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2,
+               dtype=np.uint64)[0] >> 1)
+
+
+class SeededFolder(torch.utils.data.Dataset):
+    """ImageFolder samples keyed by (index, seed): the transform's randomness comes from the seed
+    (python ``random`` and torch, saved and restored around it), so any image is reproducible."""
+
+    def __init__(self, folder: Any, transform: Any, channels: int) -> None:
+        self.folder = folder
+        self.transform = transform
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, Optional[int]]):
+        idx, seed = key
+        base = self.folder
+        if isinstance(base, torch.utils.data.Subset):
+            idx, base = base.indices[idx], base.dataset
+        path, label = base.samples[idx]
+        img = base.loader(path)
+        img = img.convert("L" if self.channels == 1 else "RGB")
+        if seed is None:
+            return self.transform(img), label
+        t_state, p_state = torch.get_rng_state(), random.getstate()
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return self.transform(img), label
+        finally:
+            torch.set_rng_state(t_state)
+            random.setstate(p_state)
