@@ -290,8 +290,8 @@ class _Run:
         p = self.partial
         if self.progress:
             self.progress(desc, self.step, total, info=self._info())
+        t0 = time.perf_counter()  # images/s counts loading and the step, not the progress bar
         for x, y in loader.iter_epoch(e, start=self.step):
-            t0 = time.perf_counter()
             x = x.to(dev, non_blocking=True).contiguous(memory_format=self.mem)
             y = y.to(dev, non_blocking=True)
             with self._autocast():
@@ -311,6 +311,7 @@ class _Run:
                 self.progress(desc, self.step, total, info=self._info())
             if D.any_rank(stop.set, self.ctx):
                 raise _Interrupt
+            t0 = time.perf_counter()
 
     def _info(self) -> str:
         p = self.partial
