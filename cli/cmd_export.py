@@ -205,6 +205,9 @@ def bench(
                                           "(default: onnxruntime's choice)."),
     input_size: Optional[tuple[int, int, int]] = typer.Option(
         None, help="C H W for files with a symbolic size. Default: the export size."),
+    cpu_time: bool = typer.Option(False, "--cpu-time", help="Time runs by process CPU time "
+                                  "instead of the wall clock: with --threads 1, the cost of a run "
+                                  "whatever else the machine is doing."),
     json_out: bool = JSON,
 ) -> None:
     """Measure onnxruntime CPU latency (median of repeats, warm-up excluded).
@@ -214,20 +217,24 @@ def bench(
       sbn-surgery bench r18.onnx --against r18-plain.onnx --batch 8
 
       sbn-surgery bench r18-dft.onnx --against r18.onnx --json
+
+      sbn-surgery bench r18.onnx --against r18-plain.onnx --threads 1 --cpu-time
     """
     from sbn_surgery.parity import bench as run_bench
 
     with progress_bar(json_out) as progress:
         report = run_bench(onnx_file, against, batch=batch, repeats=repeats, warmup=warmup,
-                           threads=threads, input_size=input_size, progress=progress)
+                           threads=threads, input_size=input_size,
+                           clock="cpu" if cpu_time else "wall", progress=progress)
     if json_out:
         print_json(report.to_json())
         return
     con = out(False)
-    table = Table(title=f"onnxruntime CPU latency, input {'x'.join(map(str, report.input_shape))}, "
+    what = "CPU time" if report.clock == "cpu" else "latency"
+    table = Table(title=f"onnxruntime CPU {what}, input {'x'.join(map(str, report.input_shape))}, "
                         f"median of {report.repeats}")
     table.add_column("file")
-    table.add_column("latency (ms)", justify="right")
+    table.add_column(f"{what} (ms)", justify="right")
     table.add_row(report.onnx, f"{report.latency_ms:.2f}")
     if report.against is not None:
         table.add_row(report.against, f"{report.against_latency_ms:.2f}")

@@ -101,6 +101,8 @@ def test_bench_reports_medians_and_ratio(exported):
     assert report.input_shape == (2, *SIZE)
     data = report.to_json()
     assert set(data) >= {"onnx", "against", "latency_ms", "against_latency_ms", "ratio", "batch"}
+    cpu = bench(path, batch=1, repeats=2, warmup=0, threads=1, clock="cpu")
+    assert cpu.clock == "cpu" and cpu.latency_ms > 0 and cpu.ratio is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,10 +140,10 @@ def test_cli_export_parity_bench_json(run_cli, checkpoint, tmp_path):
     assert [layer["module"] for layer in data["layers"]] == ["layer1.0.bn1.sbn", "layer2.0.bn1.sbn"]
 
     res = run_cli("bench", onnx_path, "--against", onnx_path, "--batch", "2", "--repeats", "2",
-                  "--json")
+                  "--threads", "1", "--cpu-time", "--json")
     assert res.code == 0, res.stderr
     data = json.loads(res.stdout)
-    assert data["batch"] == 2 and data["ratio"] > 0
+    assert data["batch"] == 2 and data["ratio"] > 0 and data["clock"] == "cpu"
 
 
 def test_cli_human_output_and_real_images(run_cli, checkpoint, tmp_path):

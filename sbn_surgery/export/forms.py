@@ -151,11 +151,13 @@ class SBNForm(nn.Module):
 
 
 def _spatial_root(x: Tensor) -> Tensor | float:
-    """sqrt(H*W) of x: a Python float for concrete sizes, else a graph computation on x's shape."""
+    """sqrt(H*W) of x: a Python float for concrete sizes, else a graph computation on sizes only
+    (the exporter derives them from the model input's shape), so the result does not read x:
+    a runtime that keeps x in a blocked layout (onnxruntime's NCHWc) need not convert it."""
     h, w = x.shape[-2:]
     if isinstance(h, int) and isinstance(w, int):
         return math.sqrt(h * w)
-    return torch.ones_like(x[0, 0]).sum().sqrt()
+    return torch.scalar_tensor(h * w, dtype=x.dtype, device=x.device).sqrt()
 
 
 class CornerForm(SBNForm):
