@@ -10,9 +10,26 @@ from .recipe import Recipe, load_recipe
 from .surgery import Plan, Site, apply_recipe, calibrate, find_sbn, init_identity, strip_sbn
 from .checkpoint import load_converted, save_converted
 from .convert import convert
+# Functions named like their modules are bound here, so sbn_surgery.diagnose(...) is the function.
+from .diagnose import diagnose
+from .quickstart import quickstart
+
+#: Heavier entry points (onnx, the training loop), imported on first use.
+_LAZY = {"export_onnx": ".export", "finetune": ".train", "FinetuneResult": ".train"}
 
 __all__ = [
     "__version__", "SbnSurgeryError", "SpectralBatchNorm2d", "spectral_batch_norm", "Recipe",
     "load_recipe", "Plan", "Site", "apply_recipe", "calibrate", "find_sbn", "init_identity",
-    "strip_sbn", "save_converted", "load_converted", "convert",
+    "strip_sbn", "save_converted", "load_converted", "convert", "diagnose", "quickstart",
+    "export_onnx", "finetune", "FinetuneResult",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sbn_surgery' has no attribute {name!r}")

@@ -27,3 +27,13 @@ def test_recipes_and_cli_are_mapped_to_installed_packages():
     assert cfg["package-dir"]["sbn_surgery_cli"] == "cli"
     assert cfg["package-data"]["sbn_surgery.recipes"] == ["*.yaml"]
     assert list((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_top_level_api_names_resolve():
+    import sbn_surgery
+    import sbn_surgery.diagnose.plot  # noqa: F401  (importing a submodule must not rebind the name)
+
+    for name in sbn_surgery.__all__:
+        assert getattr(sbn_surgery, name) is not None, name
+    for fn in ("convert", "apply_recipe", "diagnose", "finetune", "export_onnx", "quickstart"):
+        assert callable(getattr(sbn_surgery, fn)), fn
