@@ -134,9 +134,9 @@ def _metadata(model: nn.Module, mode: str, opset: int, input_size, dynamic_batch
 
 
 def _torch_export(work: nn.Module, example: Tensor, opset: int, dynamic_shapes) -> Any:
-    out, err = io.StringIO(), io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+        # stdout belongs to the CLI's --json; the exporter's own chatter is dropped
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             return torch.onnx.export(work, (example,), dynamo=True, opset_version=opset,
                                      dynamic_shapes=dynamic_shapes, input_names=["input"],
@@ -186,7 +186,7 @@ def export_onnx(
 
     The caller's model is not modified. Unless ``parity=False``, the file is run with
     onnxruntime on random inputs (and ``images``) at batch sizes ``parity_batches`` and compared
-    with the model in eval mode; a failure raises ``sbn_surgery.parity.ParityFailed`` (an
+    with the model in eval mode; a failure raises ``sbn_surgery.parity.ParityFailed`` (a
     ``ParityError``) and leaves the file in place for inspection.
     """
     if mode not in MODES:

@@ -3,8 +3,9 @@
 Metadata keys (``ModelProto.metadata_props``), all under the ``sbn_surgery.`` prefix:
 ``version``, ``mode``, ``opset``, ``model_name``, ``recipe`` (YAML text), ``recipe_name``,
 ``input_size`` (JSON [C, H, W]), ``dynamic_batch``, ``dynamic_size`` (JSON booleans) and
-``sites`` (JSON list: module path, stats, form, spatial size, BatchNorm folded into, and the name
-of the graph tensor that holds the layer's output, used by per-layer parity).
+``sites`` (JSON list: module path, stats, form, spatial size, BatchNorm folded into, and the
+names of the graph tensors that hold the layer's output and flow into it, used by per-layer
+parity).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import onnx
 from ..errors import ExportError
 
 __all__ = ["NODE_PREFIX", "META_PREFIX", "name_sbn_nodes", "set_metadata", "read_metadata",
-           "drop_inferred_shapes", "name_dims", "save_model", "with_extra_outputs"]
+           "drop_inferred_shapes", "name_dims", "save_model", "with_extra_outputs", "load",
+           "input_dims"]
 
 #: Nodes of an SBN layer are named ``SpectralBatchNorm/<module path>/<exporter's name>``.
 NODE_PREFIX = "SpectralBatchNorm"

@@ -125,14 +125,14 @@ def _probe_sizes(model: nn.Module, sites: list[_Site], input_size: tuple[int, in
 
 def prepare_export_model(model: nn.Module, mode: str, input_size: tuple[int, int, int], *,
                          layout: str = "auto") -> tuple[nn.Module, list[SiteExport]]:
-    """A float32 eval copy of ``model`` with every SBN replaced by its export form for ``mode``
+    """A float32 eval CPU copy of ``model`` with every SBN replaced by its export form for ``mode``
     (and, in fold mode, channel scales folded into the BatchNorm in front). The caller's model is
     not touched. Returns the copy and one :class:`SiteExport` per layer."""
     if mode not in MODES:
         raise ExportError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
     if layout not in MATMUL_LAYOUTS:
         raise ExportError(f"unknown matmul layout {layout!r}; choose one of {', '.join(MATMUL_LAYOUTS)}")
-    work = copy.deepcopy(model).float().eval()
+    work = copy.deepcopy(model).float().eval().cpu()
     sites = export_sites(work)
     _check_exportable(work, sites)
     sizes = _probe_sizes(work, sites, input_size)
