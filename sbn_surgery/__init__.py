@@ -10,9 +10,9 @@ from .recipe import Recipe, load_recipe
 from .surgery import Plan, Site, apply_recipe, calibrate, find_sbn, init_identity, strip_sbn
 from .checkpoint import load_converted, save_converted
 from .convert import convert
-# Functions named like their modules are bound here, so sbn_surgery.diagnose(...) is the function.
+# Bound here, so sbn_surgery.diagnose(...) is the function (the package stays importable with
+# ``from sbn_surgery.diagnose import ...``).
 from .diagnose import diagnose
-from .quickstart import quickstart
 
 #: Heavier entry points (onnx, the training loop), imported on first use.
 _LAZY = {"export_onnx": ".export", "finetune": ".train", "FinetuneResult": ".train"}
@@ -20,7 +20,7 @@ _LAZY = {"export_onnx": ".export", "finetune": ".train", "FinetuneResult": ".tra
 __all__ = [
     "__version__", "SbnSurgeryError", "SpectralBatchNorm2d", "spectral_batch_norm", "Recipe",
     "load_recipe", "Plan", "Site", "apply_recipe", "calibrate", "find_sbn", "init_identity",
-    "strip_sbn", "save_converted", "load_converted", "convert", "diagnose", "quickstart",
+    "strip_sbn", "save_converted", "load_converted", "convert", "diagnose",
     "export_onnx", "finetune", "FinetuneResult",
 ]
 

@@ -35,5 +35,5 @@ def test_top_level_api_names_resolve():
 
     for name in sbn_surgery.__all__:
         assert getattr(sbn_surgery, name) is not None, name
-    for fn in ("convert", "apply_recipe", "diagnose", "finetune", "export_onnx", "quickstart"):
+    for fn in ("convert", "apply_recipe", "diagnose", "finetune", "export_onnx"):
         assert callable(getattr(sbn_surgery, fn)), fn
