@@ -103,16 +103,15 @@ def _summary(keys: list[str], n: int = 4) -> str:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
-                 skip_head: bool = False, allow_missing: tuple[str, ...] = ()) -> None:
-    """Load ``state`` strictly; a mismatch is a CheckpointError that summarizes the keys."""
+                 skip_head: bool = False) -> None:
+    """Load ``state`` strictly; a mismatch is a CheckpointError that summarizes the keys.
+    ``skip_head``: classifier keys may be missing or of another shape (a reset head)."""
     own = model.state_dict()
-    if skip_head:
-        head = _head_prefixes(model)
+    head = tuple(_head_prefixes(model)) if skip_head else ()
+    if head:
         state = {k: v for k, v in state.items()
-                 if not (any(k.startswith(h) for h in head) and k in own and own[k].shape != v.shape)}
-    missing = [k for k in own if k not in state and not any(k.endswith(s) for s in allow_missing)]
-    if skip_head:
-        missing = [k for k in missing if not any(k.startswith(h) for h in _head_prefixes(model))]
+                 if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
+    missing = [k for k in own if k not in state and not (head and k.startswith(head))]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in state if k in own and own[k].shape != state[k].shape]

@@ -18,7 +18,7 @@ running_var, num_batches_tracked}``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -502,6 +502,3 @@ def synthetic_batches(input_size: tuple[int, int, int], batch_size: int, num_bat
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch_size, *input_size, generator=g) for _ in range(num_batches)]
 
-
-def site_table(plan: Plan) -> list[dict]:
-    return [asdict(s) for s in plan.sites]
