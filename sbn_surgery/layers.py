@@ -219,16 +219,16 @@ def _frequency_fft(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], wei
     n, c, h, w = x.shape
     sd = _stat_dtype(x)
     xs = x.to(sd)
-    spec = torch.fft.rfft2(xs, norm="ortho")
+    # The DFT is linear, so X - mu is the transform of x minus its spatial mean: subtracting
+    # before the transform avoids cancelling two large spectra in float32.
     if mean is None:
         spatial_mean = xs.mean(0)
-        mu = torch.fft.rfft2(spatial_mean, norm="ortho")
-        diff = spec - mu
+        diff = torch.fft.rfft2(xs - spatial_mean, norm="ortho")
         var_half = (diff.real.square() + diff.imag.square()).mean(0)
         scale = weight.to(sd).view(-1, 1, 1) * torch.rsqrt(var_half + eps)
     else:
         spatial_mean = mean.to(sd)
-        diff = spec - torch.fft.rfft2(spatial_mean, norm="ortho")
+        diff = torch.fft.rfft2(xs - spatial_mean, norm="ortho")
         var_half = var.to(sd)[..., : w // 2 + 1]
         scale = frequency_scale(var.to(sd), weight.to(sd), eps)[..., : w // 2 + 1]
     out = diff * scale + bias.to(sd).view(-1, 1, 1)
