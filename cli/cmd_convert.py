@@ -94,7 +94,8 @@ def convert(
                                                      "create_model arguments as key=value; repeat."),
     init: Optional[str] = typer.Option(None, help="identity: calibrate, then make each SBN the "
                                        "identity in eval (the default with --checkpoint); standard: "
-                                       "gamma=1, beta=0 (the default without)."),
+                                       "gamma=1, beta=0, or gamma=0 after a norm timm "
+                                       "zero-initializes (the default without)."),
     calibrate_data: str = typer.Option("synthetic", help="Calibration images: synthetic, digits, "
                                        "fashion-mnist, or an ImageFolder directory (train/, val/)."),
     calibrate_batches: int = typer.Option(4, min=1, help="Number of calibration batches."),

@@ -10,8 +10,8 @@ from torch import nn
 
 from .models import create_model, input_size_of
 from .recipe import Recipe, load_recipe
-from .surgery import (Plan, ProgressFn, apply_recipe, calibrate, init_identity,
-                      synthetic_batches)
+from .surgery import (Plan, ProgressFn, apply_recipe, calibrate, carry_zero_init,
+                      init_identity, synthetic_batches)
 
 __all__ = ["convert", "resolve_init"]
 
@@ -44,8 +44,9 @@ def convert(
 
     ``init="identity"`` calibrates the SBN statistics on ``calibration`` batches (synthetic images
     at the model's input size when None) and sets gamma, beta so the converted model's eval output
-    equals the original's. ``init="standard"`` leaves gamma=1, beta=0 and, when ``calibration`` is
-    given, estimates the running statistics from it. The model carries ``sbn_meta`` for
+    equals the original's. ``init="standard"`` sets gamma=1, beta=0 (gamma=0 where the SBN ends a
+    residual branch that timm zero-initialized, see :func:`~sbn_surgery.surgery.carry_zero_init`)
+    and, when ``calibration`` is given, estimates the running statistics from it. The model carries ``sbn_meta`` for
     :func:`sbn_surgery.save_converted`.
     """
     recipe = load_recipe(recipe)
@@ -54,6 +55,8 @@ def convert(
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     plan = apply_recipe(model, recipe, input_size=size)  # type: ignore[arg-type]
     mode = resolve_init(init, recipe, weights_loaded=checkpoint is not None)
+    if mode == "standard":
+        carry_zero_init(model)
     if mode == "identity" or calibration is not None:
         batches = calibration if calibration is not None else synthetic_batches(
             size, calibrate_batch_size, calibrate_batches)  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from .layers import SpectralBatchNorm2d
 from .recipe import Recipe, Rule, load_recipe
 
 __all__ = ["Site", "Plan", "apply_recipe", "strip_sbn", "find_sbn", "calibrate", "init_identity",
-           "ProgressFn"]
+           "carry_zero_init", "ProgressFn"]
 
 ProgressFn = Callable[..., None]
 
@@ -494,6 +494,39 @@ def init_identity(model: nn.Module) -> None:
                 m.running_mean[:, 0, 0] = dc
                 m.weight.copy_(torch.sqrt(var_c + m.eps))
                 m.bias.copy_(dc / math.sqrt(h * w))
+
+
+def carry_zero_init(model: nn.Module) -> list[str]:
+    """Keep a zero-initialized residual branch zero when SBN is inserted into an untrained model.
+
+    timm zero-initializes the last norm of each residual block (``zero_init_last``) so that every
+    block starts as the identity. An SBN placed after such a norm would normalize its output back to
+    unit scale after the first step, and amplify its gradient by 1/sqrt(eps) before that. So the
+    zero moves to the SBN, which now ends the branch: the norm's gamma becomes 1 and the SBN's 0
+    (for ``replace``, the SBN takes the zero). The model's output is unchanged, and the SBN's gamma
+    gets a gradient from the first step, as the norm's did. Returns the SBN paths changed. Call only
+    on untrained weights (``init: standard``).
+    """
+    changed = []
+    for site in find_sbn(model):
+        sbn = _get(model, site.module)
+        if not sbn.affine:
+            continue
+        if site.position == "replace":
+            norm = sbn.__dict__.get(_REPLACED_ATTR)
+        elif site.fold_into is not None:
+            norm = _get(model, site.fold_into)
+        else:
+            continue
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.numel() == 0 or bool(weight.any()):
+            continue
+        with torch.no_grad():
+            sbn.weight.zero_()
+            if site.position != "replace":
+                weight.fill_(1.0)
+        changed.append(site.module)
+    return changed
 
 
 def synthetic_batches(input_size: tuple[int, int, int], batch_size: int, num_batches: int,

@@ -161,11 +161,70 @@ def test_identity_init_keeps_eval_output(name, recipe, stats):
 
 
 def test_standard_init_leaves_gamma_one_beta_zero():
-    model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE, init="standard")
+    model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE,
+                              init="standard", model_kwargs={"zero_init_last": False})
     for site in plan.sites:
         layer = model.get_submodule(site.module)
         assert torch.equal(layer.weight, torch.ones_like(layer.weight))
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def _zeroed_like(converted, sites):
+    """The unconverted model with the converted one's weights and timm's zero-init restored."""
+    plain = _model("resnet18")
+    plain.load_state_dict({k: v for k, v in converted.state_dict().items() if ".sbn." not in k})
+    with torch.no_grad():
+        for site in sites:
+            plain.get_submodule(site.target).weight.zero_()
+    return plain
+
+
+def test_standard_init_moves_timm_zero_init_into_sbn_keeping_the_function():
+    # timm zero-inits each block's last BN; an SBN after it would undo that (unit-scale output
+    # after one step). The zero moves to the SBN: same output, and SBN's gamma gets a gradient.
+    torch.manual_seed(0)
+    model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE,
+                              init="standard")
+    assert plan.count == 4
+    for site in plan.sites:
+        assert torch.equal(model.get_submodule(site.module).weight,
+                           torch.zeros(site.channels))
+        assert torch.equal(model.get_submodule(site.target).weight, torch.ones(site.channels))
+    plain = _zeroed_like(model, plan.sites)
+    x = torch.randn(4, *SIZE)
+    y, y_plain = model.train()(x), plain.train()(x)
+    assert torch.allclose(y, y_plain, rtol=0, atol=1e-5)
+    y.square().sum().backward()
+    for site in plan.sites:
+        assert model.get_submodule(site.module).weight.grad.abs().sum() > 0
+
+
+def test_standard_init_zero_for_a_replaced_zero_init_norm():
+    recipe = Recipe.from_yaml_text(
+        "name: t\nrules:\n  - {paths: ['layer4.*.bn2'], position: replace}\n")
+    torch.manual_seed(0)
+    model, plan = sbn.convert("resnet18", recipe, num_classes=10, input_size=SIZE,
+                              init="standard")
+    assert [s.module for s in plan.sites] == ["layer4.0.bn2", "layer4.1.bn2"]
+    for site in plan.sites:
+        layer = model.get_submodule(site.module)
+        assert torch.equal(layer.weight, torch.zeros(site.channels))
+    x = torch.randn(4, *SIZE)
+    with torch.no_grad():  # the replaced keys are BatchNorm's, so the plain model loads them all
+        y, y_plain = model.train()(x), _zeroed_like(model, []).train()(x)
+    assert torch.allclose(y, y_plain, rtol=0, atol=1e-5)
+
+
+def test_identity_init_does_not_move_zero_init(tmp_path):
+    net = _model("resnet18")
+    ckpt = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.save(ckpt, tmp_path / "r18.pth")
+    sbn.apply_recipe(net, "resnet", input_size=SIZE)
+    assert sbn.surgery.carry_zero_init(net)  # what standard init would do...
+    model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE,
+                              checkpoint=tmp_path / "r18.pth")
+    for site in plan.sites:  # ...but a trained model's weights are left as they are
+        assert torch.equal(model.get_submodule(site.target).weight, ckpt[f"{site.target}.weight"])
 
 
 def test_converted_model_trains_deepcopies_pickles_prints_and_exports():

@@ -141,10 +141,9 @@ def test_killed_checkpoint_write_keeps_the_good_file(tmp_path, two_epochs, monke
 def test_converted_checkpoint_gets_a_new_head_and_trains_sbn_only(tmp_path):
     from sbn_surgery import convert, save_converted
 
-    # zero_init_last=False: timm zero-inits the last BN of each block, which would feed the SBN
-    # after it a constant and leave its gamma without gradient while that BN is frozen
-    net, _ = convert("resnet10t", "resnet", num_classes=3, input_size=(3, 32, 32),
-                     model_kwargs={"zero_init_last": False})
+    # timm's zero-init of each block's last BN has moved into the SBN after it (standard init), so
+    # the SBN's gamma gets a gradient even while that BN is frozen
+    net, _ = convert("resnet10t", "resnet", num_classes=3, input_size=(3, 32, 32))
     save_converted(net, tmp_path / "in.safetensors")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     r = finetune(str(tmp_path / "in.safetensors"), "synthetic", output=tmp_path / "out",
