@@ -20,172 +20,19 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import ParityError
-from .export import graph
+from ..errors import ParityError
+from ..export import graph
+from .reports import LayerParity, ParityCase, ParityReport
+from .runtime import input_chw, session
 
-__all__ = ["ParityReport", "ParityCase", "LayerParity", "ParityFailed", "BenchReport",
-           "check_parity", "default_rtol", "bench", "session"]
-
-
-# --------------------------------------------------------------------------------------------
-# reports
-# --------------------------------------------------------------------------------------------
-@dataclass
-class ParityCase:
-    """One run: ``source`` is ``random``, ``images``, or ``other-size`` (random inputs at another
-    spatial size, for a file with a symbolic size). ``error``: why onnxruntime could not run it."""
-
-    source: str
-    shape: tuple[int, ...]
-    max_abs_err: float
-    max_rel_err: float
-    top1_agreement: float
-    error: Optional[str] = None
-
-
-@dataclass
-class LayerParity:
-    """One SBN layer in the file against PyTorch, errors relative to the layer's output scale
-    (input: to its input scale). ``max_*_err``: at the layer's output, including whatever came
-    from upstream; ``input_rel_err``: what arrived at its input; ``own_rel_err``: the layer's
-    own error (its output against the PyTorch layer run on the input the file gave it);
-    ``passed``: ``own_rel_err <= rtol``. None where the graph no longer shows the layer."""
-
-    module: str
-    stats: str
-    form: str
-    output: Optional[str]
-    max_abs_err: Optional[float]
-    max_rel_err: Optional[float]
-    input_rel_err: Optional[float]
-    own_rel_err: Optional[float]
-    passed: Optional[bool]
-
-
-@dataclass
-class ParityReport:
-    max_abs_err: float
-    max_rel_err: float
-    top1_agreement: float
-    passed: bool
-    rtol: float
-    min_top1: float
-    cases: list[ParityCase] = field(default_factory=list)
-    layers: Optional[list[LayerParity]] = None
-    first_bad_layer: Optional[str] = None
-    notes: list[str] = field(default_factory=list)
-
-    def failing(self) -> list[ParityCase]:
-        return [c for c in self.cases if not (c.max_rel_err <= self.rtol and c.top1_agreement >= self.min_top1)]
-
-    def summary(self) -> dict[str, Any]:
-        return {"max_abs_err": _finite(self.max_abs_err), "max_rel_err": _finite(self.max_rel_err),
-                "top1_agreement": self.top1_agreement, "passed": self.passed}
-
-    def to_json(self) -> dict[str, Any]:
-        cases = [{k: _finite(v) for k, v in asdict(c).items()} | {"shape": list(c.shape)}
-                 for c in self.cases]
-        out = {**self.summary(), "rtol": self.rtol, "min_top1": self.min_top1, "cases": cases,
-               "notes": list(self.notes)}
-        if self.layers is not None:
-            out["layers"] = [asdict(layer) for layer in self.layers]
-            out["first_bad_layer"] = self.first_bad_layer
-        return out
-
-    def describe(self) -> str:
-        text = (f"max_rel_err {self.max_rel_err:.2e} (tolerance {self.rtol:.1e}), max_abs_err "
-                f"{self.max_abs_err:.2e}, top-1 agreement {self.top1_agreement:.1%} (required "
-                f"{self.min_top1:.1%})")
-        bad = self.failing()
-        if bad:
-            c = bad[0]
-            text += f"; first failing run: {c.source} input {'x'.join(map(str, c.shape))}"
-            if c.error:
-                text += f" ({c.error})"
-        return text
-
-
-def _finite(v: Any) -> Any:
-    """JSON has no infinity: a run that could not be compared reports None."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-class ParityFailed(ParityError):
-    """The exported file does not match PyTorch; the file is kept for inspection."""
-
-    def __init__(self, report: ParityReport, path: Union[str, Path]) -> None:
-        self.report = report
-        self.path = Path(path)
-        where = f"; the error starts at {report.first_bad_layer}" if report.first_bad_layer else ""
-        super().__init__(
-            f"parity failed for {self.path}: {report.describe()}{where}. The file is kept for "
-            f"inspection: `sbn-surgery parity {self.path} CHECKPOINT --per-layer` shows where the "
-            "error starts; try --mode dft (the faithful form), or loosen --rtol if the error is "
-            "rounding."
-        )
-
-
-@dataclass
-class BenchReport:
-    onnx: str
-    batch: int
-    input_shape: tuple[int, ...]
-    latency_ms: float
-    repeats: int
-    warmup: int
-    threads: Optional[int]
-    clock: str = "wall"
-    against: Optional[str] = None
-    against_latency_ms: Optional[float] = None
-    ratio: Optional[float] = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["input_shape"] = list(self.input_shape)
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# sessions and inputs
-# --------------------------------------------------------------------------------------------
-def session(model: Union[str, Path, bytes], threads: Optional[int] = None):
-    """An onnxruntime CPU session for a file path or serialized model."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    src = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        name = "the model" if isinstance(model, bytes) else str(model)
-        raise ParityError(f"onnxruntime cannot load {name}: {str(exc).strip()[:400]}") from None
-
-
-def _chw(dims: Sequence[Optional[int]], meta: dict, input_size, path) -> tuple[int, int, int]:
-    if input_size is not None:
-        size = tuple(int(v) for v in input_size)
-    else:
-        fallback = meta.get("input_size") or [None, None, None]
-        size = tuple(d if d is not None else f for d, f in zip(dims[1:4], fallback))  # type: ignore[misc]
-    if len(size) != 3 or any(v is None for v in size):
-        raise ParityError(
-            f"{path}: the input's spatial size is symbolic and the file has no sbn-surgery "
-            "metadata; pass the input size (--input-size C H W)."
-        )
-    return size  # type: ignore[return-value]
+__all__ = ["check_parity", "default_rtol"]
 
 
 def _batches(images: Union[Tensor, Iterable[Tensor]]) -> Tensor:
@@ -250,9 +97,6 @@ def _outputs(model: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# parity
-# --------------------------------------------------------------------------------------------
 def check_parity(
     onnx_path: Union[str, Path],
     model: nn.Module,
@@ -280,7 +124,7 @@ def check_parity(
     dims = graph.input_dims(proto)
     if len(dims) != 4:
         raise ParityError(f"{onnx_path}: expected one image input (N, C, H, W); got {len(dims)} dims")
-    size = _chw(dims, meta, input_size, onnx_path)
+    size = input_chw(dims, meta, input_size, onnx_path)
     sites = meta.get("sites") or []
     tol = float(rtol) if rtol is not None else default_rtol(meta.get("mode", "fold"), sites)
     if min(batch_sizes, default=0) < 1:
@@ -389,7 +233,7 @@ def _rel(a: Tensor, b: Tensor, scale: Tensor) -> tuple[float, float]:
 
 def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tensor]],
                   results: dict, tol: float) -> LayerParity:
-    from .export.forms import channel_constants
+    from ..export.forms import channel_constants
 
     row = LayerParity(site["module"], site["stats"], site["form"], site.get("output"),
                       None, None, None, None, None)
@@ -419,67 +263,3 @@ def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tens
         row.passed = row.own_rel_err <= tol
         break
     return row
-
-
-# --------------------------------------------------------------------------------------------
-# latency
-# --------------------------------------------------------------------------------------------
-def bench(
-    onnx_path: Union[str, Path],
-    against: Optional[Union[str, Path]] = None,
-    *,
-    batch: int = 1,
-    repeats: int = 20,
-    warmup: int = 3,
-    threads: Optional[int] = None,
-    input_size: Optional[tuple[int, int, int]] = None,
-    clock: str = "wall",
-    progress=None,
-) -> BenchReport:
-    """onnxruntime CPU latency of ``onnx_path`` (median of ``repeats`` runs after ``warmup``
-    runs that are not timed) and, with ``against``, of that file on the same input, timed
-    alternately in the same loop, and the ratio latency / against latency.
-
-    ``clock="cpu"`` times each run by the process's CPU time instead of the wall clock: with
-    ``threads=1`` that is the work a run costs, whatever else the machine is doing (a busy
-    machine makes wall-clock ratios noisy)."""
-    if clock not in ("wall", "cpu"):
-        raise ParityError(f"clock must be 'wall' or 'cpu'; got {clock!r}")
-    timer = time.perf_counter if clock == "wall" else time.process_time
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise ParityError(f"bench needs batch >= 1, repeats >= 1, warmup >= 0; got {batch}, "
-                          f"{repeats}, {warmup}")
-    files = [Path(onnx_path)] + ([Path(against)] if against is not None else [])
-    runs = []
-    shape = None
-    for f in files:
-        proto = graph.load(f, load_external_data=False)
-        dims = graph.input_dims(proto)
-        size = _chw(dims, graph.read_metadata(proto), input_size, f)
-        if dims[0] is not None and dims[0] != batch:
-            raise ParityError(f"{f} has a fixed batch size of {dims[0]}; bench it with --batch {dims[0]}")
-        sess = session(f, threads)
-        x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
-        if shape is not None and x.shape != shape:
-            raise ParityError(f"{files[0]} takes input {shape} but {f} takes {x.shape}; compare files "
-                              "with the same input size (or pass --input-size)")
-        shape = x.shape
-        runs.append((sess, {sess.get_inputs()[0].name: x}))
-    for _ in range(warmup):
-        for sess, feed in runs:
-            sess.run(None, feed)
-    times: list[list[float]] = [[] for _ in runs]
-    for i in range(repeats):
-        for k, (sess, feed) in enumerate(runs):
-            t0 = timer()
-            sess.run(None, feed)
-            times[k].append(timer() - t0)
-        if progress is not None:
-            progress("bench", i + 1, repeats)
-    med = [statistics.median(t) * 1e3 for t in times]
-    report = BenchReport(onnx=str(files[0]), batch=batch, input_shape=tuple(shape), latency_ms=med[0],
-                         repeats=repeats, warmup=warmup, threads=threads, clock=clock)
-    if against is not None:
-        report.against, report.against_latency_ms = str(files[1]), med[1]
-        report.ratio = med[0] / med[1]
-    return report

@@ -1,0 +1,78 @@
+"""onnxruntime latency of an exported file, alone or against another file."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from ..errors import ParityError
+from ..export import graph
+from .reports import BenchReport
+from .runtime import input_chw, session
+
+__all__ = ["bench"]
+
+
+def bench(
+    onnx_path: Union[str, Path],
+    against: Optional[Union[str, Path]] = None,
+    *,
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: Optional[int] = None,
+    input_size: Optional[tuple[int, int, int]] = None,
+    clock: str = "wall",
+    progress=None,
+) -> BenchReport:
+    """onnxruntime CPU latency of ``onnx_path`` (median of ``repeats`` runs after ``warmup``
+    runs that are not timed) and, with ``against``, of that file on the same input, timed
+    alternately in the same loop, and the ratio latency / against latency.
+
+    ``clock="cpu"`` times each run by the process's CPU time instead of the wall clock: with
+    ``threads=1`` that is the work a run costs, whatever else the machine is doing (a busy
+    machine makes wall-clock ratios noisy)."""
+    if clock not in ("wall", "cpu"):
+        raise ParityError(f"clock must be 'wall' or 'cpu'; got {clock!r}")
+    timer = time.perf_counter if clock == "wall" else time.process_time
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ParityError(f"bench needs batch >= 1, repeats >= 1, warmup >= 0; got {batch}, "
+                          f"{repeats}, {warmup}")
+    files = [Path(onnx_path)] + ([Path(against)] if against is not None else [])
+    runs = []
+    shape = None
+    for f in files:
+        proto = graph.load(f, load_external_data=False)
+        dims = graph.input_dims(proto)
+        size = input_chw(dims, graph.read_metadata(proto), input_size, f)
+        if dims[0] is not None and dims[0] != batch:
+            raise ParityError(f"{f} has a fixed batch size of {dims[0]}; bench it with --batch {dims[0]}")
+        sess = session(f, threads)
+        x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
+        if shape is not None and x.shape != shape:
+            raise ParityError(f"{files[0]} takes input {shape} but {f} takes {x.shape}; compare files "
+                              "with the same input size (or pass --input-size)")
+        shape = x.shape
+        runs.append((sess, {sess.get_inputs()[0].name: x}))
+    for _ in range(warmup):
+        for sess, feed in runs:
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in runs]
+    for i in range(repeats):
+        for k, (sess, feed) in enumerate(runs):
+            t0 = timer()
+            sess.run(None, feed)
+            times[k].append(timer() - t0)
+        if progress is not None:
+            progress("bench", i + 1, repeats)
+    med = [statistics.median(t) * 1e3 for t in times]
+    report = BenchReport(onnx=str(files[0]), batch=batch, input_shape=tuple(shape), latency_ms=med[0],
+                         repeats=repeats, warmup=warmup, threads=threads, clock=clock)
+    if against is not None:
+        report.against, report.against_latency_ms = str(files[1]), med[1]
+        report.ratio = med[0] / med[1]
+    return report
