@@ -17,7 +17,6 @@ from sbn_surgery.diagnose import (VARIANTS, compare, diagnose, diagnose_variant,
                                   make_variant, plot_rms, probe_points, remove_batchnorm,
                                   rms_figure, spectral_stats)
 from sbn_surgery.errors import ModelError, SurgeryError
-from sbn_surgery.layers import SpectralBatchNorm2d
 from sbn_surgery.recipe import Recipe
 from sbn_surgery.surgery import synthetic_batches
 
