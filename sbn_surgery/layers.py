@@ -254,9 +254,10 @@ def _group(process_group: object):
 def _synced_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, stats: str, group):
     """Training with statistics pooled over the ranks of ``group``.
 
-    Each rank sums its sufficient statistics; one differentiable all-reduce pools them, so the
-    input gradient sees every rank's outputs (as SyncBatchNorm's does) while parameter gradients
-    stay local (DDP averages them). Returns (y, mu, var, pooled count)."""
+    Each rank sums its statistics and differentiable all-reduces pool them (one in channel mode;
+    in frequency mode one for the mean, then one for the centred energy), so the input gradient
+    sees every rank's outputs (as SyncBatchNorm's does) while parameter gradients stay local (DDP
+    averages them). Returns (y, mu, var, pooled count)."""
     from torch.distributed.nn.functional import all_reduce
 
     n, c, h, w = x.shape
@@ -278,15 +279,14 @@ def _synced_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, stats: st
         corner[..., 0, 0] = 1.0
         y = y + shift.view(1, c, 1, 1) * corner
         return y.to(x.dtype), mu.detach(), var.detach(), int(n_all.item()) * h * w
-    spec = torch.fft.rfft2(xs, norm="ortho")
-    wr = spec.shape[-1]
-    energy = (spec.real.square() + spec.imag.square()).sum(0)
-    pooled = all_reduce(torch.cat([xs.sum(0).reshape(-1), energy.reshape(-1)]), group=group)
-    spatial_mean = pooled[: c * h * w].view(c, h, w) / n_all
-    mu = torch.fft.rfft2(spatial_mean, norm="ortho")
-    var_half = pooled[c * h * w:].view(c, h, wr) / n_all - (mu.real.square() + mu.imag.square())
+    # Two reductions, the mean first: the variance then comes from the centred spectrum, not as
+    # E|X|^2 - |mu|^2, which cancels catastrophically at the DC bin under a large mean.
+    spatial_mean = all_reduce(xs.sum(0), group=group) / n_all
+    diff = torch.fft.rfft2(xs - spatial_mean, norm="ortho")
+    energy = (diff.real.square() + diff.imag.square()).sum(0)
+    var_half = all_reduce(energy, group=group) / n_all
     scale = weight.to(sd).view(-1, 1, 1) * torch.rsqrt(var_half + eps)
-    out = (spec - mu) * scale + bias.to(sd).view(-1, 1, 1)
+    out = diff * scale + bias.to(sd).view(-1, 1, 1)
     y = torch.fft.irfft2(out, s=(h, w), norm="ortho")
     return (y.to(x.dtype), spatial_mean.detach(), _hermitian_full(var_half.detach(), w),
             int(n_all.item()))

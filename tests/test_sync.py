@@ -44,6 +44,28 @@ def _worker(rank, world, stats, out_dir):
         dist.destroy_process_group()
 
 
+def _precision_worker(rank, world, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        x, _, layer = _data("frequency")
+        x, layer = (x + 100.0).float(), layer.float()
+        sync_sbn_stats(layer)
+        torch.save(layer(x[rank * 3:rank * 3 + 3]).detach(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_frequency_statistics_keep_float32_precision_under_a_large_mean(tmp_path):
+    # Pooling E|X|^2 and |E X|^2 separately would cancel at the DC bin; the mean is pooled first.
+    mp.spawn(_precision_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    x, _, layer = _data("frequency")
+    y = layer(x + 100.0).detach()  # float64, whole batch
+    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)])
+    assert float((got.double() - y).abs().max() / y.abs().max()) <= 4e-6
+
+
 @pytest.mark.parametrize("stats", ["channel", "frequency"])
 def test_synced_statistics_equal_whole_batch(stats, tmp_path):
     mp.spawn(_worker, args=(2, stats, str(tmp_path)), nprocs=2, join=True)
