@@ -60,12 +60,17 @@ def progress_bar(json_mode: bool, quiet: bool = False) -> Iterator[Any]:
     tasks: dict[str, int] = {}
 
     def cb(description: str, completed: int, total: Optional[int], info: str = "") -> None:
+        if not tasks:  # started on first use: a command that fails before any work draws nothing
+            prog.start()
         if description not in tasks:
             tasks[description] = prog.add_task(description, total=total, info=info)
         prog.update(tasks[description], completed=completed, total=total, info=info)
 
-    with prog:
+    try:
         yield cb
+    finally:
+        if tasks:
+            prog.stop()
 
 
 def parse_kv(pairs: Optional[list[str]], option: str) -> dict[str, Any]:
