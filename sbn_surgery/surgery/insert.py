@@ -1,0 +1,191 @@
+"""Inserting and removing SBN: the forward hooks that apply it, :func:`apply_recipe`,
+:func:`strip_sbn`, and :func:`find_sbn`, which reads the sites back from a converted model.
+
+Where each SBN sits (``after``, ``before``, ``replace``) and the ``state_dict`` keys it adds are
+described in the package docstring (:mod:`sbn_surgery.surgery`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from torch import nn
+
+from ..errors import SurgeryError
+from ..layers import SpectralBatchNorm2d
+from ..recipe import Recipe, Rule, load_recipe
+from .match import (_channels_and_size, _is_norm_act, _no_match_error, _probe, _rule_matches,
+                    _stage_of)
+from .plan import (_REPLACED_ATTR, _SITE_ATTR, FOLDABLE_NORMS, Plan, Site, _ancestor, _get,
+                   _model_name, _parent)
+
+
+# --------------------------------------------------------------------------------------------
+# hooks (module-level functions, so converted models deep-copy and pickle)
+# --------------------------------------------------------------------------------------------
+def _sbn_after_hook(module: nn.Module, args, output):
+    return module.sbn(output)
+
+
+def _sbn_before_hook(module: nn.Module, args):
+    return (module.sbn(args[0]),) + tuple(args[1:])
+
+
+_HOOKS = (_sbn_after_hook, _sbn_before_hook)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def find_sbn(model: nn.Module) -> list[Site]:
+    """The SBN sites of a converted model, in module order."""
+    sites = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpectralBatchNorm2d):
+            info = mod.__dict__.get(_SITE_ATTR)
+            if info is None:
+                continue
+            sites.append(Site(module=name, **info))
+    return sites
+
+
+def _all_sbn(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, SpectralBatchNorm2d)]
+
+
+def apply_recipe(
+    model: nn.Module,
+    recipe: Union[Recipe, str],
+    *,
+    input_size: Optional[tuple[int, int, int]] = None,
+) -> Plan:
+    """Insert SBN layers where ``recipe`` says; returns the plan of what was inserted.
+
+    ``input_size`` (C, H, W) is used for one probe forward (execution order for stages, channel
+    counts, and the spatial size of frequency-mode statistics); default: timm's input size.
+    """
+    from ..models import input_size_of
+
+    recipe = load_recipe(recipe)
+    existing = _all_sbn(model)
+    if existing:
+        raise SurgeryError(
+            f"model already has {len(existing)} SBN layer(s) (e.g. {existing[0]}); a recipe is "
+            "applied once. Call strip_sbn(model) first, or start from the original model."
+        )
+    size = tuple(input_size) if input_size is not None else input_size_of(model)
+    probe = _probe(model, size)  # type: ignore[arg-type]
+    n_stages = len(probe.stage_ends)
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    names = [n for n, _ in modules]
+
+    chosen: dict[str, tuple[int, Rule]] = {}
+    for index, rule in enumerate(recipe.rules):
+        if (rule.stages is not None or rule.deepest_stages) and n_stages == 0:
+            raise SurgeryError(
+                f"{recipe.source or recipe.name}: {rule.label(index)} selects by stages, but "
+                f"{_model_name(model)} has no timm feature_info; select by 'paths' instead."
+            )
+        hits = [n for n, m in modules if _rule_matches(rule, n, m, probe, n_stages)]
+        if rule.deepest_stages:  # stages are counted among those the other selectors reach
+            staged = {n: _stage_of(probe, n) for n in hits}
+            held = sorted({s for s in staged.values() if s is not None})
+            keep = set(held[-rule.deepest_stages:])
+            hits = [n for n in hits if staged[n] in keep]
+        levels = rule.parent_levels()
+        if levels:  # e.g. the last norm of each block, whatever the block type
+            last = {_ancestor(n, levels): n for n in hits}
+            hits = [n for n in hits if last[_ancestor(n, levels)] == n]
+        if not hits:
+            raise _no_match_error(rule, index, recipe, model, names, probe)
+        if rule.expect is not None and not rule.expect.check(len(hits)):
+            raise SurgeryError(
+                f"{recipe.source or recipe.name}: {rule.label(index)} matched {len(hits)} module(s) "
+                f"of {_model_name(model)}, expected {rule.expect.describe()} (first: "
+                f"{', '.join(hits[:4])}). The model differs from what the recipe was written for."
+            )
+        for n in hits:
+            chosen[n] = (index, rule)  # a later rule wins
+
+    plan = Plan(model=_model_name(model), recipe=recipe.name)
+    order = {n: i for i, n in enumerate(names)}
+    try:  # all or nothing: a failed apply leaves the model as it was
+        for name in sorted(chosen, key=order.__getitem__):
+            index, rule = chosen[name]
+            mod = _get(model, name)
+            opts = recipe.options_for(rule)
+            channels, shape, hw = _channels_and_size(name, mod, rule.position, probe)
+            if shape is not None and len(shape) != 4:
+                raise SurgeryError(
+                    f"{rule.label(index)} matched {name} ({type(mod).__name__}), whose "
+                    f"{'input' if rule.position != 'after' else 'output'} has shape {shape}, not "
+                    "(N, C, H, W); SBN needs an NCHW feature map. Exclude it or choose another "
+                    "point."
+                )
+            if channels is None:
+                raise SurgeryError(
+                    f"cannot tell the channel count at {name} ({type(mod).__name__}): it did not "
+                    "run in the probe forward; exclude it from the rule.")
+            sbn = SpectralBatchNorm2d(
+                int(channels), stats=opts.stats or "channel", eps=float(opts.eps or 1e-5),
+                momentum=opts.momentum,
+                spatial_size=hw if opts.stats == "frequency" else None,
+            )
+            ref = next((t for t in list(mod.parameters()) + list(mod.buffers())
+                        if t.is_floating_point()), None)
+            if ref is not None:
+                sbn.to(device=ref.device, dtype=ref.dtype)
+            position = rule.position
+            fold = name if position == "after" and type(mod).__name__ in FOLDABLE_NORMS \
+                and getattr(mod, "affine", True) else None
+            if position == "replace":
+                parent, leaf = _parent(model, name)
+                sbn.__dict__[_REPLACED_ATTR] = mod
+                setattr(parent, leaf, sbn)
+                path = name
+            elif position == "after" and _is_norm_act(mod):
+                host = mod.drop
+                if hasattr(host, "sbn"):
+                    raise SurgeryError(f"{name}.drop already has an attribute 'sbn'")
+                host.sbn = sbn
+                host.register_forward_pre_hook(_sbn_before_hook)
+                path = f"{name}.drop.sbn"
+            else:
+                if hasattr(mod, "sbn"):
+                    raise SurgeryError(
+                        f"{name} already has an attribute 'sbn'; cannot host an SBN there")
+                mod.sbn = sbn
+                if position == "after":
+                    mod.register_forward_hook(_sbn_after_hook)
+                else:
+                    mod.register_forward_pre_hook(_sbn_before_hook)
+                path = f"{name}.sbn"
+            info = dict(target=name, type=type(mod).__name__, channels=int(channels),
+                        stats=sbn.stats, position=position, stage=_stage_of(probe, name),
+                        rule=rule.name or f"rule {index + 1}", fold_into=fold,
+                        spatial_size=hw)
+            sbn.__dict__[_SITE_ATTR] = info
+            plan.sites.append(Site(module=path, **info))
+            plan.params_added += sum(p.numel() for p in sbn.parameters())
+    except BaseException:
+        strip_sbn(model)
+        raise
+    return plan
+
+
+def strip_sbn(model: nn.Module) -> nn.Module:
+    """Remove every SBN that :func:`apply_recipe` inserted; the model's state_dict is the
+    original's again."""
+    for site in reversed(find_sbn(model)):
+        sbn = _get(model, site.module)
+        if site.position == "replace":
+            parent, leaf = _parent(model, site.module)
+            original = sbn.__dict__[_REPLACED_ATTR]
+            setattr(parent, leaf, original)
+            continue
+        host = _get(model, site.module.rpartition(".")[0])
+        for hooks in (host._forward_hooks, host._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
+                del hooks[key]
+        del host.sbn
+    return model

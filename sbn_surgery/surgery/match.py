@@ -1,0 +1,151 @@
+"""Matching a recipe's rules to modules: one probe forward records execution order, stages and
+shapes; rules select modules by type, path and stage; a rule that matches nothing gets an error
+that names the nearest modules and the norm/conv types the model has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError, near_names
+from ..recipe import Recipe, Rule
+from .plan import _model_name
+
+
+# --------------------------------------------------------------------------------------------
+# probing: execution order, stages and shapes
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Probe:
+    start: dict[str, int]
+    end: dict[str, int]
+    in_shape: dict[str, tuple]
+    out_shape: dict[str, tuple]
+    stage_ends: list[int]
+
+
+def _probe(model: nn.Module, input_size: tuple[int, int, int]) -> _Probe:
+    """One eval forward at batch 1 recording when each module starts and ends, and its shapes."""
+    counter = [0]
+    start: dict[str, int] = {}
+    end: dict[str, int] = {}
+    in_shape: dict[str, tuple] = {}
+    out_shape: dict[str, tuple] = {}
+    handles = []
+
+    def pre(name):
+        def fn(mod, args):
+            if name not in start:
+                start[name] = counter[0]
+                if args and isinstance(args[0], torch.Tensor):
+                    in_shape[name] = tuple(args[0].shape)
+            counter[0] += 1
+        return fn
+
+    def post(name):
+        def fn(mod, args, out):
+            end.setdefault(name, counter[0])
+            if name not in out_shape and isinstance(out, torch.Tensor):
+                out_shape[name] = tuple(out.shape)
+            counter[0] += 1
+        return fn
+
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_pre_hook(pre(name)))
+            handles.append(mod.register_forward_hook(post(name)))
+    was_training = model.training
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+    except Exception as exc:  # noqa: BLE001
+        raise SurgeryError(
+            f"probe forward of {_model_name(model)} at input size {tuple(input_size)} failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Pass the input "
+            "size the model expects (--input-size C H W)."
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    infos = getattr(model, "feature_info", None) or []
+    infos = getattr(infos, "info", infos)  # timm FeatureInfo objects wrap the list
+    stage_ends = [end[i["module"]] for i in infos if isinstance(i, dict) and i.get("module") in end]
+    return _Probe(start, end, in_shape, out_shape, sorted(stage_ends))
+
+
+def _stage_of(probe: _Probe, name: str) -> Optional[int]:
+    s = probe.start.get(name)
+    if s is None:
+        return None
+    for i, e in enumerate(probe.stage_ends):
+        if s < e:
+            return i
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# matching
+# --------------------------------------------------------------------------------------------
+def _is_norm_act(mod: nn.Module) -> bool:
+    return "NormAct" in type(mod).__name__ and isinstance(getattr(mod, "drop", None), nn.Module)
+
+
+def _rule_matches(rule: Rule, name: str, mod: nn.Module, probe: _Probe, n_stages: int) -> bool:
+    if rule.types is not None and type(mod).__name__ not in rule.types:
+        return False
+    if not rule.path_matches(name) or rule.excluded(name):
+        return False
+    if rule.stages is not None:
+        stage = _stage_of(probe, name)
+        if stage is None:
+            return False
+        wanted = {s % n_stages for s in rule.stages if -n_stages <= s < n_stages}
+        if stage not in wanted:
+            return False
+    return True
+
+
+def _no_match_error(rule: Rule, index: int, recipe: Recipe, model: nn.Module, names: list[str],
+                    probe: _Probe) -> SurgeryError:
+    typed = [n for n, m in model.named_modules() if n and rule.types and type(m).__name__ in rule.types]
+    pool = typed or names
+    hints: list[str] = []
+    for pat in rule.paths or []:
+        hints += near_names(pat.replace("re:", "").replace("*", "0").replace("\\", ""), pool, n=5)
+    if not hints:
+        hints = pool[-5:]
+    types_present = sorted({type(m).__name__ for _, m in model.named_modules()
+                            if "Norm" in type(m).__name__ or "Conv" in type(m).__name__})
+    sel = []
+    if rule.types:
+        sel.append(f"types {rule.types}")
+    if rule.paths:
+        sel.append(f"paths {rule.paths}")
+    if rule.stages:
+        sel.append(f"stages {rule.stages} (model has {len(probe.stage_ends)} feature stages)")
+    if rule.deepest_stages:
+        sel.append(f"deepest_stages {rule.deepest_stages}")
+    return SurgeryError(
+        f"{recipe.source or recipe.name}: {rule.label(index)} matches no module of "
+        f"{_model_name(model)} ({', '.join(sel)}). Nearest module names: "
+        f"{', '.join(dict.fromkeys(hints)) or '-'}. Norm/conv types in the model: "
+        f"{', '.join(types_present) or '-'}. Fix the rule's selectors or use another recipe."
+    )
+
+
+def _channels_and_size(name: str, mod: nn.Module, position: str, probe: _Probe):
+    shape = probe.in_shape.get(name) if position in ("before", "replace") else probe.out_shape.get(name)
+    if shape is None:
+        c = getattr(mod, "num_features", None) or getattr(mod, "out_channels", None)
+        return c, None, None
+    return (shape[1] if len(shape) == 4 else None), shape, (tuple(shape[2:]) if len(shape) == 4 else None)

@@ -1,0 +1,91 @@
+"""What surgery records: the :class:`Site` of each inserted SBN and the :class:`Plan` of a recipe's
+application, the attributes that mark an SBN as inserted (its site record, the module it replaced),
+the module classes an SBN scale can fold into, and module-path helpers shared by the other parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+ProgressFn = Callable[..., None]
+
+#: Module classes whose affine eval output can absorb an SBN scale exactly.
+FOLDABLE_NORMS = ("BatchNorm2d", "SyncBatchNorm", "BatchNormAct2d", "SyncBatchNormAct")
+_SITE_ATTR = "_sbn_site"
+_REPLACED_ATTR = "_sbn_replaced"
+
+
+@dataclass
+class Site:
+    """One inserted SBN layer."""
+
+    module: str
+    target: str
+    type: str
+    channels: int
+    stats: str
+    position: str
+    stage: Optional[int]
+    rule: str
+    fold_into: Optional[str] = None
+    spatial_size: Optional[tuple[int, int]] = None
+
+    def keys(self) -> list[str]:
+        names = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+        return [f"{self.module}.{n}" for n in names]
+
+
+@dataclass
+class Plan:
+    """What a recipe did (or would do) to a model."""
+
+    model: str
+    recipe: str
+    sites: list[Site] = field(default_factory=list)
+    params_added: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.sites)
+
+    def new_keys(self) -> list[str]:
+        return [k for s in self.sites for k in s.keys()]
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "recipe": self.recipe,
+            "count": self.count,
+            "params_added": self.params_added,
+            "sites": [
+                {"module": s.module, "type": s.type, "channels": s.channels, "stats": s.stats,
+                 "position": s.position}
+                for s in self.sites
+            ],
+        }
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# module paths
+# --------------------------------------------------------------------------------------------
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def _ancestor(path: str, levels: int) -> str:
+    """``path`` without its last ``levels`` components ("" for the root)."""
+    parts = path.split(".")
+    return ".".join(parts[:-levels]) if levels < len(parts) else ""
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    head, _, leaf = path.rpartition(".")
+    return _get(model, head), leaf
