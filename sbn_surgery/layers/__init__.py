@@ -1,0 +1,35 @@
+"""Spectral Batch Normalization (see shared/SBN.md for the definition implemented here).
+
+Two statistics modes:
+
+* ``channel``: one complex mean and one real variance per channel, pooled over the batch and all
+  H*W frequencies of the orthonormal 2-D DFT.
+* ``frequency``: one mean and one variance per channel and frequency, over the batch alone.
+
+Two paths:
+
+* ``fft``: the reference, written with ``torch.fft`` exactly as the definition reads.
+* ``closed`` (channel mode only): the closed form. With S = sqrt(H*W) and x00 the pixel (0, 0),
+  mu = E_n[x00] / S, var = E[x^2] - mu^2 (Parseval), and
+  y = s * x + S * (beta - s * mu) at pixel (0, 0) only, with s = gamma / sqrt(var + eps).
+  No FFT, one reduction and one elementwise pass, with a hand-written backward.
+
+Buffers follow ``nn.BatchNorm2d``: ``running_mean``, ``running_var``, ``num_batches_tracked``.
+In channel mode both statistics have shape (C,). In frequency mode ``running_mean`` is the
+batch mean in the *spatial* domain, shape (C, H, W): its DFT is the complex per-frequency mean,
+so it is stored exactly as a real tensor, and an exponential average in one domain is the same
+in the other. ``running_var`` has shape (C, H, W), one real variance per frequency of the full
+spectrum. Before the first training step they have shape (C, 0, 0) unless ``spatial_size`` was
+given.
+"""
+
+from .checks import IMPLS, STATS_MODES
+from .functional import spectral_batch_norm
+from .module import SpectralBatchNorm2d, sync_sbn_stats
+from .spectral import frequency_scale
+
+# The public path, so pickles and printed types name it the way users import it.
+SpectralBatchNorm2d.__module__ = __name__
+
+__all__ = ["SpectralBatchNorm2d", "spectral_batch_norm", "sync_sbn_stats", "frequency_scale",
+           "STATS_MODES", "IMPLS"]
