@@ -347,3 +347,16 @@ def test_float32_frequency_mode_keeps_precision_under_a_large_mean(training):
             y = layer(torch.from_numpy(x32))
         worst = max(worst, np.max(np.abs(y.detach().numpy() - ry)) / np.max(np.abs(ry)))
     assert worst <= 4e-6
+
+
+@pytest.mark.parametrize("stats,impl", PATHS)
+def test_float32_on_1x1_maps_keeps_precision_under_a_large_mean(stats, impl):
+    # At 1x1 channel SBN is BatchNorm: E[x^2] - mu^2 would lose about 5 digits at this offset.
+    x, gamma, beta = _data((16, 4, 1, 1), seed=4, offset=100.0)
+    x32 = x.astype(np.float32)
+    ry, _, _ = ref_sbn(x32.astype(np.float64), gamma.astype(np.float32), beta.astype(np.float32),
+                       EPS, stats)
+    layer = _layer(stats, impl, 4, dtype=torch.float32).train()
+    _set_affine(layer, gamma.astype(np.float32), beta.astype(np.float32))
+    y = layer(torch.from_numpy(x32))
+    assert np.max(np.abs(y.detach().numpy() - ry)) / np.max(np.abs(ry)) <= 4e-6

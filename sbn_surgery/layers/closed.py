@@ -23,11 +23,16 @@ class _ChannelSBNTrain(torch.autograd.Function):
         xs = x if x.dtype == sd else x.to(sd)
         m = n * h * w
         root = math.sqrt(h * w)
-        # E[x^2] per channel in one reduction; the 2-norm kernel reads x once, with no temporary.
-        q = torch.linalg.vector_norm(xs, 2, dim=(0, 2, 3)).square_().div_(m)
         a = xs[:, :, 0, 0].mean(0)  # E_n[x00]
         mu = a / root
-        var = q - mu * mu
+        if h * w == 1:
+            # 1x1 maps (where SBN is BatchNorm): E[x^2] - mu^2 would cancel under a large mean.
+            var = (xs[:, :, 0, 0] - mu).square().mean(0)
+        else:
+            # Here mu^2 is at most E[x^2] / (H*W), so the difference below loses at most a bit.
+            # E[x^2] per channel in one reduction; the 2-norm kernel reads x once, no temporary.
+            q = torch.linalg.vector_norm(xs, 2, dim=(0, 2, 3)).square_().div_(m)
+            var = q - mu * mu
         rstd = torch.rsqrt(var + eps)
         scale = weight.to(sd) * rstd
         y = xs * scale.view(1, c, 1, 1)
