@@ -46,8 +46,8 @@ def convert(
     at the model's input size when None) and sets gamma, beta so the converted model's eval output
     equals the original's. ``init="standard"`` sets gamma=1, beta=0 (gamma=0 where the SBN ends a
     residual branch that timm zero-initialized, see :func:`~sbn_surgery.surgery.carry_zero_init`)
-    and, when ``calibration`` is given, estimates the running statistics from it. The model carries ``sbn_meta`` for
-    :func:`sbn_surgery.save_converted`.
+    and, when ``calibration`` is given, estimates the running statistics from it. The model
+    carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`.
     """
     recipe = load_recipe(recipe)
     model = create_model(model_name, num_classes=num_classes, model_kwargs=model_kwargs,
