@@ -64,20 +64,23 @@ def _print_parity(report, con, title: str) -> None:
 
 
 def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.2e}"
+    return "-" if v is None else f"{v:.1e}"  # a per-layer overview; --json has every digit
 
 
 def _layer_table(report) -> Table:
     table = Table(title="SBN layers in graph order", caption="relative errors; own: the layer's "
                   "output against the PyTorch layer run on the input the file gave it")
     table.add_column("module", no_wrap=True)
-    for col in ("stats", "form", "input err", "output err", "own err", ""):
-        table.add_column(col)
+    table.add_column("stats", no_wrap=True)
+    table.add_column("form", no_wrap=True)
+    for col in ("in err", "out err", "own err"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("")
     for layer in report.layers:
         if layer.max_rel_err is None:
             table.add_row(layer.module, layer.stats, layer.form, "-", "-", "-", "[dim]not found in graph[/]")
             continue
-        mark = ""
+        mark = "[green]ok[/]" if layer.passed else ""
         if layer.module == report.first_bad_layer:
             mark = "[bold red]<- error starts here[/]"
         elif layer.passed is False:

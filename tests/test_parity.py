@@ -154,6 +154,8 @@ def test_cli_human_output_and_real_images(run_cli, checkpoint, tmp_path):
     res = run_cli("parity", onnx_path, checkpoint, "--per-layer")
     assert res.code == 0, res.stderr
     assert "layer2.0.bn1.sbn" in res.stdout and "PASSED" in res.stdout
+    row = next(line for line in res.stdout.splitlines() if "layer2.0.bn1.sbn" in line)
+    assert row.rstrip(" │").endswith("ok")  # each layer's verdict fits in 80 columns
 
 
 def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
