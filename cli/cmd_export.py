@@ -68,25 +68,29 @@ def _fmt(v) -> str:
 
 
 def _layer_table(report) -> Table:
-    table = Table(title="SBN layers in graph order", caption="relative errors; own: the layer's "
-                  "output against the PyTorch layer run on the input the file gave it")
-    table.add_column("module", no_wrap=True)
+    table = Table(title="SBN layers in graph order", caption="relative errors; out: at the "
+                  "layer's output, with what came from upstream; own: the layer's output against "
+                  "the PyTorch layer run on the input the file gave it (--json adds the error at "
+                  "its input); over: own "
+                  "error beyond tolerance; starts: the first such layer, where the error starts; absent: "
+                  "the graph no longer shows the layer")
+    table.add_column("module", overflow="fold")  # wraps long paths rather than cutting them
     table.add_column("stats", no_wrap=True)
     table.add_column("form", no_wrap=True)
-    for col in ("in err", "out err", "own err"):
+    for col in ("out err", "own err"):
         table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("")
+    table.add_column("", no_wrap=True, min_width=6)  # the verdict: never the one cut short
     for layer in report.layers:
         if layer.max_rel_err is None:
-            table.add_row(layer.module, layer.stats, layer.form, "-", "-", "-", "[dim]not found in graph[/]")
+            table.add_row(layer.module, layer.stats, layer.form, "-", "-", "[dim]absent[/]")
             continue
         mark = "[green]ok[/]" if layer.passed else ""
         if layer.module == report.first_bad_layer:
-            mark = "[bold red]<- error starts here[/]"
+            mark = "[bold red]starts[/]"
         elif layer.passed is False:
-            mark = "[red]beyond tolerance[/]"
-        table.add_row(layer.module, layer.stats, layer.form, _fmt(layer.input_rel_err),
-                      _fmt(layer.max_rel_err), _fmt(layer.own_rel_err), mark)
+            mark = "[red]over[/]"
+        table.add_row(layer.module, layer.stats, layer.form, _fmt(layer.max_rel_err),
+                      _fmt(layer.own_rel_err), mark)
     return table
 
 
