@@ -4,12 +4,22 @@ Shapes: N=32 at ResNet-50's four stage shapes. Prints one JSON object with media
 and the ratio to BatchNorm for each case (both measured in the same run, interleaved).
 
     python benchmarks/layer.py [--batch 32] [--repeats 15] [--threads N] [--device cpu|cuda]
+
+On CPU these tensors (up to 100 MB) are each a fresh mmap for glibc's malloc, so every new
+tensor page-faults, and that cost, which varies with what ran before, can dominate a layer this
+cheap: the same 512x28x28 case measured 1.02x alone and 1.3-1.5x with the FFT cases interleaved.
+For figures that measure the arithmetic, keep freed memory in the heap:
+
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 python benchmarks/layer.py
+
+(the JSON records these settings under "malloc").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -86,6 +96,8 @@ def main() -> None:
         "machine": platform.machine(),
         "repeats": args.repeats,
         "channels_last": args.channels_last,
+        "malloc": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+                   if k in os.environ},
         "channel_auto_max_ratio": max(auto),
         "results": results,
     }, indent=2))
