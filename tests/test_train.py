@@ -256,3 +256,32 @@ def test_cli_json_summary(tmp_path, monkeypatch, capsys):
     assert set(summary) == {"val_top1", "val_loss", "epochs", "checkpoint", "images_per_s"}
     assert 0 <= summary["val_top1"] <= 1 and summary["epochs"] == 1
     assert summary["checkpoint"].endswith("best.safetensors") and summary["images_per_s"] > 0
+
+
+def test_amp_channels_last_and_compile_on_cpu(tmp_path, monkeypatch):
+    # bf16 autocast reaches the SBN layers (statistics stay float32); channels_last reaches the
+    # model and its inputs; --compile wraps the model (inductor itself is too slow for the suite,
+    # so the test compiles with the eager backend)
+    compiled, seen = [], []
+    real_compile = torch.compile
+
+    def compile_eager(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    from sbn_surgery import convert
+
+    net, _ = convert("resnet10t", "resnet", num_classes=10, input_size=(3, 32, 32))
+    for m in net.modules():
+        if isinstance(m, SpectralBatchNorm2d):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(
+                (args[0].dtype, args[0].is_contiguous(memory_format=torch.channels_last))))
+    r = finetune(net, "synthetic", output=tmp_path, epochs=1, amp=True, channels_last=True,
+                 compile=True, **TINY)
+    assert len(compiled) == 1
+    assert seen and all(dtype == torch.bfloat16 and cl for dtype, cl in seen)
+    assert all(torch.isfinite(torch.tensor(r.history[0][k])) for k in ("loss", "val_loss"))
+    sbn = next(m for m in r.model.modules() if isinstance(m, SpectralBatchNorm2d))
+    assert sbn.running_var.dtype == torch.float32 and sbn.weight.dtype == torch.float32
+    assert sbn.num_batches_tracked > 0
