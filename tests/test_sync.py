@@ -12,10 +12,11 @@ import torch.multiprocessing as mp
 from sbn_surgery.layers import SpectralBatchNorm2d, sync_sbn_stats
 
 
-def _data(stats):
+def _data(stats, pixel=False):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, 5, 6, generator=g, dtype=torch.float64) * 2 + 0.5
-    gy = torch.randn(6, 3, 5, 6, generator=g, dtype=torch.float64)
+    h, w = (1, 1) if pixel else (5, 6)
+    x = torch.randn(6, 3, h, w, generator=g, dtype=torch.float64) * 2 + 0.5
+    gy = torch.randn(6, 3, h, w, generator=g, dtype=torch.float64)
     layer = SpectralBatchNorm2d(3, stats=stats, momentum=0.3).double()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5, generator=g)
@@ -23,12 +24,12 @@ def _data(stats):
     return x, gy, layer
 
 
-def _worker(rank, world, stats, out_dir):
+def _worker(rank, world, stats, pixel, out_dir):
     # A file rendezvous: no TCP port to race for with other tests running beside this one.
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
                             world_size=world)
     try:
-        x, gy, layer = _data(stats)
+        x, gy, layer = _data(stats, pixel)
         assert sync_sbn_stats(layer) == 1
         part = slice(rank * 3, rank * 3 + 3)
         xr = x[part].clone().requires_grad_(True)
@@ -44,32 +45,41 @@ def _worker(rank, world, stats, out_dir):
         dist.destroy_process_group()
 
 
-def _precision_worker(rank, world, out_dir):
+def _precision_worker(rank, world, stats, pixel, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
                             world_size=world)
     try:
-        x, _, layer = _data("frequency")
+        x, _, layer = _data(stats, pixel)
         x, layer = (x + 100.0).float(), layer.float()
         sync_sbn_stats(layer)
-        torch.save(layer(x[rank * 3:rank * 3 + 3]).detach(), os.path.join(out_dir, f"rank{rank}.pt"))
+        y = layer(x[rank * 3:rank * 3 + 3]).detach()
+        torch.save({"y": y, "rv": layer.running_var}, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_synced_frequency_statistics_keep_float32_precision_under_a_large_mean(tmp_path):
-    # Pooling E|X|^2 and |E X|^2 separately would cancel at the DC bin; the mean is pooled first.
-    mp.spawn(_precision_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    x, _, layer = _data("frequency")
+@pytest.mark.parametrize("stats,pixel", [("frequency", False), ("channel", True)],
+                         ids=["frequency", "channel-1x1"])
+def test_synced_statistics_keep_float32_precision_under_a_large_mean(stats, pixel, tmp_path):
+    # Pooling E|X|^2 and |E X|^2 separately would cancel (at the DC bin; at 1x1 maps, where
+    # channel mode is BatchNorm, everywhere): the mean is pooled first.
+    mp.spawn(_precision_worker, args=(2, stats, pixel, str(tmp_path)), nprocs=2, join=True)
+    x, _, layer = _data(stats, pixel)
     y = layer(x + 100.0).detach()  # float64, whole batch
-    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)])
-    assert float((got.double() - y).abs().max() / y.abs().max()) <= 4e-6
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    y_got = torch.cat([g["y"] for g in got]).double()
+    assert float((y_got - y).abs().max() / y.abs().max()) <= 4e-6
+    rv = layer.running_var
+    assert float((got[0]["rv"].double() - rv).abs().max() / rv.abs().max()) <= 4e-6
 
 
-@pytest.mark.parametrize("stats", ["channel", "frequency"])
-def test_synced_statistics_equal_whole_batch(stats, tmp_path):
-    mp.spawn(_worker, args=(2, stats, str(tmp_path)), nprocs=2, join=True)
-    x, gy, layer = _data(stats)
+@pytest.mark.parametrize("stats,pixel", [("channel", False), ("frequency", False),
+                                         ("channel", True)],
+                         ids=["channel", "frequency", "channel-1x1"])
+def test_synced_statistics_equal_whole_batch(stats, pixel, tmp_path):
+    mp.spawn(_worker, args=(2, stats, pixel, str(tmp_path)), nprocs=2, join=True)
+    x, gy, layer = _data(stats, pixel)
     xr = x.clone().requires_grad_(True)
     y = layer(xr)
     y.backward(gy)
