@@ -40,6 +40,21 @@ def test_per_layer_parity_of_a_good_file(exported):
         assert layer.input_rel_err <= 1e-5, layer
 
 
+def test_per_layer_parity_of_layers_with_a_zero_scale(tmp_path):
+    # A fresh standard init carries timm's zero-init into the SBN (gamma 0), and fold mode folds
+    # that 0 into the BatchNorm in front: the file cannot show the layer's input, only its output.
+    model, plan = convert("resnet10t", "resnet", num_classes=10, input_size=(3, 64, 64))
+    layer = model.get_submodule(plan.sites[0].module)
+    with torch.no_grad():
+        layer.weight[: layer.num_features // 2] = 1.0  # half the channels zero, half not
+    export_onnx(model, tmp_path / "z.onnx", mode="fold", input_size=(3, 64, 64), parity=False)
+    report = check_parity(tmp_path / "z.onnx", model, per_layer=True)
+    assert report.passed and report.first_bad_layer is None
+    for row in report.layers:
+        assert row.passed and row.own_rel_err <= 1e-5 and row.input_rel_err <= 1e-5, row
+    json.dumps(report.to_json(), allow_nan=False)
+
+
 def test_per_layer_parity_finds_where_the_error_starts(exported):
     model, plan, path = exported
     wrong = copy.deepcopy(model)

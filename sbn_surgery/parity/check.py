@@ -255,7 +255,10 @@ def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tens
             continue
         got_in = torch.from_numpy(got_in).double()
         if scale is not None:
-            got_in = got_in / scale
+            # A channel whose scale is 0 (e.g. a zero-initialized gamma) has an output that does
+            # not depend on its input, and an input the file cannot show: take PyTorch's there.
+            got_in = torch.where(scale != 0, got_in / torch.where(scale != 0, scale, 1.0),
+                                 torch_in)
         row.input_rel_err = _rel(got_in, torch_in, torch_in)[1]
         with torch.no_grad():
             own = layer(got_in)

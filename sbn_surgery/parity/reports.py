@@ -70,7 +70,8 @@ class ParityReport:
         out = {**self.summary(), "rtol": self.rtol, "min_top1": self.min_top1, "cases": cases,
                "notes": list(self.notes)}
         if self.layers is not None:
-            out["layers"] = [asdict(layer) for layer in self.layers]
+            out["layers"] = [{k: _finite(v) for k, v in asdict(layer).items()}
+                             for layer in self.layers]
             out["first_bad_layer"] = self.first_bad_layer
         return out
 
