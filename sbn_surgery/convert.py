@@ -44,8 +44,9 @@ def convert(
 
     ``init="identity"`` calibrates the SBN statistics on ``calibration`` batches (synthetic images
     at the model's input size when None) and sets gamma, beta so the converted model's eval output
-    equals the original's. ``init="standard"`` sets gamma=1, beta=0 (gamma=0 where the SBN ends a
-    residual branch that timm zero-initialized, see :func:`~sbn_surgery.surgery.carry_zero_init`)
+    equals the original's. ``init="standard"`` sets gamma=1, beta=0 (without a checkpoint, gamma=0
+    where the SBN ends a residual branch that timm zero-initialized, see
+    :func:`~sbn_surgery.surgery.carry_zero_init`)
     and, when ``calibration`` is given, estimates the running statistics from it. The model
     carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`.
     """
@@ -55,7 +56,7 @@ def convert(
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     plan = apply_recipe(model, recipe, input_size=size)  # type: ignore[arg-type]
     mode = resolve_init(init, recipe, weights_loaded=checkpoint is not None)
-    if mode == "standard":
+    if mode == "standard" and checkpoint is None:  # untrained: keep timm's zero-init branches
         carry_zero_init(model)
     if mode == "identity" or calibration is not None:
         batches = calibration if calibration is not None else synthetic_batches(

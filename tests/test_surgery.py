@@ -215,6 +215,35 @@ def test_standard_init_zero_for_a_replaced_zero_init_norm():
     assert torch.allclose(y, y_plain, rtol=0, atol=1e-5)
 
 
+def test_standard_init_moves_a_zero_groupnorm_into_sbn():
+    recipe = Recipe.from_yaml_text(
+        "name: t\nrules:\n  - {types: [GroupNorm], paths: ['layer4.*.bn3']}\n")
+    torch.manual_seed(0)
+    model, plan = sbn.convert("resnet26", recipe, num_classes=10, input_size=SIZE,
+                              init="standard", model_kwargs={"norm_layer": "groupnorm"})
+    assert plan.count == 2
+    for site in plan.sites:
+        assert type(model.get_submodule(site.target)).__name__ == "GroupNorm"
+        assert not model.get_submodule(site.module).weight.any()
+        assert bool((model.get_submodule(site.target).weight == 1).all())
+
+
+def test_standard_init_with_a_checkpoint_leaves_its_weights_alone(tmp_path):
+    net = _model("resnet18")
+    with torch.no_grad():  # trained weights where a zero gamma need not mean a zero branch
+        net.layer4[0].bn2.bias.fill_(0.5)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    reference = copy.deepcopy(net).eval()
+    model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE,
+                              init="standard", checkpoint=tmp_path / "r18.pth")
+    for site in plan.sites:
+        assert bool((model.get_submodule(site.module).weight == 1).all())
+        assert not model.get_submodule(site.target).weight.any()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():  # the zero-gamma, zero-beta bn2 of layer4.1 makes its SBN see zeros
+        assert torch.allclose(model.eval()(x), reference(x), atol=1e-4)
+
+
 def test_identity_init_does_not_move_zero_init(tmp_path):
     net = _model("resnet18")
     ckpt = {k: v.clone() for k, v in net.state_dict().items()}

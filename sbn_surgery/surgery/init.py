@@ -98,6 +98,20 @@ def init_identity(model: nn.Module) -> None:
                 m.bias.copy_(dc / math.sqrt(h * w))
 
 
+#: Normalization layers whose zero gamma :func:`carry_zero_init` moves into the SBN after them.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _zero_affine_norm(mod: Optional[nn.Module]) -> bool:
+    """A norm layer (timm's norm+act classes included) with gamma and beta all zero."""
+    if mod is None or not (isinstance(mod, _NORMS) or "Norm" in type(mod).__name__):
+        return False
+    weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.numel() == 0 or bool(weight.any()):
+        return False
+    return not (isinstance(bias, torch.Tensor) and bool(bias.any()))
+
+
 def carry_zero_init(model: nn.Module) -> list[str]:
     """Keep a zero-initialized residual branch zero when SBN is inserted into an untrained model.
 
@@ -105,9 +119,10 @@ def carry_zero_init(model: nn.Module) -> list[str]:
     block starts as the identity. An SBN placed after such a norm would normalize its output back to
     unit scale after the first step, and amplify its gradient by 1/sqrt(eps) before that. So the
     zero moves to the SBN, which now ends the branch: the norm's gamma becomes 1 and the SBN's 0
-    (for ``replace``, the SBN takes the zero). The model's output is unchanged, and the SBN's gamma
-    gets a gradient from the first step, as the norm's did. Returns the SBN paths changed. Call only
-    on untrained weights (``init: standard``).
+    (for ``replace``, the SBN takes the zero). Only norms whose gamma and beta are both all zero
+    qualify, so the model's output is unchanged, and the SBN's gamma gets a gradient from the
+    first step, as the norm's did. Returns the SBN paths changed. Call only on untrained weights
+    (:func:`sbn_surgery.convert` does so for ``init: standard`` without a checkpoint).
     """
     changed = []
     for site in find_sbn(model):
@@ -116,17 +131,16 @@ def carry_zero_init(model: nn.Module) -> list[str]:
             continue
         if site.position == "replace":
             norm = sbn.__dict__.get(_REPLACED_ATTR)
-        elif site.fold_into is not None:
-            norm = _get(model, site.fold_into)
+        elif site.position == "after":
+            norm = _get(model, site.fold_into or site.target)
         else:
             continue
-        weight = getattr(norm, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.numel() == 0 or bool(weight.any()):
+        if not _zero_affine_norm(norm):
             continue
         with torch.no_grad():
             sbn.weight.zero_()
             if site.position != "replace":
-                weight.fill_(1.0)
+                norm.weight.fill_(1.0)
         changed.append(site.module)
     return changed
 
