@@ -315,3 +315,16 @@ def test_recipe_errors_give_file_line_and_key(tmp_path):
         sbn.load_recipe(bad)
     with pytest.raises(RecipeError, match=r"no recipe named 'resnett'.*did you mean resnet"):
         sbn.load_recipe("resnett")
+
+
+def test_pickles_naming_the_hooks_by_the_module_path_before_the_package_split_load(monkeypatch):
+    from sbn_surgery.surgery import insert
+
+    model = _model("resnet18")
+    sbn.apply_recipe(model, "resnet", input_size=SIZE)
+    for hook in (insert._sbn_after_hook, insert._sbn_before_hook):
+        monkeypatch.setattr(hook, "__module__", "sbn_surgery.surgery")  # where they used to live
+    loaded = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))

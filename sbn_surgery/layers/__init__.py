@@ -28,8 +28,5 @@ from .functional import spectral_batch_norm
 from .module import SpectralBatchNorm2d, sync_sbn_stats
 from .spectral import frequency_scale
 
-# The public path, so pickles and printed types name it the way users import it.
-SpectralBatchNorm2d.__module__ = __name__
-
 __all__ = ["SpectralBatchNorm2d", "spectral_batch_norm", "sync_sbn_stats", "frequency_scale",
            "STATS_MODES", "IMPLS"]

@@ -22,6 +22,7 @@ running_var, num_batches_tracked}``.
 from __future__ import annotations
 
 from .init import calibrate, carry_zero_init, init_identity, synthetic_batches
+from .insert import _sbn_after_hook, _sbn_before_hook  # noqa: F401 - pickles name them here
 from .insert import apply_recipe, find_sbn, strip_sbn
 from .plan import FOLDABLE_NORMS, Plan, ProgressFn, Site
 
