@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import _stat_dtype
@@ -23,16 +24,13 @@ class _ChannelSBNTrain(torch.autograd.Function):
         xs = x if x.dtype == sd else x.to(sd)
         m = n * h * w
         root = math.sqrt(h * w)
+        # E[x^2] per channel in one reduction; the 2-norm kernel reads x once, with no temporary.
+        # mu^2 = E_n[x00]^2 / (H*W) is a small part of it unless pixel (0, 0) carries most of the
+        # energy, as on 1x1 maps, which _channel_train_1x1 takes instead.
+        q = torch.linalg.vector_norm(xs, 2, dim=(0, 2, 3)).square_().div_(m)
         a = xs[:, :, 0, 0].mean(0)  # E_n[x00]
         mu = a / root
-        if h * w == 1:
-            # 1x1 maps (where SBN is BatchNorm): E[x^2] - mu^2 would cancel under a large mean.
-            var = (xs[:, :, 0, 0] - mu).square().mean(0)
-        else:
-            # Here mu^2 is at most E[x^2] / (H*W), so the difference below loses at most a bit.
-            # E[x^2] per channel in one reduction; the 2-norm kernel reads x once, no temporary.
-            q = torch.linalg.vector_norm(xs, 2, dim=(0, 2, 3)).square_().div_(m)
-            var = q - mu * mu
+        var = q - mu * mu
         rstd = torch.rsqrt(var + eps)
         scale = weight.to(sd) * rstd
         y = xs * scale.view(1, c, 1, 1)
@@ -71,6 +69,16 @@ class _ChannelSBNTrain(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(weight.dtype)
         return grad_x, grad_w, grad_b, None
+
+
+def _channel_train_1x1(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    """Training-mode channel SBN on 1x1 maps, where it is BatchNorm: torch's batch norm, whose
+    centred statistics do not cancel under a large mean as E[x^2] - mu^2 does."""
+    sd = _stat_dtype(x)
+    xs = x if x.dtype == sd else x.to(sd)
+    var, mu = torch.var_mean(xs.detach(), dim=(0, 2, 3), unbiased=False)
+    y = F.batch_norm(xs, None, None, weight.to(sd), bias.to(sd), training=True, eps=eps)
+    return y.to(x.dtype), mu, var
 
 
 def _channel_dot(a: Tensor, b: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_input, _per_channel, _resolve_impl, _same_format, _stat_dtype
-from .closed import _ChannelSBNTrain, _channel_closed_apply
+from .closed import _ChannelSBNTrain, _channel_closed_apply, _channel_train_1x1
 from .spectral import _channel_fft, _frequency_fft
 from .synced import _group, _sync_over, _synced_train
 
@@ -69,6 +69,8 @@ def spectral_batch_norm(
 
     if _sync_over(process_group):
         y, mu, var_b, count = _synced_train(x, weight, bias, eps, stats, _group(process_group))
+    elif path == "closed" and h * w == 1:
+        y, mu, var_b = _channel_train_1x1(x, weight, bias, eps)
     elif path == "closed":
         y, mu, var_b = _ChannelSBNTrain.apply(x, weight, bias, eps)
     elif stats == "channel":
