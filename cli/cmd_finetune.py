@@ -36,7 +36,8 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=2,
                                              help="Batch size per process. [default: 64]"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 0.4 (sgd) or "
-                                       "4e-3 (adamw) times batch size / 256 ]"),
+                                       "4e-3 (adamw) times the global batch (batch size times "
+                                       "processes) / 256]"),
     optimizer: Optional[str] = typer.Option(None, help="sgd (momentum 0.9, Nesterov) or adamw. "
                                             "[default: sgd]"),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay on conv/linear weights "

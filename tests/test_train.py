@@ -103,6 +103,27 @@ def test_resume_rejects_changed_options(tmp_path, two_epochs):
         finetune("resnet10t", "synthetic", output=tmp_path / "run", epochs=3, resume=True)
 
 
+def test_resume_rejects_another_number_of_processes(tmp_path, two_epochs):
+    import shutil
+
+    shutil.copytree(two_epochs.output, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["world"] == 1
+    state["world"] = 2  # as if trained under torchrun with 2 processes
+    torch.save(state, tmp_path / "run" / "state.pt")
+    with pytest.raises(CheckpointError, match="trained with 2 process\\(es\\), this one has 1"):
+        finetune("resnet10t", "synthetic", output=tmp_path / "run", resume=True)
+
+
+def test_default_lr_follows_the_global_batch():
+    from sbn_surgery.train.options import RunOptions, resolve
+
+    one = resolve(RunOptions(data="synthetic", batch_size=64))
+    four = resolve(RunOptions(data="synthetic", batch_size=64), world=4)
+    assert one.lr == pytest.approx(0.1) and four.lr == pytest.approx(0.4)
+    assert resolve(RunOptions(data="synthetic", lr=0.05), world=4).lr == 0.05
+
+
 def test_resume_without_state_and_fresh_run_over_a_run(tmp_path, two_epochs):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         finetune("resnet10t", "synthetic", output=tmp_path / "empty", resume=True)

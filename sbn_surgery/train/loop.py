@@ -144,14 +144,14 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
     state = None
     if args["resume"]:
         state = O.load_state(out)
-        opts = resolve(given, state["options"])
+        opts = resolve(given, state["options"], world=ctx.world)
     else:
         if (out / O.STATE_FILE).exists() and not args["overwrite"]:
             raise CheckpointError(
                 f"{out} already holds a run ({O.STATE_FILE}); continue it with --resume, or "
                 f"choose another --output, or pass --overwrite to start over there"
             )
-        opts = resolve(given)
+        opts = resolve(given, world=ctx.world)
     if not ctx.is_main:
         progress = None
 
@@ -220,19 +220,21 @@ class _Run:
         self.history = list(state["history"])
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
         ranks = state["ranks"]
+        world = int(state.get("world", len(ranks) or 1))
+        if world != self.ctx.world:  # the lr schedule's length and the data shards depend on it
+            raise CheckpointError(
+                f"the run in {self.out} was trained with {world} process(es), this one has "
+                f"{self.ctx.world}; resume it with the same number of processes (the learning-"
+                "rate schedule and each process's share of the data depend on it)"
+            )
         if self.step > 0:
-            if len(ranks) != self.ctx.world:
-                raise CheckpointError(
-                    f"the run in {self.out} stopped in the middle of epoch {self.epoch + 1} with "
-                    f"{len(ranks)} process(es); resume it with the same number of processes"
-                )
             mine = ranks[self.ctx.rank]
             self.partial = dict(mine["partial"])
             self.rng = mine["rng"]
 
     def _state(self, ranks: list[dict]) -> dict[str, Any]:
         return {
-            "options": self.opts.to_dict(),
+            "options": self.opts.to_dict(), "world": self.ctx.world,
             "epoch": self.epoch, "step": self.step,
             "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(),

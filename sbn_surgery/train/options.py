@@ -16,7 +16,8 @@ from ..errors import SbnSurgeryError
 OPTIMIZERS = ("sgd", "adamw")
 TRAIN_MODES = ("all", "norm", "sbn")
 
-#: Learning rate per 256 images of batch (scaled linearly with --batch-size), per optimizer.
+#: Learning rate per 256 images of global batch (--batch-size times the processes), per
+#: optimizer: scaled linearly with the global batch, as timm's train.py scales its base lr.
 LR_PER_256 = {"sgd": 0.4, "adamw": 4e-3}
 #: Weight decay per optimizer (never applied to biases and norm parameters).
 WEIGHT_DECAY = {"sgd": 5e-5, "adamw": 0.05}
@@ -61,8 +62,10 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def resolve(given: RunOptions, saved: Optional[dict[str, Any]] = None) -> RunOptions:
-    """Fill unset options from ``saved`` (resume) or the defaults, then validate."""
+def resolve(given: RunOptions, saved: Optional[dict[str, Any]] = None,
+            world: int = 1) -> RunOptions:
+    """Fill unset options from ``saved`` (resume) or the defaults, then validate. ``world``: the
+    number of processes, for the default lr (the global batch is batch_size * world)."""
     out = RunOptions()
     conflicts = []
     for f in fields(RunOptions):
@@ -84,7 +87,7 @@ def resolve(given: RunOptions, saved: Optional[dict[str, Any]] = None) -> RunOpt
         )
     _validate(out)
     if out.lr is None:
-        out.lr = LR_PER_256[out.optimizer] * out.batch_size / 256
+        out.lr = LR_PER_256[out.optimizer] * out.batch_size * world / 256
     if out.weight_decay is None:
         out.weight_decay = WEIGHT_DECAY[out.optimizer]
     return out
