@@ -247,10 +247,23 @@ def _cli(monkeypatch, capsys, *args):
     return exc.value.code, cap.out, cap.err
 
 
-@pytest.mark.parametrize("case", ["missing", "no-images", "resume", "cuda"])
+@pytest.mark.parametrize("case", ["missing", "no-images", "resume", "cuda", "output",
+                                  "frequency-size"])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, case):
     args = ["resnet10t", "--data", "synthetic", "-o", str(tmp_path / "run"), "--epochs", "1"]
-    if case == "missing":
+    if case == "output":  # a file where the output directory should be
+        (tmp_path / "run").write_text("not a directory")
+    elif case == "frequency-size":  # statistics of one spatial size, asked to train at another
+        from sbn_surgery import convert, save_converted
+        from sbn_surgery.recipe import Recipe
+
+        recipe = Recipe.from_yaml_text("name: f\nsbn: {stats: frequency}\nrules:\n"
+                                       "  - {paths: ['layer4.0.bn2']}\n")
+        net, _ = convert("resnet10t", recipe, input_size=(3, 32, 32))
+        save_converted(net, tmp_path / "f.safetensors")
+        args[0] = str(tmp_path / "f.safetensors")
+        args += ["--input-size", "3", "64", "64"]
+    elif case == "missing":
         args[2] = str(tmp_path / "nope")
     elif case == "no-images":
         (tmp_path / "d" / "train" / "a").mkdir(parents=True)

@@ -152,7 +152,9 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
                 f"choose another --output, or pass --overwrite to start over there"
             )
         opts = resolve(given, world=ctx.world)
-    if not ctx.is_main:
+    if ctx.is_main:
+        _check_output_dir(out)
+    else:
         progress = None
 
     torch.manual_seed(opts.seed)
@@ -193,6 +195,20 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
         run.load(state)
     run.loop()
     return run.result()
+
+
+def _check_output_dir(out: Path) -> None:
+    """Create --output now and prove it takes a file: not after minutes of model building."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sbn-surgery-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"--output {out} cannot hold the run's files ({exc.strerror or exc}); give a "
+            "directory you can write to"
+        ) from None
 
 
 class _Run:

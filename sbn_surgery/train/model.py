@@ -38,12 +38,21 @@ def _input_size(opts: RunOptions, ds: Dataset, model: nn.Module, in_chans: int,
     size (frequency mode), else ``data.default_input_size``."""
     from ..models import input_size_of
 
+    fixed = [m.spatial_size for m in model.modules()
+             if isinstance(m, SpectralBatchNorm2d) and m.spatial_size is not None]
+    stored = tuple(int(v) for v in meta["input_size"]) if meta and meta.get("input_size") else None
     if opts.input_size is not None:
-        return tuple(int(v) for v in opts.input_size)  # type: ignore[return-value]
-    freq = any(isinstance(m, SpectralBatchNorm2d) and m.stats == "frequency"
-               for m in model.modules())
-    if freq and meta and meta.get("input_size"):
-        return tuple(int(v) for v in meta["input_size"])  # type: ignore[return-value]
+        size = tuple(int(v) for v in opts.input_size)
+        if fixed and stored is not None and size[1:] != stored[1:]:
+            raise SbnSurgeryError(
+                f"--input-size {' '.join(map(str, size))} differs from the size this model's "
+                f"frequency-mode SBN statistics belong to ({' '.join(map(str, stored))}; e.g. "
+                f"{fixed[0][0]}x{fixed[0][1]} at the first such layer); train at that size, or "
+                "convert again at the new size"
+            )
+        return size  # type: ignore[return-value]
+    if fixed and stored is not None:
+        return stored  # type: ignore[return-value]
     return default_input_size(ds, input_size_of(model), in_chans)
 
 
