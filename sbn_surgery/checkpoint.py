@@ -23,6 +23,19 @@ FORMAT = "sbn-surgery/converted-v1"
 _JSON_FIELDS = ("model_kwargs", "num_classes", "input_size", "extra")
 
 
+def _umask() -> int:
+    try:  # Linux shows it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(tmp_path)`` then rename over ``path``: a crash never leaves a half file."""
     path = Path(path)
@@ -31,6 +44,9 @@ def atomic_write(path: str | Path, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the
+        # umask), so a server running as another user can read a model written here
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -328,3 +328,16 @@ def test_pickles_naming_the_hooks_by_the_module_path_before_the_package_split_lo
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    from sbn_surgery.checkpoint import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.bin", lambda p: open(p, "wb").write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
