@@ -134,15 +134,24 @@ def export(
     """
     from sbn_surgery.checkpoint import load_converted
     from sbn_surgery.export import export_onnx
+    from sbn_surgery.parity import ParityFailed
 
     model = load_converted(checkpoint)
     size = input_size or tuple(model.sbn_meta.get("input_size") or ()) or None
     images = _images(data, model, size, data_images)
-    with progress_bar(json_out) as progress:
-        result = export_onnx(model, output, mode=mode, opset=opset, input_size=size,
-                             dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
-                             batch_size=batch_size, images=images, rtol=rtol, min_top1=min_top1,
-                             progress=progress)
+    try:
+        with progress_bar(json_out) as progress:
+            result = export_onnx(model, output, mode=mode, opset=opset, input_size=size,
+                                 dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
+                                 batch_size=batch_size, images=images, rtol=rtol,
+                                 min_top1=min_top1, progress=progress)
+    except ParityFailed as exc:  # the file is kept: show what failed, then exit 2
+        if json_out:
+            print_json({"onnx": str(exc.path), "mode": mode, "opset": opset,
+                        "parity": exc.report.summary()})
+        else:
+            _print_parity(exc.report, out(False), "parity with PyTorch (onnxruntime CPU)")
+        raise
     if json_out:
         print_json(result.to_json())
         return

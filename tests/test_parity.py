@@ -183,6 +183,12 @@ def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
     res = run_cli("export", checkpoint, "-o", onnx_path, "--mode", "dft", "--rtol", "1e-12")
     assert res.code == 2 and "parity failed" in res.stderr and "Traceback" not in res.stderr
     assert onnx_path.is_file()  # kept for inspection
+    assert "FAILED" in res.stdout and "max rel err" in res.stdout  # with the table that says why
+    res = run_cli("export", checkpoint, "-o", onnx_path, "--mode", "dft", "--rtol", "1e-12",
+                  "--json")
+    report = json.loads(res.stdout)
+    assert res.code == 2 and report["mode"] == "dft" and report["parity"]["passed"] is False
+    assert report["parity"]["max_rel_err"] > 1e-12
     res = run_cli("parity", onnx_path, checkpoint, "--rtol", "1e-12", "--json")
     assert res.code == 2 and json.loads(res.stdout)["passed"] is False
 
