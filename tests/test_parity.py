@@ -106,6 +106,11 @@ def test_default_tolerances_grow_with_transform_length():
     assert default_rtol("fold", big) == default_rtol("matmul", big)  # frequency mode in fold
     assert default_rtol("dft", small) == 1e-4
     assert default_rtol("dft", [{"spatial_size": [112, 112]}]) == pytest.approx(1e-4 * math.log2(112 * 112) / 12)
+    # in fold mode a large elementwise layer has no transform: only the matmul one counts
+    mixed = [{"spatial_size": [56, 56], "form": "elementwise"},
+             {"spatial_size": [7, 7], "form": "matmul"}]
+    assert default_rtol("fold", mixed) == 1e-5
+    assert default_rtol("matmul", mixed) == default_rtol("matmul", big)
 
 
 def test_bench_reports_medians_and_ratio(exported):
@@ -191,6 +196,13 @@ def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
     assert report["parity"]["max_rel_err"] > 1e-12
     res = run_cli("parity", onnx_path, checkpoint, "--rtol", "1e-12", "--json")
     assert res.code == 2 and json.loads(res.stdout)["passed"] is False
+    res = run_cli("parity", onnx_path, checkpoint, "--input-size", "3", "64", "64")  # freq. SBN
+    assert res.code == 2 and "does not run on input 1x3x64x64" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
 
     res = run_cli("parity", tmp_path / "missing.onnx", checkpoint)
     assert res.code == 2 and "not found" in res.stderr
+
+    res = run_cli("export", checkpoint, "-o", tmp_path / "c1.onnx", "--input-size", "1", "56", "60")
+    assert res.code == 2 and "does not run at input size 1x56x60" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1

@@ -189,6 +189,8 @@ def export_onnx(
     with the model in eval mode; a failure raises ``sbn_surgery.parity.ParityFailed`` (a
     ``ParityError``) and leaves the file in place for inspection.
     """
+    if images is not None and not isinstance(images, Tensor):
+        images = list(images)  # parity may run twice (the fixed-size fallback): not an iterator
     if mode not in MODES:
         raise ExportError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
     max_opset = _max_opset()
@@ -262,8 +264,10 @@ def export_onnx(
 
         ref = model
         param = next(iter(model.parameters()), None)
-        if param is not None and param.dtype != torch.float32:
-            ref = copy.deepcopy(model).float()
+        if param is not None and (param.dtype != torch.float32 or param.device.type != "cpu"):
+            # the file computes in float32 on the CPU; so does the reference (on CUDA, TF32
+            # convolutions alone would differ by about 1e-3)
+            ref = copy.deepcopy(model).float().cpu()
         report = check_parity(path, ref, images=images, rtol=rtol, min_top1=min_top1,
                               batch_sizes=parity_batches, input_size=size)
         result.parity = report

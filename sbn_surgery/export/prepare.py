@@ -106,7 +106,7 @@ def _probe_sizes(model: nn.Module, sites: list[_Site], input_size: tuple[int, in
     try:
         with torch.no_grad():
             model(torch.zeros(2, *input_size))
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - wrong channel count, maps too small, ...
         raise ExportError(
             f"the model does not run at input size {'x'.join(map(str, input_size))}: "
             f"{str(exc).rstrip('.')}. Pass the input size the model was converted at (--input-size C H W)."
