@@ -132,8 +132,9 @@ def finetune(
     if json_out:
         print_json(result.to_json())
         return
-    con.print(f"val top-1 [bold]{100 * result.val_top1:.2f} %[/] (top-5 "
-              f"{100 * result.val_top5:.2f} %), val loss {result.val_loss:.4f} after "
+    top5 = "" if result.val_top5 is None else f" (top-5 {100 * result.val_top5:.2f} %)"
+    con.print(f"val top-1 [bold]{100 * result.val_top1:.2f} %[/]{top5}, val loss "
+              f"{result.val_loss:.4f} after "
               f"{result.epochs} epoch(s); best top-1 {100 * result.best_top1:.2f} % at epoch "
               f"{result.best_epoch}; {result.images_per_s:.0f} images/s", highlight=False)
     con.print(f"checkpoints: {result.checkpoint} (best), {result.last_checkpoint} (last); "

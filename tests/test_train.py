@@ -319,3 +319,24 @@ def test_amp_channels_last_and_compile_on_cpu(tmp_path, monkeypatch):
     sbn = next(m for m in r.model.modules() if isinstance(m, SpectralBatchNorm2d))
     assert sbn.running_var.dtype == torch.float32 and sbn.weight.dtype == torch.float32
     assert sbn.num_batches_tracked > 0
+
+
+def test_two_classes_report_no_top5_and_leave_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from test_data import _folder
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a notebook user's choice, say
+    try:
+        root = _folder(tmp_path / "ds", per=8, size=(32, 32))
+        r = finetune("resnet10t", root, output=tmp_path / "run", recipe="resnet", epochs=1,
+                     batch_size=8, input_size=(3, 32, 32))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert r.val_top5 is None and r.history[0]["top5"] is None  # top-5 of 2 classes is always 1
+    assert 0.0 <= r.val_top1 <= 1.0
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["top5"] is None
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -48,7 +48,7 @@ class FinetuneResult:
     """Summary of a run. ``val_top1``/``val_top5`` are fractions in [0, 1] (of the last epoch)."""
 
     val_top1: float
-    val_top5: float
+    val_top5: Optional[float]  # None with 5 classes or fewer
     val_loss: float
     epochs: int
     checkpoint: str  # best.safetensors
@@ -367,11 +367,13 @@ class _Run:
         meta = getattr(self.net, "sbn_meta", {}) or {}
         return f"{meta.get('model_name', 'model')} + SBN ({meta.get('recipe_name', '?')}) on {self.opts.data}"
 
-    def _evaluate(self) -> tuple[float, float, float]:
+    def _evaluate(self) -> tuple[float, float, Optional[float]]:
+        """Validation loss, top-1 and top-5 (None with 5 classes or fewer, where it is 1)."""
         net, loader, dev = self.net, self.val_loader, self.ctx.device
         was = net.training
         net.eval()
-        k = min(5, int(getattr(net, "num_classes", 5) or 5))
+        classes = int(getattr(net, "num_classes", 0) or 0)
+        k = 5 if classes > 5 else 1
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, top1, top5, count
         total = len(loader)
         desc = f"val {self.epoch + 1}/{self.opts.epochs}"
@@ -392,7 +394,7 @@ class _Run:
         net.train(was)
         loss, c1, c5, n = D.all_reduce_sum(sums, self.ctx)
         n = max(n, 1.0)
-        return loss / n, c1 / n, c5 / n
+        return loss / n, c1 / n, (c5 / n if classes > 5 else None)
 
     # ------------------------------------------------------------------ summary
     def result(self) -> FinetuneResult:
@@ -400,7 +402,8 @@ class _Run:
         images = sum(r.get("images", 0) for r in self.history)
         secs = sum(r.get("train_time_s", 0.0) for r in self.history)
         return FinetuneResult(
-            val_top1=float(last.get("top1", 0.0)), val_top5=float(last.get("top5", 0.0)),
+            val_top1=float(last.get("top1", 0.0)),
+            val_top5=None if last.get("top5") is None else float(last["top5"]),
             val_loss=float(last.get("val_loss", float("nan"))), epochs=len(self.history),
             checkpoint=str(self.out / O.BEST_FILE), last_checkpoint=str(self.out / O.LAST_FILE),
             images_per_s=images / secs if secs else 0.0, best_top1=self.best_top1,

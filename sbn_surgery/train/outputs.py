@@ -123,10 +123,7 @@ def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 def plot_curves(path: Path, history: list[dict[str, Any]], title: Optional[str] = None) -> None:
     """Loss (train, val) and accuracy (val top-1, top-5) against epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it was
 
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(9, 3.6), dpi=100)
@@ -137,7 +134,8 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: Optional[str] 
     ax_loss.set_ylabel("cross-entropy loss")
     ax_loss.legend()
     ax_acc.plot(epochs, [100 * row["top1"] for row in history], "o-", label="val top-1")
-    ax_acc.plot(epochs, [100 * row["top5"] for row in history], "s-", label="val top-5")
+    if all(row.get("top5") is not None for row in history):  # no top-5 with 5 classes or fewer
+        ax_acc.plot(epochs, [100 * row["top5"] for row in history], "s-", label="val top-5")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend()
