@@ -67,3 +67,46 @@ def test_ddp_two_gloo_processes_agree(tmp_path):
     assert (tmp_path / "out0" / "last.safetensors").is_file()
     assert (tmp_path / "out0" / "metrics.jsonl").read_text().count("\n") == 1
     assert not (tmp_path / "out1").exists() or not any((tmp_path / "out1").iterdir())
+
+
+def _interrupt_worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
+    import signal
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from sbn_surgery.train import TrainingInterrupted, finetune
+
+    def ctrl_c_at_step_2(desc, done, total, info=""):  # rank 0's progress; the stop reaches all
+        if desc.startswith("epoch") and done == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = Path(root) / phase.split("-")[0]
+    kw = dict(recipe="resnet", epochs=1, subset=64, batch_size=8, input_size=(3, 32, 32),
+              device="cpu")
+    if phase == "run-stop":
+        try:
+            finetune("resnet10t", "synthetic", output=out, progress=ctrl_c_at_step_2, **kw)
+        except TrainingInterrupted:
+            return
+        raise AssertionError("the run was not interrupted")
+    if phase == "run-resume":
+        r = finetune("resnet10t", "synthetic", output=out, resume=True, device="cpu")
+    else:
+        r = finetune("resnet10t", "synthetic", output=out, **kw)
+    torch.save(r.model.state_dict(), Path(root) / f"{phase}{rank}.pt")
+
+
+def test_ddp_resume_after_ctrl_c_mid_epoch_equals_the_uninterrupted_run(tmp_path):
+    # each rank's running statistics differ mid-epoch: the saved state keeps every rank's own,
+    # so the resumed ranks go on from them and the epoch ends where the uninterrupted one does
+    for phase in ("full", "run-stop", "run-resume"):
+        mp.spawn(_interrupt_worker, args=(2, _free_port(), str(tmp_path), phase), nprocs=2,
+                 join=True)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["step"] == 0 and state["epoch"] == 1  # the resumed run finished the epoch
+    full = torch.load(tmp_path / "full0.pt", weights_only=True)
+    for rank in range(2):
+        resumed = torch.load(tmp_path / f"run-resume{rank}.pt", weights_only=True)
+        for k, v in full.items():
+            assert torch.allclose(resumed[k].float(), v.float(), atol=1e-6, rtol=1e-5), k

@@ -111,7 +111,7 @@ def to_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def _running_buffers(model: nn.Module) -> list[torch.Tensor]:
+def running_buffers(model: nn.Module) -> list[torch.Tensor]:
     from torch.nn.modules.batchnorm import _NormBase
 
     out = []
@@ -128,7 +128,7 @@ def average_running_stats(model: nn.Module, ctx: DistContext) -> None:
     """All-reduce mean of every BatchNorm/SBN running buffer, so all ranks hold the same."""
     if not ctx.distributed:
         return
-    bufs = _running_buffers(model)
+    bufs = running_buffers(model)
     if not bufs:
         return
     flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in bufs])

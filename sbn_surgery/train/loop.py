@@ -247,6 +247,10 @@ class _Run:
             mine = ranks[self.ctx.rank]
             self.partial = dict(mine["partial"])
             self.rng = mine["rng"]
+            if mine.get("buffers") is not None:  # this rank's own running statistics
+                with torch.no_grad():
+                    for b, saved in zip(D.running_buffers(self.net), mine["buffers"]):
+                        b.copy_(saved)
 
     def _state(self, ranks: list[dict]) -> dict[str, Any]:
         return {
@@ -268,7 +272,12 @@ class _Run:
         O.save_state(self.out / O.STATE_FILE, self._state(ranks))
 
     def _rank_state(self) -> dict[str, Any]:
-        return {"partial": dict(self.partial), "rng": O.capture_rng()}
+        """What a rank needs to continue mid-epoch: its partial sums, RNG and, under DDP, its
+        own running statistics (the ranks' differ until the epoch's end averages them)."""
+        buffers = None
+        if self.ctx.distributed:
+            buffers = [b.detach().cpu().clone() for b in D.running_buffers(self.net)]
+        return {"partial": dict(self.partial), "rng": O.capture_rng(), "buffers": buffers}
 
     # ------------------------------------------------------------------ loop
     def loop(self) -> None:
@@ -280,7 +289,9 @@ class _Run:
                     self._train_epoch(stop)
                     self._end_epoch()
             except _Interrupt:
-                self.save(D.gather_objects(self._rank_state(), self.ctx))
+                ranks = D.gather_objects(self._rank_state(), self.ctx)
+                D.average_running_stats(self.net, self.ctx)  # the checkpoint holds their mean
+                self.save(ranks)
                 raise TrainingInterrupted(self.out, self.epoch, self.step, True) from None
             except KeyboardInterrupt:
                 saved = not self.ctx.distributed  # a lone rank cannot gather the others' state
