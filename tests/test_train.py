@@ -79,8 +79,9 @@ def _interrupt_at(description: str, step: int, how: str):
 
 @pytest.mark.parametrize("where, saved_at", [(("epoch 2/2", 0, "raise"), (1, 0)),
                                              (("epoch 1/2", 3, "raise"), (0, 3)),
-                                             (("epoch 1/2", 2, "signal"), (0, 2))],
-                         ids=["between-epochs", "mid-epoch", "sigint"])
+                                             (("epoch 1/2", 2, "signal"), (0, 2)),
+                                             (("val 1/2", 1, "signal"), (0, 6))],
+                         ids=["between-epochs", "mid-epoch", "sigint", "sigint-in-validation"])
 def test_resume_equals_uninterrupted(tmp_path, two_epochs, where, saved_at):
     with pytest.raises(TrainingInterrupted) as info:
         finetune("resnet10t", "synthetic", output=tmp_path, recipe="resnet", epochs=2,

@@ -226,6 +226,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch = -1.0, 0
         self.rng: Optional[dict] = None
+        self.stop: Optional[_StopFlag] = None
 
     # ------------------------------------------------------------------ state
     def load(self, state: dict[str, Any]) -> None:
@@ -284,6 +285,7 @@ class _Run:
         if self.ctx.is_main and self.epoch == 0 and self.step == 0:
             O.write_metrics(self.out / O.METRICS_FILE, [])
         with _StopFlag() as stop:
+            self.stop = stop
             try:
                 while self.epoch < self.opts.epochs:
                     self._train_epoch(stop)
@@ -402,6 +404,9 @@ class _Run:
                 sums[3] += y.numel()
                 if self.progress:
                     self.progress(desc, i + 1, total)
+                if self.stop is not None and D.any_rank(self.stop.set, self.ctx):
+                    net.train(was)  # saved as after the epoch's training: resume validates again
+                    raise _Interrupt
         net.train(was)
         loss, c1, c5, n = D.all_reduce_sum(sums, self.ctx)
         n = max(n, 1.0)
