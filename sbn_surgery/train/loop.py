@@ -363,15 +363,17 @@ class _Run:
                "train_top1": correct / max(seen, 1), "val_loss": val_loss, "top1": top1,
                "top5": top5, "images_per_s": seen / train_time, "lr": self.optim.param_groups[0]["lr"],
                "images": int(seen), "train_time_s": train_time}
-        self.history.append(row)
         improved = top1 > self.best_top1
+        if improved and self.ctx.is_main:
+            O.save_checkpoint(self.net, self.out / O.BEST_FILE)
+        # The epoch counts as done only from here: a second Ctrl-C above leaves the state at the
+        # end of its training, so resume validates it again and best.safetensors matches.
+        self.history.append(row)
         if improved:
             self.best_top1, self.best_epoch = top1, self.epoch + 1
         self.epoch += 1
         self.step = 0
         if self.ctx.is_main:
-            if improved:
-                O.save_checkpoint(self.net, self.out / O.BEST_FILE)
             self.save([])
             O.write_metrics(self.out / O.METRICS_FILE, self.history)
             O.plot_curves(self.out / O.CURVES_FILE, self.history, self._title())
