@@ -341,3 +341,23 @@ def test_two_classes_report_no_top5_and_leave_the_matplotlib_backend_alone(tmp_p
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["top5"] is None
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_while_writing_the_best_checkpoint_leaves_that_epoch_to_validate_again(
+        tmp_path, monkeypatch):
+    real = O.save_checkpoint
+
+    def interrupted_best(model, path):
+        if path.name == O.BEST_FILE:
+            raise KeyboardInterrupt  # a second Ctrl-C, mid-write
+        real(model, path)
+
+    monkeypatch.setattr(O, "save_checkpoint", interrupted_best)
+    with pytest.raises(TrainingInterrupted):
+        finetune("resnet10t", "synthetic", output=tmp_path, recipe="resnet", epochs=1, **TINY)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["step"] > 0  # training done, validation not yet
+    assert state["best_epoch"] == 0 and state["history"] == []
+    monkeypatch.setattr(O, "save_checkpoint", real)
+    r = finetune("resnet10t", "synthetic", output=tmp_path, resume=True)
+    assert r.epochs == 1 and r.best_epoch == 1 and (tmp_path / O.BEST_FILE).is_file()
