@@ -238,3 +238,16 @@ def test_image_folder_errors(tmp_path, case, match):
         _folder(root, classes=("cat", "cow"), splits=("val",))
     with pytest.raises(DataError, match=match):
         D.build_loaders(str(root), CFG, 4)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_is_one_line_naming_the_file(tmp_path, workers):
+    root = _folder(tmp_path / "ds")
+    bad = root / "train" / "cat" / "0.png"
+    bad.write_bytes(b"not a png")
+    tr, _, _ = D.build_loaders(str(root), dict(CFG, crop_pct=0.875, crop_mode="center"), 6,
+                               seed=0, workers=workers)
+    with pytest.raises(DataError) as info:
+        list(tr.iter_epoch(0))
+    message = str(info.value)
+    assert "\n" not in message and str(bad) in message and "remove or replace" in message

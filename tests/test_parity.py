@@ -197,7 +197,10 @@ def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
     res = run_cli("parity", onnx_path, checkpoint, "--rtol", "1e-12", "--json")
     assert res.code == 2 and json.loads(res.stdout)["passed"] is False
     res = run_cli("parity", onnx_path, checkpoint, "--input-size", "3", "64", "64")  # freq. SBN
-    assert res.code == 2 and "does not run on input 1x3x64x64" in res.stderr
+    assert res.code == 2 and "takes input N x 3x56x60, not 3x64x64" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
+    res = run_cli("bench", onnx_path, "--input-size", "3", "64", "64")
+    assert res.code == 2 and "takes input N x 3x56x60, not 3x64x64" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
 
     res = run_cli("parity", tmp_path / "missing.onnx", checkpoint)

@@ -121,8 +121,12 @@ class Loader:
         loader = torch.utils.data.DataLoader(self._folder, batch_sampler=keyed,
                                              num_workers=self.workers,
                                              persistent_workers=False)
-        for x, y in loader:
-            yield x, y
+        try:
+            for x, y in loader:
+                yield x, y
+        except DataError as exc:  # from a worker, its message carries the worker's traceback
+            last = [line for line in str(exc).splitlines() if line.strip()][-1]
+            raise DataError(last.split("DataError: ", 1)[-1]) from None
 
 
 def _dist_info(distributed: bool) -> tuple[int, int]:
