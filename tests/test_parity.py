@@ -206,6 +206,8 @@ def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
     res = run_cli("parity", tmp_path / "missing.onnx", checkpoint)
     assert res.code == 2 and "not found" in res.stderr
 
+    res = run_cli("export", checkpoint, "-o", tmp_path)
+    assert res.code == 2 and "is a directory" in res.stderr and len(res.stderr.splitlines()) == 1
     res = run_cli("export", checkpoint, "-o", tmp_path / "c1.onnx", "--input-size", "1", "56", "60")
     assert res.code == 2 and "does not run at input size 1x56x60" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1

@@ -203,6 +203,9 @@ def export_onnx(
     if not dynamic_batch and batch_size < 1:
         raise ExportError(f"batch size must be at least 1; got {batch_size}")
     path = Path(path)
+    if path.is_dir():  # found now, not after the slow trace
+        raise ExportError(f"{path} is a directory; give the .onnx file to write, e.g. "
+                          f"{path / 'model.onnx'}")
     if path.suffix.lower() != ".onnx":
         raise ExportError(f"output file {path} should end in .onnx")
     size = _resolve_input_size(model, input_size)
