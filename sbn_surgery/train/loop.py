@@ -237,8 +237,8 @@ class _Run:
         self.history = list(state["history"])
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
         ranks = state["ranks"]
-        world = int(state.get("world", len(ranks) or 1))
-        if world != self.ctx.world:  # the lr schedule's length and the data shards depend on it
+        world = state.get("world") or len(ranks) or None  # None: a state from before "world"
+        if world is not None and world != self.ctx.world:  # the schedule and shards depend on it
             raise CheckpointError(
                 f"the run in {self.out} was trained with {world} process(es), this one has "
                 f"{self.ctx.world}; resume it with the same number of processes (the learning-"
