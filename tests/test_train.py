@@ -249,7 +249,7 @@ def _cli(monkeypatch, capsys, *args):
 
 
 @pytest.mark.parametrize("case", ["missing", "no-images", "resume", "cuda", "output",
-                                  "frequency-size"])
+                                  "frequency-size", "kwargs-for-converted"])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, case):
     args = ["resnet10t", "--data", "synthetic", "-o", str(tmp_path / "run"), "--epochs", "1"]
     if case == "output":  # a file where the output directory should be
@@ -264,6 +264,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, case):
         save_converted(net, tmp_path / "f.safetensors")
         args[0] = str(tmp_path / "f.safetensors")
         args += ["--input-size", "3", "64", "64"]
+    elif case == "kwargs-for-converted":  # timm options for a model that is already built
+        from sbn_surgery import convert, save_converted
+
+        net, _ = convert("resnet10t", "resnet", input_size=(3, 32, 32))
+        save_converted(net, tmp_path / "c.safetensors")
+        args[0] = str(tmp_path / "c.safetensors")
+        args += ["--model-kwargs", "drop_rate=0.1"]
     elif case == "missing":
         args[2] = str(tmp_path / "nope")
     elif case == "no-images":

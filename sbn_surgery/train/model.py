@@ -83,9 +83,13 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
             raise CheckpointError(f"checkpoint {spec} not found; give a converted checkpoint "
                                   f"(.safetensors from `sbn-surgery convert` or `finetune`) or a "
                                   f"timm model name")
-        if opts.recipe is not None or opts.checkpoint is not None:
-            raise SbnSurgeryError(f"{spec} is already converted: --recipe and --checkpoint apply "
-                                  f"to a timm model name only; leave them out")
+        given = [name for name, value in (("--recipe", opts.recipe),
+                                          ("--checkpoint", opts.checkpoint),
+                                          ("--model-kwargs", opts.model_kwargs)) if value]
+        if given:
+            raise SbnSurgeryError(f"{spec} is already converted: {', '.join(given)} appl"
+                                  f"{'ies' if len(given) == 1 else 'y'} to a timm model name "
+                                  "only; leave it out")
         model = load_converted(spec)
         meta = model.sbn_meta
         in_chans = _in_chans(meta.get("model_kwargs"))
