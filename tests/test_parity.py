@@ -97,6 +97,18 @@ def test_export_keeps_a_failing_file_and_raises(tmp_path):
     assert read_metadata(path)["mode"] == "dft"
 
 
+def test_parity_images_of_the_wrong_size_are_refused_before_the_file_is_replaced(tmp_path):
+    from sbn_surgery.errors import ExportError
+
+    model, plan, size = converted("resnet10t", "channel")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"a file the user keeps")
+    with pytest.raises(ExportError, match="parity images have shape"):
+        export_onnx(model, path, mode="fold", input_size=size,
+                    images=iter([torch.zeros(2, 3, 32, 32)]))
+    assert path.read_bytes() == b"a file the user keeps"
+
+
 def test_default_tolerances_grow_with_transform_length():
     small = [{"spatial_size": [7, 7], "form": "elementwise"}]
     big = [{"spatial_size": [56, 56], "form": "matmul"}]

@@ -189,8 +189,10 @@ def export_onnx(
     with the model in eval mode; a failure raises ``sbn_surgery.parity.ParityFailed`` (a
     ``ParityError``) and leaves the file in place for inspection.
     """
-    if images is not None and not isinstance(images, Tensor):
-        images = list(images)  # parity may run twice (the fixed-size fallback): not an iterator
+    if images is not None and parity:  # once: the fixed-size fallback runs parity again
+        from ..parity.check import stack_images
+
+        images = stack_images(images)
     if mode not in MODES:
         raise ExportError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
     max_opset = _max_opset()
@@ -209,6 +211,9 @@ def export_onnx(
     if path.suffix.lower() != ".onnx":
         raise ExportError(f"output file {path} should end in .onnx")
     size = _resolve_input_size(model, input_size)
+    if parity and images is not None and tuple(images.shape[1:]) != tuple(size):  # before writing
+        raise ExportError(f"parity images have shape {tuple(images.shape)}; the export takes "
+                          f"(N, {', '.join(map(str, size))}). Resize them to the input size.")
 
     def step(i: int, info: str) -> None:
         if progress is not None:

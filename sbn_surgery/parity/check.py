@@ -32,10 +32,11 @@ from ..export import graph
 from .reports import LayerParity, ParityCase, ParityReport
 from .runtime import input_chw, session
 
-__all__ = ["check_parity", "default_rtol"]
+__all__ = ["check_parity", "default_rtol", "stack_images"]
 
 
-def _batches(images: Union[Tensor, Iterable[Tensor]]) -> Tensor:
+def stack_images(images: Union[Tensor, Iterable[Tensor]]) -> Tensor:
+    """One float tensor of images from a tensor or batches (tensors or (images, labels))."""
     if isinstance(images, Tensor):
         return images.float()
     parts = [b[0] if isinstance(b, (tuple, list)) else b for b in images]
@@ -52,7 +53,7 @@ def _inputs(dims, size, batch_sizes, images, seed) -> list[tuple[str, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     runs = [("random", torch.randn(b, *size, generator=g)) for b in sizes]
     if images is not None:
-        data = _batches(images)
+        data = stack_images(images)
         if tuple(data.shape[1:]) != tuple(size):
             raise ParityError(
                 f"parity images have shape {tuple(data.shape)}; the file takes (N, "
