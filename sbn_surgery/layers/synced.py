@@ -39,16 +39,16 @@ def _synced_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, stats: st
     from torch.distributed.nn.functional import all_reduce
 
     n, c, h, w = x.shape
-    sd = _stat_dtype(x)
-    xs = x.to(sd)
-    root = math.sqrt(h * w)
-    n_all = all_reduce(torch.tensor([float(n)], dtype=sd, device=x.device), group=group)
-    n_all = n_all.detach()
     if stats == "channel" and h * w == 1:
         # One pixel, one frequency: channel mode is frequency mode, whose centred variance does
         # not cancel under a large mean as E[x^2] - mu^2 would.
         y, mean, var, count = _synced_train(x, weight, bias, eps, "frequency", group)
         return y, mean.view(c), var.view(c), count
+    sd = _stat_dtype(x)
+    xs = x.to(sd)
+    root = math.sqrt(h * w)
+    n_all = all_reduce(torch.tensor([float(n)], dtype=sd, device=x.device), group=group)
+    n_all = n_all.detach()
     if stats == "channel":
         local = torch.cat([xs.square().sum(dim=(0, 2, 3)), xs[:, :, 0, 0].sum(0)])
         pooled = all_reduce(local, group=group)

@@ -37,7 +37,7 @@ def input_chw(dims: Sequence[Optional[int]], meta: dict, input_size, path) -> tu
             f"{path}: the input's spatial size is symbolic and the file has no sbn-surgery "
             "metadata; pass the input size (--input-size C H W)."
         )
-    fixed = [d for d in dims[1:4]]
+    fixed = dims[1:4]
     if any(d is not None and d != v for d, v in zip(fixed, size)):
         takes = "x".join("?" if d is None else str(d) for d in fixed)
         raise ParityError(

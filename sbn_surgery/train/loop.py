@@ -392,24 +392,26 @@ class _Run:
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, top1, top5, count
         total = len(loader)
         desc = f"val {self.epoch + 1}/{self.opts.epochs}"
-        with torch.no_grad():
-            for i, (x, y) in enumerate(loader.iter_epoch(0)):
-                x = x.to(dev).contiguous(memory_format=self.mem)
-                y = y.to(dev)
-                with self._autocast():
-                    logits = net(x)
-                logits = logits.float()
-                sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                topk = logits.topk(k, dim=1).indices
-                sums[1] += (topk[:, 0] == y).sum().item()
-                sums[2] += (topk == y.view(-1, 1)).any(1).sum().item()
-                sums[3] += y.numel()
-                if self.progress:
-                    self.progress(desc, i + 1, total)
-                if self.stop is not None and D.any_rank(self.stop.set, self.ctx):
-                    net.train(was)  # saved as after the epoch's training: resume validates again
-                    raise _Interrupt
-        net.train(was)
+        try:
+            with torch.no_grad():
+                for i, (x, y) in enumerate(loader.iter_epoch(0)):
+                    x = x.to(dev).contiguous(memory_format=self.mem)
+                    y = y.to(dev)
+                    with self._autocast():
+                        logits = net(x)
+                    logits = logits.float()
+                    sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                    topk = logits.topk(k, dim=1).indices
+                    sums[1] += (topk[:, 0] == y).sum().item()
+                    sums[2] += (topk == y.view(-1, 1)).any(1).sum().item()
+                    sums[3] += y.numel()
+                    if self.progress:
+                        self.progress(desc, i + 1, total)
+                    # saved as after the epoch's training: resume validates it again
+                    if self.stop is not None and D.any_rank(self.stop.set, self.ctx):
+                        raise _Interrupt
+        finally:
+            net.train(was)
         loss, c1, c5, n = D.all_reduce_sum(sums, self.ctx)
         n = max(n, 1.0)
         return loss / n, c1 / n, (c5 / n if classes > 5 else None)
