@@ -108,17 +108,21 @@ def test_gradients_match_complex_step_reference(shape, stats, impl, training):
     assert np.max(np.abs(layer.bias.grad.numpy() - gb)) <= 1e-10
 
 
+def _float32_train_rel_err(shape, stats, impl, seed, offset=0.5) -> float:
+    """Max error of a float32 training forward against the float64 reference run on the same
+    (float32-rounded) inputs, relative to the output's scale."""
+    x, gamma, beta = _data(shape, seed=seed, offset=offset)
+    x32, g32, b32 = x.astype(np.float32), gamma.astype(np.float32), beta.astype(np.float32)
+    layer = _layer(stats, impl, shape[1], dtype=torch.float32).train()
+    _set_affine(layer, g32, b32)
+    y = layer(torch.from_numpy(x32))
+    ry, _, _ = ref_sbn(x32.astype(np.float64), g32, b32, EPS, stats)
+    return np.max(np.abs(y.detach().numpy() - ry)) / np.max(np.abs(ry))
+
+
 @pytest.mark.parametrize("stats,impl", PATHS)
 def test_float32_within_relative_tolerance(stats, impl):
-    shape = (4, 3, 14, 15)
-    x, gamma, beta = _data(shape, seed=5)
-    layer = _layer(stats, impl, 3, dtype=torch.float32).train()
-    _set_affine(layer, gamma.astype(np.float32), beta.astype(np.float32))
-    y = layer(torch.from_numpy(x.astype(np.float32)))
-    ry, _, _ = ref_sbn(x.astype(np.float32).astype(np.float64), gamma.astype(np.float32),
-                       beta.astype(np.float32), EPS, stats)
-    rel = np.max(np.abs(y.detach().numpy() - ry)) / np.max(np.abs(ry))
-    assert rel <= 1e-4
+    assert _float32_train_rel_err((4, 3, 14, 15), stats, impl, seed=5) <= 1e-4
 
 
 @pytest.mark.parametrize("stats,impl", PATHS)
@@ -352,11 +356,4 @@ def test_float32_frequency_mode_keeps_precision_under_a_large_mean(training):
 @pytest.mark.parametrize("stats,impl", PATHS)
 def test_float32_on_1x1_maps_keeps_precision_under_a_large_mean(stats, impl):
     # At 1x1 channel SBN is BatchNorm: E[x^2] - mu^2 would lose about 5 digits at this offset.
-    x, gamma, beta = _data((16, 4, 1, 1), seed=4, offset=100.0)
-    x32 = x.astype(np.float32)
-    ry, _, _ = ref_sbn(x32.astype(np.float64), gamma.astype(np.float32), beta.astype(np.float32),
-                       EPS, stats)
-    layer = _layer(stats, impl, 4, dtype=torch.float32).train()
-    _set_affine(layer, gamma.astype(np.float32), beta.astype(np.float32))
-    y = layer(torch.from_numpy(x32))
-    assert np.max(np.abs(y.detach().numpy() - ry)) / np.max(np.abs(ry)) <= 1e-5
+    assert _float32_train_rel_err((16, 4, 1, 1), stats, impl, seed=4, offset=100.0) <= 1e-5
