@@ -7,14 +7,17 @@ import inspect
 import sys
 
 import typer
+from typer.core import TyperCommand
 
 from sbn_surgery import __version__
 from sbn_surgery.errors import SbnSurgeryError
 
 from .common import err_console
+from .help import HelpCommand, HelpGroup
 
 app = typer.Typer(
     name="sbn-surgery",
+    cls=HelpGroup,
     help=(
         "Put Spectral Batch Normalization into a timm model, fine-tune it, export it to ONNX "
         "and prove parity.\n\n"
@@ -67,6 +70,8 @@ def _reflow(doc: str) -> str:
 for _module in _command_modules():
     _module.register(app)
 for _info in app.registered_commands:
+    if _info.cls in (None, TyperCommand):
+        _info.cls = HelpCommand
     if _info.help is None and _info.callback is not None and _info.callback.__doc__:
         _info.help = _reflow(_info.callback.__doc__)
 

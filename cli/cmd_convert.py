@@ -110,9 +110,9 @@ def convert(
 
     [bold]Examples[/bold]
 
-      sbn-surgery convert resnet50 --recipe resnet --checkpoint resnet50.pth -o resnet50-sbn.safetensors
+      sbn-surgery convert resnet50 -r resnet -c resnet50.pth -o r50-sbn.safetensors
 
-      sbn-surgery convert resnet18 --num-classes 10 --calibrate-data digits -o r18.safetensors --json
+      sbn-surgery convert resnet18 --num-classes 10 -o r18.safetensors --json
     """
     from sbn_surgery.checkpoint import FORMAT, save_converted
     from sbn_surgery.convert import convert as do_convert

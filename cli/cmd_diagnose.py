@@ -136,7 +136,7 @@ def diagnose(
 
       sbn-surgery diagnose resnet50 --recipe resnet --remove-bn --json
 
-      sbn-surgery diagnose resnet50-sbn.safetensors --data digits --norm-stats running
+      sbn-surgery diagnose r50-sbn.safetensors --data digits --norm-stats running
     """
     import torch
 
@@ -171,11 +171,12 @@ def diagnose(
         weights = f"(weights {checkpoint.name})" if checkpoint is not None else \
             ("(converted checkpoint)" if meta else "at initialization")
         plot_rms(reports, plot, weights=weights)
-    if json_out:
+    if json_out:  # one object on stdout, and no table on stderr either (notes are in it)
         if compare:
             print_json({"model": name, "variants": [r.to_json() for r in reports]})
         else:
             print_json(reports[0].to_json())
+        return
     if compare:
         con.print(_compare_table(reports))
     else:

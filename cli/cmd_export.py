@@ -128,9 +128,9 @@ def export(
 
       sbn-surgery export r18-sbn.safetensors -o r18.onnx
 
-      sbn-surgery export r18-sbn.safetensors -o r18-matmul.onnx --mode matmul --input-size 3 224 224
+      sbn-surgery export r18-sbn.safetensors -o r18-mm.onnx --mode matmul
 
-      sbn-surgery export r18-sbn.safetensors -o r18-dft.onnx --mode dft --opset 20 --json
+      sbn-surgery export r18-sbn.safetensors -o r18-dft.onnx --mode dft --json
     """
     from sbn_surgery.checkpoint import load_converted
     from sbn_surgery.export import export_onnx
@@ -247,8 +247,8 @@ def bench(
         return
     con = out(False)
     what = "CPU time" if report.clock == "cpu" else "latency"
-    table = Table(title=f"onnxruntime CPU {what}, input {'x'.join(map(str, report.input_shape))}, "
-                        f"median of {report.repeats}")
+    table = Table(title=f"onnxruntime on CPU: {what}, input "
+                        f"{'x'.join(map(str, report.input_shape))}, median of {report.repeats}")
     table.add_column("file")
     table.add_column(f"{what} (ms)", justify="right")
     table.add_row(report.onnx, f"{report.latency_ms:.2f}")

@@ -70,7 +70,8 @@ def finetune(
     seed: Optional[int] = typer.Option(None, help="Seed of init, data order and augmentation. "
                                        "[default: 0]"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cuda or cpu."),
-    workers: int = typer.Option(4, min=0, help="Data loader processes (ImageFolder only)."),
+    workers: int = typer.Option(4, min=0, help="Data loader processes (ImageFolder only; at "
+                                "most the CPUs this process may use)."),
     output: Path = typer.Option(Path("runs/finetune"), "--output", "-o", help="Directory for "
                                 "last/best.safetensors, state.pt, metrics.jsonl, curves.png."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its "
@@ -89,13 +90,13 @@ def finetune(
 
       sbn-surgery finetune resnet18 --recipe resnet --data digits --epochs 3
 
-      sbn-surgery finetune resnet18 --data fashion-mnist --subset 5000 --epochs 3 --json
+      sbn-surgery finetune resnet18 -d fashion-mnist --subset 5000 --json
 
-      sbn-surgery finetune r18-sbn.safetensors --data ./imagenette --train sbn -o runs/r18
+      sbn-surgery finetune r18-sbn.safetensors -d ./imgs --train sbn -o runs/r18
 
       sbn-surgery finetune resnet18 --data digits -o runs/r18 --resume
 
-      torchrun --nproc_per_node 2 -m sbn_surgery_cli finetune resnet50 --data ./imagenet --sync-stats
+      torchrun --nproc_per_node 2 -m sbn_surgery_cli finetune resnet50 -d ./imgs
     """
     from sbn_surgery.train import TrainingInterrupted
     from sbn_surgery.train import finetune as run_finetune
