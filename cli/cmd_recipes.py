@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Optional
 
 import typer
@@ -18,7 +20,7 @@ def recipes(
     name: Optional[str] = typer.Argument(None, help="A shipped recipe name or a path: print it."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """List the shipped recipes, or print one.
+    """List the shipped recipes, or print one (into a file or pipe: the file as it is).
 
     [bold]Examples[/bold]
 
@@ -30,11 +32,15 @@ def recipes(
 
     if name is not None:
         recipe = load_recipe(name)
+        text = recipe.to_yaml_text()
         if json_out:
-            print_json({"name": recipe.name, "source": recipe.source, "text": recipe.to_yaml_text()})
-        else:
+            print_json({"name": recipe.name, "source": recipe.source, "text": text})
+        elif console.is_terminal:  # highlighted, long lines folded by the terminal, not cut
             console.print(f"[dim]# {recipe.source}[/]")
-            console.print(Syntax(recipe.to_yaml_text(), "yaml", background_color="default"))
+            console.print(Syntax(text, "yaml", background_color="default"), soft_wrap=True)
+        else:  # into a file or a pipe: the recipe file itself, byte for byte
+            sys.stdout.write(text)
+            sys.stdout.flush()
         return
     rows = [load_recipe(n) for n in shipped_recipes()]
     if json_out:
@@ -42,14 +48,12 @@ def recipes(
                                  "description": r.description.strip()} for r in rows]})
         return
     table = Table(title="Shipped recipes", show_lines=False)
-    table.add_column("name", style="bold cyan")
-    table.add_column("models")
+    table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("rules", justify="right")
-    table.add_column("description")
+    table.add_column("what it covers (models: `recipes NAME`)", overflow="fold")
     for r in rows:
-        models = ", ".join(r.models[:4]) + (" ..." if len(r.models) > 4 else "") or "any CNN with BatchNorm"
-        first = r.description.strip().split(". ")[0].rstrip(".")
-        table.add_row(r.name, escape(models), str(len(r.rules)), escape(first))
+        first = re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(r.description.split()), maxsplit=1)[0]
+        table.add_row(r.name, str(len(r.rules)), escape(first.rstrip(".")))
     console.print(table)
     console.print("Print one with [bold]sbn-surgery recipes NAME[/]; use one with "
                   "[bold]--recipe NAME[/] or [bold]--recipe path/to/recipe.yaml[/].")

@@ -42,7 +42,7 @@ class Loader:
         self.augment = train and (default_augment(ds) if augment is None else bool(augment))
         self.seed = int(seed)
         self.rank, self.world = int(rank), int(world)
-        self.workers = int(workers)
+        self.workers = min(int(workers), usable_cpus())  # more only oversubscribe the cores
         self.epoch = 0
         self.classes = ds.classes
         self._folder = None
@@ -127,6 +127,16 @@ class Loader:
         except DataError as exc:  # from a worker, its message carries the worker's traceback
             last = [line for line in str(exc).splitlines() if line.strip()][-1]
             raise DataError(last.split("DataError: ", 1)[-1]) from None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _dist_info(distributed: bool) -> tuple[int, int]:
