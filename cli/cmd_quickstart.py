@@ -41,7 +41,8 @@ def quickstart(
     table.add_column("time", justify="right")
     fit = r.seconds["convert+finetune"]
     exp = r.seconds["export+parity"]
-    table.add_row("convert", f"{r.sbn_layers} SBN layers inserted", "")
+    maps = ", ".join(sorted({f"{h}x{w}" for h, w in r.sbn_map_sizes}))
+    table.add_row("convert", f"{r.sbn_layers} SBN layers inserted ({maps} feature maps)", "")
     table.add_row("fine-tune", f"{r.epochs} epochs: val top-1 {100 * r.val_top1:.1f} %, val loss "
                   f"{r.val_loss:.3f}, {r.images_per_s:.0f} images/s", f"{fit:.0f} s")
     table.add_row("export", f"ONNX, {r.export_mode} mode, {r.onnx_bytes / 1e6:.1f} MB", "")

@@ -7,6 +7,25 @@ from dataclasses import dataclass
 
 import pytest
 
+#: Printed at the start of every run (also under -q), so a CI log shows what the install resolved.
+_REPORTED = ("pytest", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript",
+             "numpy", "pydantic", "typer", "rich", "safetensors", "scikit-learn")
+
+
+def pytest_sessionstart(session):
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    line = ", ".join(f"{n} {version(n)}" for n in _REPORTED)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"python {sys.version.split()[0]}: {line}")
+
 
 @dataclass
 class CliResult:

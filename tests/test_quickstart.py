@@ -29,11 +29,14 @@ def test_quickstart_produces_a_trained_exported_model(result):
     from sbn_surgery.data import calibration_batches, data_config_for
 
     assert result.model == "resnet10t" and result.recipe == "resnet" and result.sbn_layers >= 2
+    # SBN normalizes a spectrum worth the name: no layer sees a 2x2 or 1x1 map
+    assert len(result.sbn_map_sizes) == result.sbn_layers
+    assert all(h >= 4 and w >= 4 for h, w in result.sbn_map_sizes), result.sbn_map_sizes
     assert result.epochs == 2 and result.parity_passed
     assert result.val_top1 > 0.2  # digits after 2 short epochs: above chance (0.1)
     # the ONNX file computes what the best checkpoint computes, on real digits
     best = load_converted(result.checkpoint).eval()
-    x = calibration_batches("digits", data_config_for(best, (3, 32, 32)), 8, 1)[0]
+    x = calibration_batches("digits", data_config_for(best, (3, 64, 64)), 8, 1)[0]
     sess = ort.InferenceSession(result.onnx, providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
