@@ -227,3 +227,23 @@ def test_output_conflicts_are_one_line_errors(base, run_cli, tmp_path):
     afile.write_text("x")
     res = run_cli("study", *CLI_ARGS, "--arms", "none,resnet", "--seeds", "2", *CLI_TINY, "-o", afile)
     assert res.code == 2 and "is a file" in res.stderr and afile.read_text() == "x"
+
+
+def test_remove_bn_arms_keep_sbn_and_neutralize_every_batchnorm():
+    from sbn_surgery.diagnose import sbn_count
+    from sbn_surgery.study.arms import build_arm_model
+
+    calib = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))]
+    kw = dict(seed=3, num_classes=10, checkpoint=None, model_kwargs=None, input_size=(3, 16, 16),
+              calibration=calib)
+    models = {s: build_arm_model(parse_arm(s), "test_resnet", **kw)
+              for s in ("resnet", "resnet+remove-bn", "none+remove-bn")}
+    assert sbn_count(models["resnet+remove-bn"]) == sbn_count(models["resnet"]) > 0
+    assert sbn_count(models["none+remove-bn"]) == 0
+    for spec in ("resnet+remove-bn", "none+remove-bn"):
+        norms = [m for m in models[spec].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert norms and all(getattr(m, "_sbn_no_norm", False) for m in norms), spec
+        assert models[spec].sbn_meta["variant"] == "remove-bn"
+    plain, removed = models["resnet"].state_dict(), models["resnet+remove-bn"].state_dict()
+    assert plain.keys() == removed.keys()
+    assert all(torch.equal(plain[k], removed[k]) for k in plain)  # same seed, same weights
