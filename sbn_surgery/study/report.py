@@ -78,6 +78,7 @@ def plot_study(path: Path, arms: list[Arm], by_arm: dict[str, list], title: str)
     """Val top-1 (%) against epoch: each arm's mean over seeds, with a +-1 std band."""
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it was
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7.5, 4.5), dpi=100)
     ax = fig.subplots()
@@ -88,8 +89,12 @@ def plot_study(path: Path, arms: list[Arm], by_arm: dict[str, list], title: str)
         epochs = np.arange(1, n + 1)
         mean = curves.mean(axis=0)
         std = curves.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
+        if n == 1:  # a band needs two epochs: a bar instead
+            ax.errorbar(epochs, mean, yerr=std, fmt="o", capsize=4, label=arm.spec)
+            continue
         (line,) = ax.plot(epochs, mean, "o-", label=arm.spec)
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%)")
     ax.grid(True, alpha=0.3)
