@@ -247,3 +247,16 @@ def test_remove_bn_arms_keep_sbn_and_neutralize_every_batchnorm():
     plain, removed = models["resnet"].state_dict(), models["resnet+remove-bn"].state_dict()
     assert plain.keys() == removed.keys()
     assert all(torch.equal(plain[k], removed[k]) for k in plain)  # same seed, same weights
+
+
+def test_other_options_are_refused_once_a_run_began(tmp_path):
+    from sbn_surgery.study.store import StudyError, check_output, save_options
+
+    out = tmp_path / "s"
+    save_options(out, {"data": "fashon-mnist", "epochs": 10})
+    # nothing ran yet (the typo failed first): the corrected command starts the study afresh
+    assert check_output(out, {"data": "fashion-mnist", "epochs": 10}) is False
+    assert check_output(out, {"data": "fashon-mnist", "epochs": 10}) is True
+    (out / "none").mkdir()
+    with pytest.raises(StudyError, match="data 'fashion-mnist' \\(stored: 'fashon-mnist'\\)"):
+        check_output(out, {"data": "fashion-mnist", "epochs": 10})

@@ -40,7 +40,7 @@ def _read_json(path: Path) -> Any:
 
 def check_output(out: Path, options: dict[str, Any]) -> bool:
     """Refuse an --output that is a file, holds other files, or holds a study with other
-    options. Returns whether the study exists already."""
+    options whose runs began. Returns whether the study exists already (with these options)."""
     path = out / STUDY_FILE
     if out.exists() and not out.is_dir():
         raise StudyError(f"--output {out} is a file; give a directory for the study")
@@ -57,6 +57,8 @@ def check_output(out: Path, options: dict[str, Any]) -> bool:
     old = stored.get("options") or {}
     diffs = [f"{k} {options.get(k)!r} (stored: {old.get(k)!r})"
              for k in sorted(set(old) | set(options)) if old.get(k) != options.get(k)]
+    if diffs and not any(p.is_dir() for p in out.iterdir()):
+        return False  # no run began (e.g. a typo in --data failed first): start it afresh
     if diffs:
         raise StudyError(f"{out} holds a study with other options: " + "; ".join(diffs)
                          + ". Repeat the stored options to continue it, or choose another "
