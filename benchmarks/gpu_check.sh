@@ -60,3 +60,37 @@ assert 0.0 <= ft["val_top1"] <= 1.0 and ft["epochs"] == 1, ft
 out["finetune_digits_1_epoch"] = {k: ft[k] for k in ("val_top1", "val_loss", "images_per_s")}
 print(json.dumps(out, indent=2))
 EOF
+
+# --------------------------------------------------------------------------------------------
+# Study (opt-in, long: about 9 runs x 30 epochs of resnet18 on 60000 images; budget ~20-40 min):
+#   bash benchmarks/gpu_check.sh --study [DIR]
+# runs, after the checks above, the paired study of the README's "Study" section on CUDA:
+# resnet18 from scratch on the full Fashion-MNIST (60000 train, 10000 val) at 32x32, arms none,
+# resnet and resnet:frequency, 3 seeds, 30 epochs, into DIR (default runs/gpu_study, kept). It
+# is resumable: if the session ends, the same sbn-surgery command (logged below) continues it.
+# Fashion-MNIST must be on the machine (Debian package dataset-fashion-mnist) or downloadable.
+# With --study a second JSON object follows the first on stdout: the study's report.
+if [[ "${1:-}" == "--study" ]]; then
+    SDIR="${2:-runs/gpu_study}"
+    SCMD=(sbn-surgery study resnet18 --data fashion-mnist --input-size 3 32 32
+          --arms none,resnet,resnet:frequency --seeds 3 --epochs 30 --batch-size 128 --augment
+          --device cuda -o "$SDIR" --json)
+    log "study: ${SCMD[*]}"
+    "${SCMD[@]}" > "$TMP/study.json"
+    "$PY" - "$TMP/study.json" <<'EOF_STUDY'
+import json, math, sys
+doc = json.load(open(sys.argv[1]))
+names = [a["name"] for a in doc["arms"]]
+assert names == ["none", "resnet", "resnet:frequency"], names
+for a in doc["arms"]:
+    assert len(a["runs"]) == 3 and 0.0 <= a["top1_mean"] <= 1.0, a
+for d in doc["differences"]:
+    assert d["vs"] == "none" and all(math.isfinite(v) for v in d["ci95"]), d
+out = {"check": "gpu_study", "arms": [{k: a[k] for k in ("name", "top1_mean", "top1_std",
+                                                        "loss_mean", "images_per_s",
+                                                        "step_ratio", "rms_growth")}
+                                      for a in doc["arms"]],
+       "differences": doc["differences"], "plot": doc["plot"]}
+print(json.dumps(out, indent=2))
+EOF_STUDY
+fi

@@ -15,13 +15,14 @@ from .convert import convert
 from .diagnose import diagnose
 
 #: Heavier entry points (onnx, the training loop), imported on first use.
-_LAZY = {"export_onnx": ".export", "finetune": ".train", "FinetuneResult": ".train"}
+_LAZY = {"export_onnx": ".export", "finetune": ".train", "FinetuneResult": ".train",
+         "study": ".study"}
 
 __all__ = [
     "__version__", "SbnSurgeryError", "SpectralBatchNorm2d", "spectral_batch_norm", "Recipe",
     "load_recipe", "Plan", "Site", "apply_recipe", "calibrate", "find_sbn", "init_identity",
     "strip_sbn", "save_converted", "load_converted", "convert", "diagnose",
-    "export_onnx", "finetune", "FinetuneResult",
+    "export_onnx", "finetune", "FinetuneResult", "study",
 ]
 
 

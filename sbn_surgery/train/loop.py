@@ -163,7 +163,9 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
     if state is not None:
         from ..checkpoint import load_converted
 
-        net = load_converted(out / O.LAST_FILE)
+        # a model given as a module is resumed as that module (e.g. a study's no-SBN or no-BN
+        # arm, which load_converted cannot rebuild); a name is rebuilt from last.safetensors
+        net = spec if isinstance(spec, nn.Module) else load_converted(out / O.LAST_FILE)
         net.load_state_dict(state["model"])
         net, data_config = build_model(net, opts, ds, progress)
     else:

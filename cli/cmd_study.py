@@ -1,0 +1,139 @@
+"""`sbn-surgery study`: does SBN help this model on this data? Arms x seeds, paired."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .cmd_finetune import DATA_HELP
+from .common import err_console, out, parse_kv, print_json, progress_bar
+
+ORDER = 35
+
+
+def study(
+    model: str = typer.Argument(..., help="A timm model name (each arm converts it)."),
+    data: str = typer.Option(..., "--data", "-d", help=DATA_HELP),
+    arms: Optional[str] = typer.Option(None, "--arms", "-a", help="Comma-separated arms: none "
+                                       "(no SBN), a recipe name or YAML path, NAME:frequency or "
+                                       "NAME:channel (stats mode), NAME+remove-bn (no BatchNorm). "
+                                       "[default: none and the model family's recipe]"),
+    seeds: int = typer.Option(3, min=1, help="Runs per arm (seeds SEED..SEED+N-1); 2 or more."),
+    seed: int = typer.Option(0, help="First seed."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
+                                             "for the model; without it, timm's random init."),
+    num_classes: Optional[int] = typer.Option(None, help="Classes of the model as built (e.g. "
+                                              "1000 for an ImageNet --checkpoint)."),
+    model_kwargs: Optional[list[str]] = typer.Option(None, "--model-kwargs", help="Extra timm "
+                                                     "create_model arguments, key=value; repeat."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per run. [default: 10]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=2,
+                                             help="Batch size per process. [default: 64]"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: as finetune]"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw. [default: sgd]"),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay. [default: as "
+                                                 "finetune]"),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup epochs. "
+                                                  "[default: 1]"),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing. [default: 0.1]"),
+    input_size: Optional[tuple[int, int, int]] = typer.Option(None, help="C H W of the images. "
+                                                              "[default: as finetune]"),
+    subset: Optional[int] = typer.Option(None, min=2, help="Train on a fixed N-image subset."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Training "
+                                           "augmentation. [default: as finetune]"),
+    train: Optional[str] = typer.Option(None, help="Which parameters train: all or norm. "
+                                        "[default: all]"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bfloat16 autocast. "
+                                       "[default: on with CUDA]"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory "
+                                       "format."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each run's model."),
+    sync_stats: bool = typer.Option(False, "--sync-stats", help="Under torchrun: batch "
+                                    "statistics over all ranks. CUDA only."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cuda or cpu."),
+    workers: int = typer.Option(4, min=0, help="Data loader processes (ImageFolder only)."),
+    output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Directory of the "
+                                "study: ARM/seedK/ runs, study.json, report.json, study.png."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: arms, "
+                                  "differences, plot."),
+) -> None:
+    """Fine-tune MODEL once per arm and seed, and compare every arm with none.
+
+    Within a seed, all arms start from the same weights and see the same batches, so the
+    difference in val top-1 is paired; it is reported with a 95 % t-interval over seeds and a
+    verdict. Arm directories: resnet:frequency -> resnet-frequency, a file x/my.yaml ->
+    file-my. Run the same command again to resume an interrupted study; a finished one is only
+    reported again.
+
+    [bold]Examples[/bold]
+
+      sbn-surgery study resnet18 -d fashion-mnist -a none,resnet,resnet:frequency
+
+      sbn-surgery study resnet18 -d digits --seeds 5 --epochs 3 -o runs/s1
+
+      sbn-surgery study resnet18 --data digits --arms none,resnet+remove-bn --json
+    """
+    from sbn_surgery.study import study as run_study
+    from sbn_surgery.train import TrainingInterrupted
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    options: dict[str, Any] = dict(
+        checkpoint=checkpoint, num_classes=num_classes,
+        model_kwargs=parse_kv(model_kwargs, "--model-kwargs") or None, epochs=epochs,
+        batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, input_size=input_size,
+        subset=subset, augment=augment, train=train, amp=amp, channels_last=channels_last,
+        compile=compile, sync_stats=sync_stats, device=device, workers=workers)
+    stopped = None
+    with progress_bar(json_out, quiet=not main_rank) as progress:
+        try:
+            result = run_study(model, data, arms=arms.split(",") if arms else None, seeds=seeds,
+                               seed=seed, output=output, progress=progress, **options)
+        except TrainingInterrupted as stop:
+            stopped = stop
+    if stopped is not None:
+        if main_rank:
+            err_console.print(f"[yellow]interrupted[/] in {stopped.output}; run the same "
+                              "command again to continue the study", highlight=False)
+        raise typer.Exit(130)
+    if not main_rank:
+        return
+    if json_out:
+        print_json(result.to_json())
+        return
+    _print_tables(out(False), result)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _print_tables(con, result) -> None:
+    from rich.table import Table
+
+    arms = Table(title=f"{len(result.seeds)} seeds, {result.epochs} epochs: last-epoch val")
+    for col in ("arm", "top-1 %", "std", "loss", "std", "img/s", "step x", "rms growth"):
+        arms.add_column(col, justify="left" if col == "arm" else "right")
+    for a in result.arms:
+        arms.add_row(a["name"], _pct(a["top1_mean"]), _pct(a["top1_std"]),
+                     f"{a['loss_mean']:.4f}", "-" if a["loss_std"] is None else
+                     f"{a['loss_std']:.4f}", f"{a['images_per_s']:.0f}",
+                     "-" if a["step_ratio"] is None else f"{a['step_ratio']:.2f}",
+                     "-" if a["rms_growth"] is None else f"{a['rms_growth']:.3g}")
+    con.print(arms)
+    diffs = Table(title="top-1 against none (paired, 95 % t-interval over seeds)")
+    for col in ("arm", "diff pp", "95 % interval", "verdict"):
+        diffs.add_column(col, justify="right" if col in ("diff pp",) else "left")
+    for d in result.differences:
+        lo, hi = d["ci95"]
+        diffs.add_row(d["arm"], f"{100 * d['mean']:+.2f}", f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
+                      d["verdict"])
+    con.print(diffs)
+    con.print(f"runs in {result.output}; plot {result.plot}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(rich_help_panel="Train")(study)
