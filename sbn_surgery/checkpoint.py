@@ -15,8 +15,10 @@ from .errors import CheckpointError
 from .models import create_model, load_weights
 from .recipe import Recipe
 from .surgery import apply_recipe
+from .weights import safetensors_shapes
 
-__all__ = ["save_converted", "load_converted", "read_metadata", "atomic_write", "FORMAT"]
+__all__ = ["save_converted", "load_converted", "read_metadata", "is_converted", "atomic_write",
+           "FORMAT"]
 
 FORMAT = "sbn-surgery/converted-v1"
 #: Metadata fields stored as JSON strings in the safetensors header.
@@ -87,6 +89,16 @@ def save_converted(model: nn.Module, path: str | Path, *, extra: Optional[dict] 
         seen[ptr] = key
         tensors[key] = t
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def is_converted(path: str | Path) -> bool:
+    """Whether ``path`` is a readable safetensors file with the converted-checkpoint marker
+    (False for anything else, unreadable files included; reading it later says why)."""
+    try:
+        meta, _ = safetensors_shapes(path)
+    except CheckpointError:
+        return False
+    return meta.get("format") == FORMAT
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,202 @@
+"""Untrusted checkpoints and converted files: every damaged, edited or hostile file is one red
+line and exit 2, in bounded time and memory, with no file changed and no payload run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import sbn_surgery as sbn
+
+SMALL = ["--input-size", "3", "32", "32"]
+NAME = "resnet10t"
+CLI = Path(sys.executable).with_name("sbn-surgery")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every regular file under ``folder`` and its bytes (links, FIFOs and devices not read)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink() or not p.is_file():
+            out[str(p)] = b"<not read>"
+        else:
+            out[str(p)] = p.read_bytes()
+    return out
+
+
+def _one_line(result, *fragments) -> str:
+    assert result.code == 2, (result.code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    text = lines[0]
+    for frag in fragments:
+        assert frag in text, text
+    return text
+
+
+@contextmanager
+def _bounded_memory(headroom: int = 1536 << 20):
+    """Lower this process's address-space limit to what it uses now plus ``headroom``: an
+    allocation of many GB fails at once instead of swapping the machine."""
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + headroom, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("good")
+    model, _ = sbn.convert(NAME, "resnet", num_classes=10, input_size=(3, 32, 32))
+    path = folder / "good.safetensors"
+    sbn.save_converted(model, path)
+    return path
+
+
+@pytest.fixture
+def guarded(tmp_path):
+    """A folder with a good output already in place (the commands below write over it)."""
+    (tmp_path / "out.safetensors").write_bytes(b"a good file from before")
+    return tmp_path
+
+
+def _checked(run_cli, folder: Path, *args):
+    """Run the CLI; no file in ``folder`` (inputs, the good output) may change."""
+    before = _files(folder)
+    result = run_cli(*args)
+    assert _files(folder) == before
+    return result
+
+
+def _convert(run_cli, folder: Path, ckpt, *extra):
+    return _checked(run_cli, folder, "convert", NAME, "--checkpoint", ckpt,
+                    "-o", folder / "out.safetensors", *SMALL, *extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain checkpoints (convert --checkpoint)
+# ---------------------------------------------------------------------------------------------
+def _good_safetensors(path: Path) -> bytes:
+    m = timm.create_model(NAME, pretrained=False, num_classes=10)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, path)
+    return path.read_bytes()
+
+
+BROKEN = {
+    "empty.safetensors": lambda p: b"",
+    "short.safetensors": lambda p: b"\x01\x02\x03",
+    "truncated.safetensors": lambda p: _good_safetensors(p)[:5000],
+    "random.safetensors": lambda p: os.urandom(4096),
+    "huge-header.safetensors": lambda p: (2**62).to_bytes(8, "little") + b"{}" + bytes(64),
+    "bad-json-header.safetensors": lambda p: (10).to_bytes(8, "little") + b"{not json}",
+    "empty.pth": lambda p: b"",
+    "random.pth": lambda p: os.urandom(4096),
+    "truncated.pth": lambda p: _pth_bytes(p)[:3000],
+    "list.pth": lambda p: _pth_bytes(p, obj=[torch.zeros(3)]),
+}
+
+
+def _pth_bytes(path: Path, obj=None) -> bytes:
+    torch.save(obj if obj is not None else timm.create_model(NAME).state_dict(), path)
+    return path.read_bytes()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_damaged_checkpoint_is_one_line(run_cli, tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(BROKEN[name](tmp_path / f"src-{name}"))
+    before = _files(tmp_path)
+    _one_line(_convert(run_cli, tmp_path, path), str(path))
+    assert _files(tmp_path) == before and not (tmp_path / "out.safetensors").exists()
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.timeout(60)
+def test_pickle_payload_is_refused_and_never_runs(run_cli, guarded):
+    marker = guarded / "PWNED"
+    path = guarded / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Payload(marker)}, path)
+    _one_line(_convert(run_cli, guarded, path), f"refused to load {path}", "system")
+    assert not marker.exists()
+    _one_line(_checked(run_cli, guarded, "diagnose", NAME, "--checkpoint", path, *SMALL),
+              "refused to load")
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_non_regular_files_are_refused_without_reading(run_cli, guarded, kind, suffix):
+    path = guarded / f"weights{suffix}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    _one_line(_convert(run_cli, guarded, path), "not a regular file")
+
+
+@pytest.mark.timeout(60)
+def test_directory_without_weights(run_cli, guarded):
+    (guarded / "snap").mkdir()
+    (guarded / "snap" / "config.json").write_text('{"architecture": "resnet10t"}')
+    _one_line(_convert(run_cli, guarded, guarded / "snap"), "holds no model.safetensors or "
+              "pytorch_model.bin")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("config, fragment", [
+    ("{not json", "is not valid JSON"),
+    ('["a"]', "is not a JSON object"),
+    ('{"architecture": ["../../etc"]}', "'architecture' is not a model name"),
+    ('{"num_classes": 1e30}', "'num_classes' is not a class count"),
+])
+def test_hostile_snapshot_config(run_cli, guarded, config, fragment):
+    snap = guarded / "snap"
+    snap.mkdir()
+    _good_safetensors(snap / "model.safetensors")
+    (snap / "config.json").write_text(config)
+    _one_line(_convert(run_cli, guarded, snap), fragment)
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_of_another_architecture_names_the_keys(run_cli, guarded):
+    path = guarded / "r18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), path)
+    _one_line(_convert(run_cli, guarded, path, "--num-classes", "10"), "does not fit model ResNet",
+              "missing key(s): conv1.0.weight")
+
+
+@pytest.mark.timeout(60)
+def test_a_prefix_on_some_keys_only_is_not_merged(run_cli, guarded):
+    """Stripping ``module.`` per key would let ``module.fc.weight`` overwrite ``fc.weight``."""
+    state = dict(timm.create_model(NAME, num_classes=10).state_dict())
+    state["module.fc.weight"] = torch.zeros_like(state["fc.weight"])
+    path = guarded / "dup.pth"
+    torch.save(state, path)
+    _one_line(_convert(run_cli, guarded, path, "--num-classes", "10"),
+              "1 unexpected key(s): module.fc.weight")
