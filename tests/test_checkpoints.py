@@ -128,17 +128,6 @@ def test_wrapper_prefixes_are_removed(run_cli, tmp_path, models, prefix):
     _assert_same_function(converted, models["plain"])
 
 
-def test_a_prefix_on_some_keys_only_is_not_merged(run_cli, tmp_path, models):
-    """Stripping per key would let ``module.fc.weight`` overwrite ``fc.weight`` silently."""
-    state = dict(models["plain"].state_dict())
-    state["module.fc.weight"] = torch.zeros_like(state["fc.weight"])
-    ckpt = tmp_path / "dup.pth"
-    torch.save(state, ckpt)
-    result = run_cli("convert", NAME, "--checkpoint", ckpt, "--num-classes", "10",
-                     "-o", tmp_path / "x.safetensors", *SMALL)
-    _one_line_error(result, "1 unexpected key(s): module.fc.weight")
-
-
 def _snapshot(folder, model, weights: str, config: dict):
     folder.mkdir()
     if weights == "model.safetensors":

@@ -200,3 +200,98 @@ def test_a_prefix_on_some_keys_only_is_not_merged(run_cli, guarded):
     torch.save(state, path)
     _one_line(_convert(run_cli, guarded, path, "--num-classes", "10"),
               "1 unexpected key(s): module.fc.weight")
+
+
+# ---------------------------------------------------------------------------------------------
+# converted files: edited metadata, absurd sizes, paths, recipes
+# ---------------------------------------------------------------------------------------------
+def _edited(src: Path, dst: Path, drop=(), **changes) -> Path:
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key in drop:
+        meta.pop(key)
+    meta.update(changes)
+    save_file(tensors, dst, metadata=meta)
+    return dst
+
+
+EDITS = [
+    (dict(model_kwargs="{not json"), "'model_kwargs' is not valid JSON"),
+    (dict(model_kwargs="[1, 2]"), "'model_kwargs' is invalid"),
+    (dict(num_classes='"abc"'), "'num_classes' is invalid"),
+    (dict(num_classes="abc"), "'num_classes' is not valid JSON"),
+    (dict(num_classes=str(10**9)), "'num_classes' is invalid"),
+    (dict(input_size="[3, 100000, 100000]"), "'input_size' is invalid"),
+    (dict(model_name="../../etc/passwd"), "'model_name' is invalid"),
+    (dict(model_name="resnet18"), "does not fit its tensors"),
+    (dict(model_kwargs='{"checkpoint_path": "/etc/passwd"}'), "'checkpoint_path' is refused"),
+    (dict(model_kwargs='{"pretrained": true}'), "'pretrained' is refused"),
+    (dict(model_kwargs='{"pretrained_cfg_overlay": {"file": "/etc/passwd"}}'), "invalid"),
+    (dict(model_kwargs='{"width_factor": 4}'), "does not take these arguments"),
+    (dict(model_kwargs='{"base_width": 7}'), "does not take these arguments"),
+    (dict(recipe="name: [unclosed"), "embedded recipe"),
+    (dict(recipe="x" * (300 * 1024)), "'recipe' is invalid"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("change, fragment", EDITS, ids=[str(i) for i in range(len(EDITS))])
+def test_edited_metadata_is_one_line(run_cli, converted, guarded, change, fragment):
+    path = _edited(converted, guarded / "edited.safetensors", **change)
+    _one_line(_checked(run_cli, guarded, "diagnose", path, "--json"), fragment)
+    _one_line(_checked(run_cli, guarded, "export", path, "-o", guarded / "out.safetensors"),
+              fragment)
+
+
+@pytest.mark.timeout(60)
+def test_missing_model_name(run_cli, converted, guarded):
+    path = _edited(converted, guarded / "edited.safetensors", drop=("model_name",))
+    _one_line(_checked(run_cli, guarded, "diagnose", path), "'model_name' is invalid: Field required")
+
+
+@pytest.mark.timeout(60)
+def test_recipe_alias_bomb_is_refused_quickly(run_cli, converted, guarded):
+    bomb = "x0: &l0 [r, r, r, r, r, r, r, r, r, r]\n" + "".join(
+        f"x{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n" for i in range(1, 9))
+    path = _edited(converted, guarded / "bomb.safetensors",
+                   recipe=bomb + "name: b\nmodels: [*l8]\nrules: [*l8]\n")
+    start = time.monotonic()
+    _one_line(_checked(run_cli, guarded, "diagnose", path), "embedded recipe")
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("change", [
+    dict(num_classes=str(10**6)),  # within the schema's bound: 2 GB of head, refused by shape
+    dict(model_kwargs='{"stem_width": 200000}'),  # a 360 GB stem
+])
+def test_absurd_sizes_are_refused_before_allocating(run_cli, converted, guarded, change):
+    path = _edited(converted, guarded / "huge.safetensors", **change)
+    with _bounded_memory():
+        result = _checked(run_cli, guarded, "diagnose", path)
+    text = _one_line(result, "does not fit its tensors")
+    assert "MemoryError" not in text and "allocate" not in text
+
+
+@pytest.mark.timeout(300)
+def test_absurd_class_count_in_a_child_process_stays_small(converted, tmp_path):
+    """The same through the installed command, under a 4 GiB address-space limit, measuring
+    the child's peak resident memory."""
+    path = _edited(converted, tmp_path / "huge.safetensors", num_classes=str(10**6),
+                   model_kwargs='{"stem_width": 64}')
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([str(CLI), "diagnose", str(path)], stdout=subprocess.DEVNULL,
+                                stderr=stderr, preexec_fn=limit)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not all children's
+    text = err.read_text()
+    assert os.waitstatus_to_exitcode(status) == 2, text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), text
+    assert "does not fit its tensors" in lines[0]
+    assert usage.ru_maxrss * 1024 < 3 << 30, usage.ru_maxrss
