@@ -295,3 +295,43 @@ def test_absurd_class_count_in_a_child_process_stays_small(converted, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), text
     assert "does not fit its tensors" in lines[0]
     assert usage.ru_maxrss * 1024 < 3 << 30, usage.ru_maxrss
+
+
+# ---------------------------------------------------------------------------------------------
+# state.pt on --resume
+# ---------------------------------------------------------------------------------------------
+STATES = {
+    "wrong-structure": lambda p: torch.save({"format": 1, "options": {}}, p),
+    "wrong-type": lambda p: torch.save({"format": 1, "options": {}, "epoch": "3", "step": 0,
+                                        "model": {}, "optimizer": {}, "scheduler": {},
+                                        "scaler": {}, "history": [], "best_top1": 0.0,
+                                        "best_epoch": 0, "ranks": []}, p),
+    "mid-epoch-without-ranks": lambda p: torch.save(
+        {"format": 1, "options": {}, "epoch": 0, "step": 3, "model": {}, "optimizer": {},
+         "scheduler": {}, "scaler": {}, "history": [], "best_top1": 0.0, "best_epoch": 0,
+         "ranks": [{}]}, p),
+    "not-torch": lambda p: p.write_text("epoch: 3\n"),
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(_pth_bytes(p, obj={"format": 1, "x": torch.zeros(9)})[:200]),
+    "other-format": lambda p: torch.save([1, 2], p),
+    "fifo": lambda p: os.mkfifo(p),
+}
+STATE_FRAGMENTS = {
+    "wrong-structure": "the key 'epoch' is missing", "wrong-type": "'epoch' is a str, not a int",
+    "mid-epoch-without-ranks": "ranks[0] lacks", "not-torch": "cannot read",
+    "empty": "is empty", "truncated": "cannot read", "other-format": "not a state file",
+    "fifo": "not a regular file",
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", sorted(STATES))
+def test_bad_state_file_on_resume(run_cli, converted, tmp_path, kind):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.safetensors").write_bytes(converted.read_bytes())
+    STATES[kind](run / "state.pt")
+    before = _files(tmp_path)
+    result = run_cli("finetune", NAME, "--data", "synthetic", "-o", run, "--resume")
+    _one_line(result, str(run / "state.pt"), STATE_FRAGMENTS[kind])
+    assert _files(tmp_path) == before
