@@ -310,13 +310,27 @@ STATES = {
         {"format": 1, "options": {}, "epoch": 0, "step": 3, "model": {}, "optimizer": {},
          "scheduler": {}, "scaler": {}, "history": [], "best_top1": 0.0, "best_epoch": 0,
          "ranks": [{}]}, p),
+    "bad-optimizer": lambda p: torch.save(dict(_real_state(p), optimizer={"state": []}), p),
+    "other-model": lambda p: torch.save(dict(_real_state(p), model={"fc.weight": torch.zeros(3)}), p),
     "not-torch": lambda p: p.write_text("epoch: 3\n"),
     "empty": lambda p: p.write_bytes(b""),
     "truncated": lambda p: p.write_bytes(_pth_bytes(p, obj={"format": 1, "x": torch.zeros(9)})[:200]),
     "other-format": lambda p: torch.save([1, 2], p),
     "fifo": lambda p: os.mkfifo(p),
 }
+def _real_state(path: Path) -> dict:
+    """A well-formed state (weights from the run's last.safetensors beside it)."""
+    from safetensors.torch import load_file
+
+    return {"format": 1, "options": {}, "epoch": 1, "step": 0,
+            "model": load_file(str(path.parent / "last.safetensors")),
+            "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "scaler": {},
+            "history": [], "best_top1": 0.5, "best_epoch": 1, "ranks": []}
+
+
 STATE_FRAGMENTS = {
+    "bad-optimizer": "'optimizer' is not an optimizer state",
+    "other-model": "its 'model' does not fit last.safetensors",
     "wrong-structure": "the key 'epoch' is missing", "wrong-type": "'epoch' is a str, not a int",
     "mid-epoch-without-ranks": "ranks[0] lacks", "not-torch": "cannot read",
     "empty": "is empty", "truncated": "cannot read", "other-format": "not a state file",
@@ -335,3 +349,13 @@ def test_bad_state_file_on_resume(run_cli, converted, tmp_path, kind):
     result = run_cli("finetune", NAME, "--data", "synthetic", "-o", run, "--resume")
     _one_line(result, str(run / "state.pt"), STATE_FRAGMENTS[kind])
     assert _files(tmp_path) == before
+
+
+@pytest.mark.timeout(60)
+def test_a_well_formed_state_passes(converted, tmp_path):
+    """The control for the cases above: only what they break is wrong with them."""
+    from sbn_surgery.train import outputs as O
+
+    (tmp_path / "last.safetensors").write_bytes(converted.read_bytes())
+    torch.save(dict(_real_state(tmp_path / "state.pt"), format=1), tmp_path / "state.pt")
+    assert O.load_state(tmp_path)["best_top1"] == 0.5

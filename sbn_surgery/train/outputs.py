@@ -121,6 +121,24 @@ def _state_problem(state: dict[str, Any]) -> Optional[str]:
             return f"ranks[{i}] lacks this process's partial epoch ('partial', 'rng')"
     if state["step"] > 0 and not state["ranks"]:
         return "it stopped mid-epoch but holds no process's partial epoch ('ranks' is empty)"
+    optim = state["optimizer"]
+    if not (isinstance(optim.get("state"), dict) and isinstance(optim.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in optim["param_groups"])):
+        return "'optimizer' is not an optimizer state (state, param_groups)"
+    return None
+
+
+def _model_problem(state: dict[str, Any], last: Path) -> Optional[str]:
+    """Whether state.pt's weights fit the model in last.safetensors (same keys and shapes)."""
+    from ..weights import safetensors_shapes
+
+    _, shapes = safetensors_shapes(last)
+    own = {k: tuple(v.shape) for k, v in state["model"].items()}
+    odd = sorted(set(own) ^ set(shapes)) or [k for k in own if own[k] != shapes[k]]
+    if odd:
+        return (f"its 'model' does not fit {last.name} ({len(odd)} key(s) differ in name or "
+                f"shape, e.g. {odd[0]})")
     return None
 
 
@@ -150,7 +168,7 @@ def load_state(out_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a state file of this version of sbn-surgery "
                               f"(format {state.get('format') if isinstance(state, dict) else '?'}, "
                               f"expected {STATE_FORMAT}); start a new run without --resume")
-    problem = _state_problem(state)
+    problem = _state_problem(state) or _model_problem(state, Path(out_dir) / LAST_FILE)
     if problem:
         raise CheckpointError(f"{path} is damaged: {problem}; start a new run without --resume")
     return state
