@@ -1,4 +1,10 @@
-"""Converted checkpoints: safetensors with the metadata needed to rebuild the model in one call."""
+"""Converted checkpoints: safetensors with the metadata needed to rebuild the model in one call.
+
+A converted file is untrusted when read back (it may come from a colleague, or have been edited):
+its metadata is validated by :class:`ConvertedMeta` (types and bounds; create_model arguments
+that would read a file or download are refused), its embedded recipe goes through the recipe
+loader (``yaml.safe_load``), and the model it describes is built on the ``meta`` device and
+compared key by key, shape by shape, with the file's header before the real model is built."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -54,7 +54,6 @@ class Weights:
     source: str
     architecture: Optional[str] = None
     num_classes: Optional[int] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def regular_file(path: PathLike, what: str = "checkpoint") -> Path:

@@ -3,7 +3,6 @@ line and exit 2, in bounded time and memory, with no file changed and no payload
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess
