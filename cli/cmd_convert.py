@@ -88,8 +88,10 @@ def convert(
                                 "checkpoint (.safetensors)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="The model's trained "
-                                              "weights (.safetensors, or .pth/.pt read with "
-                                              "weights_only=True). Without it: timm's random init."),
+                                              "weights: .safetensors, .pth/.pt/.pth.tar (read with "
+                                              "weights_only=True; timm train.py checkpoints too), or "
+                                              "a Hugging Face/timm snapshot directory. Without it: "
+                                              "timm's random init."),
     checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
     num_classes: Optional[int] = typer.Option(None, help="Classifier size (timm's num_classes); "
                                               "a checkpoint head of another size is left out."),

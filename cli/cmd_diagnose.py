@@ -91,8 +91,9 @@ def diagnose(
     model: str = typer.Argument(..., help="A timm model name (e.g. resnet50), or a converted "
                                 "checkpoint (.safetensors) from convert/finetune."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
-                                              "for MODEL (.safetensors, or .pth/.pt read with "
-                                              "weights_only=True), or a converted checkpoint. "
+                                              "for MODEL (.safetensors, .pth/.pt/.pth.tar read with "
+                                              "weights_only=True, a snapshot directory), or a "
+                                              "converted checkpoint. "
                                               "Without it: timm's random initialization."),
     checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Insert SBN with this "

@@ -26,8 +26,9 @@ def finetune(
                                          "shipped name or YAML path. Default: the shipped recipe "
                                          "for the model's family, else `default`."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
-                                             "for a timm name (.safetensors or .pth); without it "
-                                             "training starts from timm's random init."),
+                                             "for a timm name (.safetensors, .pth/.pth.tar, or a "
+                                             "snapshot directory); without it training starts from "
+                                             "timm's random init."),
     checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
     num_classes: Optional[int] = typer.Option(None, help="Classes of the model as built (e.g. "
                                               "1000 to load an ImageNet --checkpoint); the head "
