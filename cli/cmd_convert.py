@@ -16,6 +16,8 @@ ORDER = 20
 
 RECIPE_HELP = "A shipped recipe name (see `sbn-surgery recipes`) or a path to a YAML recipe. " \
               "Default: the shipped recipe whose `models` patterns fit MODEL, else `default`."
+CHECKPOINT_KEY_HELP = "The key of --checkpoint holding the weights, e.g. state_dict_ema in a timm " \
+                      "train.py checkpoint. Default: state_dict, else model, module, state_dict_ema."
 INPUT_SIZE_HELP = "C H W of the probe forward (execution order, channel counts, frequency-mode " \
                   "statistics size). Default: the model's timm input size."
 
@@ -86,8 +88,11 @@ def convert(
                                 "checkpoint (.safetensors)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="The model's trained "
-                                              "weights (.safetensors, or .pth/.pt read with "
-                                              "weights_only=True). Without it: timm's random init."),
+                                              "weights: .safetensors, .pth/.pt/.pth.tar (read with "
+                                              "weights_only=True; timm train.py checkpoints too), or "
+                                              "a Hugging Face/timm snapshot directory. Without it: "
+                                              "timm's random init."),
+    checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
     num_classes: Optional[int] = typer.Option(None, help="Classifier size (timm's num_classes); "
                                               "a checkpoint head of another size is left out."),
     model_kwargs: Optional[list[str]] = typer.Option(None, "--model-kwargs", help="Extra timm "
@@ -114,7 +119,7 @@ def convert(
 
       sbn-surgery convert resnet18 --num-classes 10 -o r18.safetensors --json
     """
-    from sbn_surgery.checkpoint import FORMAT, save_converted
+    from sbn_surgery.checkpoint import is_converted, save_converted
     from sbn_surgery.convert import convert as do_convert
     from sbn_surgery.models import create_model, input_size_of
 
@@ -123,15 +128,10 @@ def convert(
     if output.suffix != ".safetensors":
         raise SbnSurgeryError(f"--output {output}: converted checkpoints are .safetensors files; "
                               f"use e.g. {output.with_suffix('.safetensors')}")
-    if checkpoint is not None and checkpoint.suffix == ".safetensors" and checkpoint.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(checkpoint), framework="pt") as f:
-            if (f.metadata() or {}).get("format") == FORMAT:
-                raise SurgeryError(
-                    f"{checkpoint} is already converted (recipe "
-                    f"{(f.metadata() or {}).get('recipe_name')}); a recipe is applied once. Use it "
-                    "as it is (finetune/export take it), or convert the original weights.")
+    if checkpoint is not None and checkpoint.suffix == ".safetensors" and is_converted(checkpoint):
+        raise SurgeryError(
+            f"{checkpoint} is already converted; a recipe is applied once. Use it "
+            "as it is (finetune/export take it), or convert the original weights.")
     kwargs = parse_kv(model_kwargs, "--model-kwargs")
     name = _recipe_or_auto(recipe, model)
     calibration = None
@@ -142,7 +142,8 @@ def convert(
         cfg = data_config_for(probe, input_size or input_size_of(probe))
         calibration = calibration_batches(calibrate_data, cfg, batch_size, calibrate_batches)
     with progress_bar(json_out) as cb:
-        net, plan = do_convert(model, name, checkpoint=checkpoint, num_classes=num_classes,
+        net, plan = do_convert(model, name, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+                               num_classes=num_classes,
                                model_kwargs=kwargs, init=init, calibration=calibration,
                                calibrate_batches=calibrate_batches, calibrate_batch_size=batch_size,
                                input_size=input_size, progress=cb)

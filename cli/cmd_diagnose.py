@@ -9,6 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from .cmd_convert import CHECKPOINT_KEY_HELP
 from .common import out, parse_kv, print_json, progress_bar
 
 ORDER = 40
@@ -90,9 +91,11 @@ def diagnose(
     model: str = typer.Argument(..., help="A timm model name (e.g. resnet50), or a converted "
                                 "checkpoint (.safetensors) from convert/finetune."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
-                                              "for MODEL (.safetensors, or .pth/.pt read with "
-                                              "weights_only=True), or a converted checkpoint. "
+                                              "for MODEL (.safetensors, .pth/.pt/.pth.tar read with "
+                                              "weights_only=True, a snapshot directory), or a "
+                                              "converted checkpoint. "
                                               "Without it: timm's random initialization."),
+    checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Insert SBN with this "
                                          "recipe (shipped name or YAML path) before measuring. "
                                          "With --compare the default is the shipped recipe that "
@@ -149,7 +152,8 @@ def diagnose(
         raise SbnSurgeryError(f"--norm-stats must be 'batch' or 'running'; got {norm_stats!r}")
     con = out(json_out)
     torch.manual_seed(seed)  # the initialization, when no weights are given
-    net = load_model(model, checkpoint=checkpoint, num_classes=num_classes,
+    net = load_model(model, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+                     num_classes=num_classes,
                      model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
     meta = getattr(net, "sbn_meta", None) or {}
     name = str(meta.get("model_name") or model)

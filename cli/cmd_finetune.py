@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from .cmd_convert import CHECKPOINT_KEY_HELP
 from .common import err_console, out, parse_kv, print_json, progress_bar
 
 ORDER = 30
@@ -25,8 +26,10 @@ def finetune(
                                          "shipped name or YAML path. Default: the shipped recipe "
                                          "for the model's family, else `default`."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
-                                             "for a timm name (.safetensors or .pth); without it "
-                                             "training starts from timm's random init."),
+                                             "for a timm name (.safetensors, .pth/.pth.tar, or a "
+                                             "snapshot directory); without it training starts from "
+                                             "timm's random init."),
+    checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
     num_classes: Optional[int] = typer.Option(None, help="Classes of the model as built (e.g. "
                                               "1000 to load an ImageNet --checkpoint); the head "
                                               "is then reset to the data's class count."),
@@ -108,7 +111,7 @@ def finetune(
         try:
             result = run_finetune(
                 model, data, output=output, recipe=recipe, num_classes=num_classes,
-                checkpoint=checkpoint, model_kwargs=parse_kv(model_kwargs, "--model-kwargs") or None,
+                checkpoint=checkpoint, checkpoint_key=checkpoint_key, model_kwargs=parse_kv(model_kwargs, "--model-kwargs") or None,
                 epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                 weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                 label_smoothing=label_smoothing, input_size=input_size, subset=subset,

@@ -1,4 +1,10 @@
-"""Converted checkpoints: safetensors with the metadata needed to rebuild the model in one call."""
+"""Converted checkpoints: safetensors with the metadata needed to rebuild the model in one call.
+
+A converted file is untrusted when read back (it may come from a colleague, or have been edited):
+its metadata is validated by :class:`ConvertedMeta` (types and bounds; create_model arguments
+that would read a file or download are refused), its embedded recipe goes through the recipe
+loader (``yaml.safe_load``), and the model it describes is built on the ``meta`` device and
+compared key by key, shape by shape, with the file's header before the real model is built."""
 
 from __future__ import annotations
 
@@ -6,21 +12,33 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .models import create_model, load_weights
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from .errors import CheckpointError, SbnSurgeryError
+from .models import check_model_kwargs, create_model, load_weights
 from .recipe import Recipe
 from .surgery import apply_recipe
+from .weights import load_safetensors, safetensors_shapes
 
-__all__ = ["save_converted", "load_converted", "read_metadata", "atomic_write", "FORMAT"]
+__all__ = ["save_converted", "load_converted", "read_metadata", "is_converted", "atomic_write",
+           "ConvertedMeta", "FORMAT"]
 
 FORMAT = "sbn-surgery/converted-v1"
 #: Metadata fields stored as JSON strings in the safetensors header.
 _JSON_FIELDS = ("model_kwargs", "num_classes", "input_size", "extra")
+#: Sanity bounds on metadata (the header's tensor shapes bound the model itself).
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 64
+MAX_SIDE = 2048  # one probe forward at this size runs in the real build
+MAX_RECIPE_CHARS = 256 * 1024
+_Scalar = Union[bool, int, float, str, None]
+#: A timm create_model argument: a scalar or a (nested, short) list of scalars, never a mapping.
+_KwargValue = Union[_Scalar, list[Union[_Scalar, list[_Scalar]]]]
 
 
 def _umask() -> int:
@@ -89,44 +107,138 @@ def save_converted(model: nn.Module, path: str | Path, *, extra: Optional[dict] 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a converted checkpoint (JSON fields decoded)."""
-    from safetensors import safe_open
+class ConvertedMeta(BaseModel):
+    """The metadata of a converted checkpoint, validated before anything is built from it: the
+    file may have been edited. Bounds are far above any real model; the shapes in the file's
+    header are what really bounds the model (see :func:`load_converted`)."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["sbn-surgery/converted-v1"]
+    sbn_surgery_version: Optional[str] = Field(None, max_length=64)
+    model_name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,200}$")
+    model_kwargs: dict[str, _KwargValue] = Field(default_factory=dict, max_length=64)
+    num_classes: Optional[StrictInt] = Field(None, ge=0, le=MAX_CLASSES)
+    recipe: str = Field(max_length=MAX_RECIPE_CHARS)
+    recipe_name: Optional[str] = Field(None, max_length=200)
+    input_size: Optional[list[StrictInt]] = Field(None, min_length=3, max_length=3)
+    init: Optional[str] = Field(None, max_length=32)
+    extra: Optional[dict[str, Any]] = None
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, v):
+        if v is not None and not (1 <= v[0] <= MAX_CHANNELS and all(1 <= d <= MAX_SIDE for d in v[1:])):
+            raise ValueError(f"must be C H W with C in 1..{MAX_CHANNELS}, H and W in 1..{MAX_SIDE}")
+        return v
+
+
+def _meta_error(path: Path, exc: ValidationError) -> CheckpointError:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "metadata"
+    return CheckpointError(f"{path}: metadata field {where!r} is invalid: {err['msg']}"
+                           f"{f' ({len(exc.errors())} problems)' if len(exc.errors()) > 1 else ''}; "
+                           "the file was edited or damaged, convert the original weights again")
+
+
+def _is_header_of_ours(meta: dict[str, str]) -> bool:
+    return meta.get("format") == FORMAT
+
+
+def is_converted(path: str | Path) -> bool:
+    """Whether ``path`` is a readable safetensors file with the converted-checkpoint marker
+    (False for anything else, unreadable files included; reading it later says why)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); converted "
-            "checkpoints come from `sbn-surgery convert` or `finetune`."
-        ) from None
-    if header.get("format") != FORMAT:
+        meta, _ = safetensors_shapes(path)
+    except CheckpointError:
+        return False
+    return _is_header_of_ours(meta)
+
+
+def _decode(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, value in header.items():
+        if key in _JSON_FIELDS:
+            try:
+                meta[key] = json.loads(value)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: metadata field {key!r} is not valid JSON ({exc}); "
+                                      "the file was edited or damaged, convert the original "
+                                      "weights again") from None
+        else:
+            meta[key] = value
+    return meta
+
+
+def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(validated metadata, header shapes) of a converted checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    header, shapes = safetensors_shapes(path)
+    if not _is_header_of_ours(header):
         raise CheckpointError(
             f"{path} is not an sbn-surgery converted checkpoint (no '{FORMAT}' metadata). For "
             "original timm weights use `sbn-surgery convert MODEL --checkpoint FILE`."
         )
-    meta: dict[str, Any] = {}
-    for key, value in header.items():
-        meta[key] = json.loads(value) if key in _JSON_FIELDS else value
-    return meta
+    meta = _decode(path, header)
+    try:
+        checked = ConvertedMeta.model_validate(meta)
+    except ValidationError as exc:
+        raise _meta_error(path, exc) from None
+    check_model_kwargs(checked.model_kwargs, f"{path} metadata model_kwargs")
+    return checked.model_dump(exclude_none=True), shapes
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a converted checkpoint (JSON fields decoded, validated)."""
+    return _read(path)[0]
+
+
+def _build(meta: dict[str, Any], recipe: Recipe) -> nn.Module:
+    model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
+                         model_kwargs=meta.get("model_kwargs") or {})
+    input_size = tuple(meta["input_size"]) if meta.get("input_size") else None
+    apply_recipe(model, recipe, input_size=input_size)
+    return model
+
+
+def _check_shapes(path: Path, meta: dict[str, Any], recipe: Recipe,
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+    """Build the described model on the meta device (nothing allocated) and compare its
+    state_dict with the file's header; a mismatch is refused before the real build."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in _build(meta, recipe).state_dict().items()}
+    except SbnSurgeryError:
+        raise
+    except Exception:  # noqa: BLE001 - a model timm cannot build on meta: the schema bounds hold
+        return
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    differ = [f"{k} {shapes[k]} in the file vs {expected[k]}" for k in expected
+              if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or differ:
+        parts = [f"{n} {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for n, what, keys in ((len(missing), "key(s) missing from the file", missing),
+                                       (len(unexpected), "unexpected key(s)", unexpected),
+                                       (len(differ), "shape mismatch(es)", differ)) if keys]
+        raise CheckpointError(
+            f"{path}: its metadata describes a model ({meta['model_name']}, "
+            f"{meta.get('num_classes')} classes) that does not fit its tensors: "
+            + "; ".join(parts) + ". The metadata was edited or the file damaged")
 
 
 def load_converted(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a converted model from its checkpoint in one call: timm model, recipe, weights.
-    The result carries ``model.sbn_meta``."""
-    from safetensors.torch import load_file
-
-    meta = read_metadata(path)
-    model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
-                         model_kwargs=meta.get("model_kwargs") or {})
+    The metadata is validated and the model it describes is checked against the tensor shapes
+    in the header before anything is allocated. The result carries ``model.sbn_meta``."""
+    path = Path(path)
+    meta, shapes = _read(path)
     recipe = Recipe.from_yaml_text(meta["recipe"], source=f"{path} (embedded recipe)")
-    input_size = tuple(meta["input_size"]) if meta.get("input_size") else None
-    apply_recipe(model, recipe, input_size=input_size)
-    load_weights(model, load_file(str(path)), source=str(path))
+    _check_shapes(path, meta, recipe, shapes)
+    model = _build(meta, recipe)
+    load_weights(model, load_safetensors(path), source=str(path))
     model.to(map_location)
     model.sbn_meta = {k: v for k, v in meta.items() if k not in ("format",)}
     return model

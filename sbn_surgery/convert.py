@@ -30,6 +30,7 @@ def convert(
     recipe: Union[Recipe, str, Path],
     *,
     checkpoint: Optional[Union[str, Path]] = None,
+    checkpoint_key: Optional[str] = None,
     num_classes: Optional[int] = None,
     model_kwargs: Optional[dict[str, Any]] = None,
     init: Optional[str] = None,
@@ -40,7 +41,9 @@ def convert(
     progress: Optional[ProgressFn] = None,
 ) -> tuple[nn.Module, Plan]:
     """Build ``model_name`` with timm (``pretrained=False``; weights only from ``checkpoint``),
-    insert SBN where ``recipe`` says, and initialize the new layers.
+    insert SBN where ``recipe`` says, and initialize the new layers. ``checkpoint`` is a weights
+    file, a timm training checkpoint (``checkpoint_key`` picks e.g. ``state_dict_ema``) or a
+    Hugging Face/timm snapshot directory (see :mod:`sbn_surgery.weights`).
 
     ``init="identity"`` calibrates the SBN statistics on ``calibration`` batches (synthetic images
     at the model's input size when None) and sets gamma, beta so the converted model's eval output
@@ -52,7 +55,7 @@ def convert(
     """
     recipe = load_recipe(recipe)
     model = create_model(model_name, num_classes=num_classes, model_kwargs=model_kwargs,
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, checkpoint_key=checkpoint_key)
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     plan = apply_recipe(model, recipe, input_size=size)  # type: ignore[arg-type]
     mode = resolve_init(init, recipe, weights_loaded=checkpoint is not None)

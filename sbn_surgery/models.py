@@ -9,8 +9,17 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError, near_names
+from .weights import Weights, read_weights
 
-__all__ = ["create_model", "input_size_of", "read_state_dict", "load_weights", "resolve_model_name"]
+__all__ = ["create_model", "input_size_of", "read_state_dict", "load_weights", "resolve_model_name",
+           "check_model_kwargs"]
+
+#: create_model arguments that make timm read a file or the network: weights come only from
+#: ``checkpoint``, so these are refused wherever they come from (the command line, metadata).
+FORBIDDEN_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                    "checkpoint_path", "cache_dir")
+_FORBIDDEN_PARTS = ("pretrained", "checkpoint", "hf_hub", "cache")
+_FORBIDDEN_ENDS = ("_path", "_file", "_url", "_dir")
 
 
 def resolve_model_name(name: str) -> str:
@@ -26,14 +35,37 @@ def resolve_model_name(name: str) -> str:
     )
 
 
+def check_model_kwargs(kwargs: dict[str, Any], source: str = "--model-kwargs") -> None:
+    """Refuse create_model arguments that would make timm read another file or the network."""
+    for key in kwargs:
+        low = str(key).lower()
+        if (key in FORBIDDEN_KWARGS or any(part in low for part in _FORBIDDEN_PARTS)
+                or low.endswith(_FORBIDDEN_ENDS)):
+            raise ModelError(
+                f"{source}: model argument {key!r} is refused: it could make timm read a file or "
+                "download; weights are read only from the checkpoint given (--checkpoint)")
+
+
+def _fit_snapshot(name: str, weights: Weights, num_classes: Optional[int]) -> Optional[int]:
+    """Check a snapshot's config.json against ``name``; its class count when none was given."""
+    arch = weights.architecture
+    if arch is not None and arch.split(".", 1)[0] != name.split(".", 1)[0]:
+        raise ModelError(f"checkpoint {weights.source} is a {arch} (its config.json says so), not "
+                         f"{name}; give the model name {arch.split('.', 1)[0]}")
+    return num_classes if num_classes is not None else weights.num_classes
+
+
 def create_model(
     name: str,
     *,
     num_classes: Optional[int] = None,
     model_kwargs: Optional[dict[str, Any]] = None,
     checkpoint: Optional[str | Path] = None,
+    checkpoint_key: Optional[str] = None,
 ) -> nn.Module:
-    """A timm model, ``pretrained=False``, optionally loaded from the user's checkpoint file.
+    """A timm model, ``pretrained=False``, optionally loaded from the user's checkpoint (a file,
+    a timm training checkpoint with ``checkpoint_key`` choosing e.g. ``state_dict_ema``, or a
+    snapshot directory whose config.json class count is used when ``num_classes`` is None).
 
     When ``num_classes`` differs from the checkpoint's head, the head's weights are left at their
     initialization and every other key must fit.
@@ -42,18 +74,26 @@ def create_model(
 
     resolve_model_name(name)
     kwargs = dict(model_kwargs or {})
+    check_model_kwargs(kwargs)
+    if checkpoint_key is not None and checkpoint is None:
+        raise CheckpointError("--checkpoint-key names a key inside --checkpoint; give --checkpoint")
+    weights = read_weights(checkpoint, checkpoint_key) if checkpoint is not None else None
+    head_given = num_classes is not None
+    if weights is not None:
+        num_classes = _fit_snapshot(name, weights, num_classes)
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError) as exc:
+        # arguments timm refuses (an unknown name, or a value its own asserts reject)
         raise ModelError(
-            f"timm model {name!r} does not take these arguments {kwargs}: {exc}. "
+            f"timm model {name!r} does not take these arguments {kwargs}: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
             "Check --model-kwargs / --num-classes."
         ) from None
-    if checkpoint is not None:
-        load_weights(model, read_state_dict(checkpoint), source=str(checkpoint),
-                     skip_head=num_classes is not None)
+    if weights is not None:
+        load_weights(model, weights.state, source=weights.source, skip_head=head_given)
     return model
 
 
@@ -64,37 +104,11 @@ def input_size_of(model: nn.Module) -> tuple[int, int, int]:
     return tuple(int(v) for v in size)  # type: ignore[return-value]
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or from a .pth/.pt/.bin file with ``weights_only=True``.
-
-    Common wrappers (``state_dict``, ``model``, ``state_dict_ema``) and DDP's ``module.`` prefix are
-    unwrapped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; pass the path of a .safetensors or .pth file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-            "Give a .safetensors file, or a .pth/.pt file saved with torch.save(model.state_dict())."
-        ) from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state_dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+def read_state_dict(path: str | Path, key: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, a .pth/.pt/.bin file read with ``weights_only=True``
+    (timm training checkpoints included; ``key`` picks e.g. ``state_dict_ema``), or a snapshot
+    directory; ``module.``/``_orig_mod.`` prefixes removed (see :mod:`sbn_surgery.weights`)."""
+    return read_weights(path, key).state
 
 
 def _summary(keys: list[str], n: int = 4) -> str:

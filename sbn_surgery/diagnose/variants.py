@@ -110,20 +110,18 @@ def make_variant(model: nn.Module, *, recipe: Any = None, sbn: bool = False,
 
 def load_model(model: str, *, checkpoint: Optional[Union[str, os.PathLike]] = None,
                num_classes: Optional[int] = None,
-               model_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+               model_kwargs: Optional[dict[str, Any]] = None,
+               checkpoint_key: Optional[str] = None) -> nn.Module:
     """The model to diagnose: a converted checkpoint (``model`` is a .safetensors path, or
     ``checkpoint`` is one written by convert/finetune) with its SBN layers, else the timm model
     ``model`` with ``checkpoint``'s weights, or at initialization without one."""
-    from ..checkpoint import load_converted, read_metadata
+    from ..checkpoint import is_converted, load_converted, read_metadata
     from ..models import create_model
 
     if os.path.isfile(model) or str(model).endswith(".safetensors"):
         return load_converted(model)
-    if checkpoint is not None:
-        try:
-            meta = read_metadata(checkpoint)
-        except CheckpointError:
-            meta = None  # plain weights (.pth, or safetensors without converted metadata)
+    if checkpoint is not None and is_converted(checkpoint):  # else plain weights
+        meta = read_metadata(checkpoint)
         if meta is not None:
             name = str(meta.get("model_name", ""))
             if name and name != model:
@@ -133,7 +131,7 @@ def load_model(model: str, *, checkpoint: Optional[Union[str, os.PathLike]] = No
                 )
             return load_converted(checkpoint)
     return create_model(model, num_classes=num_classes, model_kwargs=model_kwargs,
-                        checkpoint=checkpoint)
+                        checkpoint=checkpoint, checkpoint_key=checkpoint_key)
 
 
 def _check_recipe(model: nn.Module, recipe: Any) -> None:

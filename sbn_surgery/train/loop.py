@@ -99,6 +99,7 @@ def finetune(
     recipe: Optional[str] = None,
     num_classes: Optional[int] = None,
     checkpoint: Optional[str] = None,
+    checkpoint_key: Optional[str] = None,
     model_kwargs: Optional[dict] = None,
     epochs: Optional[int] = None,
     batch_size: Optional[int] = None,
@@ -137,7 +138,7 @@ def finetune(
 def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> FinetuneResult:
     given = RunOptions(
         model=None if isinstance(spec, nn.Module) else str(spec), data=str(data),
-        **{k: args[k] for k in ("recipe", "num_classes", "checkpoint", "model_kwargs", "epochs",
+        **{k: args[k] for k in ("recipe", "num_classes", "checkpoint", "checkpoint_key", "model_kwargs", "epochs",
                                 "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
                                 "label_smoothing", "input_size", "subset", "augment", "train",
                                 "seed")})

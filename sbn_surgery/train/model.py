@@ -85,6 +85,7 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
                                   f"timm model name")
         given = [name for name, value in (("--recipe", opts.recipe),
                                           ("--checkpoint", opts.checkpoint),
+                                          ("--checkpoint-key", opts.checkpoint_key),
                                           ("--model-kwargs", opts.model_kwargs)) if value]
         if given:
             raise SbnSurgeryError(f"{spec} is already converted: {', '.join(given)} appl"
@@ -105,6 +106,7 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         calib = calibration_batches(ds, cfg, min(opts.batch_size, 32), CALIBRATION_BATCHES)
         recipe = opts.recipe or recipe_for_model(str(spec))
         model, _ = convert(str(spec), recipe, checkpoint=opts.checkpoint,
+                           checkpoint_key=opts.checkpoint_key,
                            num_classes=n_cls, model_kwargs=kwargs, calibration=calib,
                            input_size=size, progress=progress)
     reset_head(model, ds.num_classes)

@@ -32,6 +32,7 @@ class RunOptions:
     recipe: Optional[str] = None
     num_classes: Optional[int] = None
     checkpoint: Optional[str] = None
+    checkpoint_key: Optional[str] = None
     model_kwargs: Optional[dict] = None
     epochs: Optional[int] = None
     batch_size: Optional[int] = None

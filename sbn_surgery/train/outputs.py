@@ -90,9 +90,65 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+#: What ``--resume`` reads from state.pt, with the types it needs ("world" is absent in states
+#: written before it was kept).
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "options": (dict,), "epoch": (int,), "step": (int,), "model": (dict,), "optimizer": (dict,),
+    "scheduler": (dict,), "scaler": (dict,), "history": (list,), "best_top1": (float, int),
+    "best_epoch": (int,), "ranks": (list,),
+}
+
+
+def _state_problem(state: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a loaded state.pt's structure, or None."""
+    for key, types in _STATE_TYPES.items():
+        if key not in state:
+            return f"the key {key!r} is missing"
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"{key!r} is a {type(value).__name__}, not a {' or '.join(t.__name__ for t in types)}"
+    if "world" in state and (isinstance(state["world"], bool) or not isinstance(state["world"], int)):
+        return f"'world' is a {type(state['world']).__name__}, not an int"
+    if state["epoch"] < 0 or state["step"] < 0:
+        return f"epoch {state['epoch']} and step {state['step']} must not be negative"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        return "'model' is not a state dict of tensors"
+    if not all(isinstance(row, dict) for row in state["history"]):
+        return "'history' is not a list of epoch records"
+    for i, rank in enumerate(state["ranks"]):
+        if not isinstance(rank, dict) or (state["step"] > 0 and not (
+                isinstance(rank.get("partial"), dict) and isinstance(rank.get("rng"), dict))):
+            return f"ranks[{i}] lacks this process's partial epoch ('partial', 'rng')"
+    if state["step"] > 0 and not state["ranks"]:
+        return "it stopped mid-epoch but holds no process's partial epoch ('ranks' is empty)"
+    optim = state["optimizer"]
+    if not (isinstance(optim.get("state"), dict) and isinstance(optim.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in optim["param_groups"])):
+        return "'optimizer' is not an optimizer state (state, param_groups)"
+    return None
+
+
+def _model_problem(state: dict[str, Any], last: Path) -> Optional[str]:
+    """Whether state.pt's weights fit the model in last.safetensors (same keys and shapes)."""
+    from ..weights import safetensors_shapes
+
+    _, shapes = safetensors_shapes(last)
+    own = {k: tuple(v.shape) for k, v in state["model"].items()}
+    odd = sorted(set(own) ^ set(shapes)) or [k for k in own if own[k] != shapes[k]]
+    if odd:
+        return (f"its 'model' does not fit {last.name} ({len(odd)} key(s) differ in name or "
+                f"shape, e.g. {odd[0]})")
+    return None
+
+
 def load_state(out_dir: Path) -> dict[str, Any]:
+    """state.pt of the run in ``out_dir``, its structure checked (an untrusted file: read with
+    ``weights_only=True``, and any problem is one CheckpointError naming the file)."""
+    from ..weights import regular_file
+
     path = Path(out_dir) / STATE_FILE
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             f"nothing to resume: {path} does not exist; run without --resume to start a new run "
             f"in {out_dir}, or give the --output directory of the run to continue"
@@ -100,16 +156,21 @@ def load_state(out_dir: Path) -> dict[str, Any]:
     if not (Path(out_dir) / LAST_FILE).is_file():
         raise CheckpointError(f"cannot resume: {path} exists but {Path(out_dir) / LAST_FILE} "
                               f"does not; start a new run without --resume")
+    regular_file(path, "state file")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure is the file's fault
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}; start a new run "
-                              f"without --resume") from None
+                              f"{str(exc).splitlines()[0] if str(exc).strip() else 'no detail'}; "
+                              "it is truncated or not a torch file; start a new run without "
+                              "--resume") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a state file of this version of sbn-surgery "
                               f"(format {state.get('format') if isinstance(state, dict) else '?'}, "
                               f"expected {STATE_FORMAT}); start a new run without --resume")
+    problem = _state_problem(state) or _model_problem(state, Path(out_dir) / LAST_FILE)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}; start a new run without --resume")
     return state
 
 
