@@ -4,6 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports torch: see _threads
+
 from .errors import SbnSurgeryError
 from .layers import SpectralBatchNorm2d, spectral_batch_norm
 from .recipe import Recipe, load_recipe
