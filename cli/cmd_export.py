@@ -230,11 +230,11 @@ def bench(
 
     [bold]Examples[/bold]
 
-      sbn-surgery bench r18.onnx --against r18-plain.onnx --batch 8
+      sbn-surgery bench r18.onnx --against r18-dft.onnx --batch 8
 
       sbn-surgery bench r18-dft.onnx --against r18.onnx --json
 
-      sbn-surgery bench r18.onnx --against r18-plain.onnx --threads 1 --cpu-time
+      sbn-surgery bench r18.onnx --against r18-dft.onnx --threads 1 --cpu-time
     """
     from sbn_surgery.parity import bench as run_bench
 
