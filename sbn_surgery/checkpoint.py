@@ -125,7 +125,7 @@ def load_converted(path: str | Path, *, map_location: str | torch.device = "cpu"
                          model_kwargs=meta.get("model_kwargs") or {})
     recipe = Recipe.from_yaml_text(meta["recipe"], source=f"{path} (embedded recipe)")
     input_size = tuple(meta["input_size"]) if meta.get("input_size") else None
-    apply_recipe(model, recipe, input_size=input_size)
+    apply_recipe(model, recipe, input_size=input_size, force=True)  # checked at convert
     load_weights(model, load_file(str(path)), source=str(path))
     model.to(map_location)
     model.sbn_meta = {k: v for k, v in meta.items() if k not in ("format",)}
