@@ -181,3 +181,218 @@ def test_surgery_stage_errors_are_surgery_errors():
     with pytest.raises(SurgeryError, match="has 5 feature stages"):
         sbn.apply_recipe(timm.create_model("resnet10t"), bad, input_size=(3, 32, 32))
 
+
+# ============================================================================================
+# images and folders
+# ============================================================================================
+def _ramp(width: int = 256, height: int = 16):
+    import numpy as np
+    return np.tile(np.arange(width), (height, 1))
+
+
+def _mode_images():
+    """Mode -> (file name, a 256-level horizontal gradient in that mode)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = _ramp()
+    pal = Image.fromarray(ramp.astype(np.uint8), "L").convert("P")
+    pal.putpalette([v for i in range(256) for v in (i, i, i)])
+    pal.info["transparency"] = 0
+    return {
+        "I;16": ("a.png", Image.fromarray((ramp * 257).astype(np.uint16))),
+        "I;16B": ("a.tif", Image.frombytes("I;16B", (256, 16), (ramp * 257).astype(">u2").tobytes())),
+        "I": ("a.tif", Image.fromarray((ramp * 257).astype(np.int32))),
+        "F": ("a.tif", Image.fromarray((ramp / 255).astype(np.float32))),
+        "LA": ("a.png", Image.fromarray(np.stack([ramp, ramp * 0 + 99], -1).astype(np.uint8), "LA")),
+        "P+transparency": ("a.png", pal),
+        "CMYK": ("a.tif", Image.fromarray(np.stack([ramp * 0] * 3 + [255 - ramp], -1).astype(np.uint8),
+                                          "CMYK")),
+    }
+
+
+def _folder(root: Path, images: dict) -> Path:
+    """root/train/<class>/<name> and the same under val/, from {class/name: PIL image}."""
+    for split in ("train", "val"):
+        for rel, img in images.items():
+            (root / split / rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(root / split / rel)
+    return root
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", sorted(_mode_images()))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_deep_and_odd_image_modes_keep_their_levels_through_the_transform(tmp_path, mode, channels):
+    from PIL import Image
+
+    from sbn_surgery.data import build_loaders
+
+    name, img = _mode_images()[mode]
+    _folder(tmp_path, {f"a/{name}": img, f"b/{name}": img})
+    assert Image.open(tmp_path / "train" / "a" / name).mode == img.mode
+    cfg = {"input_size": (channels, 16, 256), "interpolation": "bilinear", "crop_pct": 1.0,
+           "mean": (0.5,) * channels, "std": (0.5,) * channels}
+    _, val, _ = build_loaders(str(tmp_path), cfg, 2)
+    x, _ = next(val.iter_epoch(0))
+    assert x.shape == (2, channels, 16, 256)
+    row = x[0, 0, 8]
+    # 256 levels in, (nearly) 256 out, over the full range [-1, 1] (PIL's convert gave 2)
+    assert len(set(row.tolist())) >= 250
+    assert float(row.min()) == pytest.approx(-1, abs=0.02) and float(row.max()) == pytest.approx(1, abs=0.02)
+    assert bool((row[1:] >= row[:-1] - 1e-6).all())  # still a ramp, not folded or inverted
+
+
+def test_one_bit_images_span_the_full_range(tmp_path):
+    from PIL import Image
+
+    from sbn_surgery.data.images import load_image
+
+    Image.fromarray(_ramp() >= 128).save(tmp_path / "b.png")
+    import numpy as np
+    assert sorted(np.unique(np.asarray(load_image(str(tmp_path / "b.png"), 3)))) == [0, 255]
+
+
+def _eight_images(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray(np.full((8, 8, 3), 120, np.uint8))
+    return _folder(root, {f"{c}/{i}.png": img for c in "ab" for i in range(4)})
+
+
+@pytest.mark.timeout(60)
+def test_symlink_loops_are_followed_once(tmp_path):
+    from sbn_surgery.data import open_source
+
+    root = _eight_images(tmp_path / "d")
+    os.symlink("..", root / "train" / "a" / "loop")  # a -> train -> a -> ...
+    os.symlink(root / "train", root / "train" / "b" / "up")  # a second loop, through b
+    os.symlink(root / "train" / "a" / "0.png", root / "train" / "b" / "same.png")  # a file twice
+    outside = _eight_images(tmp_path / "elsewhere")
+    os.symlink(outside / "train" / "a", root / "train" / "a" / "more")  # a real folder elsewhere
+    ds = open_source(root)
+    got = sorted((os.path.relpath(os.path.realpath(p), tmp_path), t) for p, t in ds.train.samples)
+    # each real image once, in its own class: the loops and the second link add nothing, the
+    # link to a folder elsewhere adds its 4 images
+    want = sorted([(f"d/train/{c}/{i}.png", "ab".index(c)) for c in "ab" for i in range(4)]
+                  + [(f"elsewhere/train/a/{i}.png", 0) for i in range(4)])
+    assert got == want
+
+
+@pytest.mark.timeout(120)
+def test_symlink_loop_scan_is_bounded_from_the_cli(tmp_path):
+    root = _eight_images(tmp_path / "d")
+    for split in ("train", "val"):
+        os.symlink("..", root / split / "a" / "loop1")
+        os.symlink("..", root / split / "b" / "loop2")
+    before = digests(root)
+    res = run_bounded("diagnose", "resnet10t", "--data", root, "--batch-size", "4", "--json",
+                      *SMALL, timeout=100)
+    assert res.returncode == 0, res.stderr
+    assert digests(root) == before
+
+
+def _png_header_lie(path: Path, width: int, height: int) -> None:
+    """A valid 1x1 PNG whose IHDR then declares ``width`` x ``height`` (CRC fixed)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+def _bad_folder(root: Path, case: str) -> tuple[Path, list[str]]:
+    import numpy as np
+    from PIL import Image
+
+    good = Image.fromarray(np.full((8, 8, 3), 120, np.uint8))
+    root = _folder(root, {"a/0.png": good, "b/0.png": good})
+    bad = root / "train" / "a" / "1.png"
+    if case == "bomb":
+        _png_header_lie(bad, 20000, 20000)  # 400 MP declared in 70 bytes
+        return root, ["1.png", "decompression bomb", "400000000 pixels"]
+    if case == "large":  # past PIL's warning (89 MP), short of its bomb error (179 MP)
+        _png_header_lie(bad, 10000, 10000)
+        return root, ["1.png", "10000x10000 (100 MP), more than 89 MP"]
+    if case == "wide":
+        _png_header_lie(bad, 100000, 1)
+        return root, ["1.png", "100000x1"]
+    if case == "truncated-jpeg":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+            root / "train" / "a" / "1.jpg", quality=90)
+        data = (root / "train" / "a" / "1.jpg").read_bytes()
+        (root / "train" / "a" / "1.jpg").write_bytes(data[: len(data) // 2])
+        return root, ["1.jpg", "truncated"]
+    if case == "not-an-image":
+        bad.write_bytes(b"\x00" * 100)
+        return root, ["cannot read image", "1.png"]
+    if case == "only-unreadable":
+        for p in (root / "train").rglob("*.png"):
+            p.write_text("not a png")
+        return root, ["cannot read image"]
+    if case == "no-images":
+        for p in root.rglob("*.png"):
+            p.unlink()
+        return root, ["no images"]
+    if case == "many-empty-classes":
+        for i in range(3000):
+            (root / "train" / f"class{i:05d}").mkdir()
+            (root / "val" / f"class{i:05d}").mkdir()
+        return root, ["3000 class folder(s)", "hold no images", "class00000"]
+    raise AssertionError(case)
+
+
+BAD_FOLDERS = ["bomb", "large", "wide", "truncated-jpeg", "not-an-image",
+               "only-unreadable", "no-images", "many-empty-classes"]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_image_folders_are_one_line(run_cli, tmp_path, case):
+    root, fragments = _bad_folder(tmp_path / "d", case)
+    before = digests(root)
+    res = run_cli("diagnose", "resnet10t", "--data", root, "--batch-size", "3", *SMALL)  # all
+    one_line_error(res, *fragments)
+    assert digests(root) == before
+
+
+@pytest.mark.timeout(120)
+def test_decompression_bomb_from_a_loader_worker_is_one_line(tmp_path):
+    """In a DataLoader worker process too: the message names the file, without the worker's
+    traceback."""
+    from sbn_surgery.data import build_loaders
+    from sbn_surgery.errors import DataError
+
+    root, _ = _bad_folder(tmp_path / "d", "bomb")
+    for name in ("a/0.png", "b/0.png"):  # every training image, whatever the batches hold
+        _png_header_lie(root / "train" / name, 20000, 20000)
+    cfg = {"input_size": (3, 8, 8), "interpolation": "bilinear", "crop_pct": 1.0,
+           "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    train, _, _ = build_loaders(str(root), cfg, 2, workers=1)
+    with pytest.raises(DataError) as info:
+        list(train.iter_epoch(0))
+    text = str(info.value)
+    assert ".png is a decompression bomb" in text and "400000000 pixels" in text and "Traceback" not in text and "\n" not in text
+
+
+def test_tiny_images_load(tmp_path):
+    """1x1 images are images: they are resized, not refused."""
+    import numpy as np
+    from PIL import Image
+
+    from sbn_surgery.data import build_loaders
+
+    one = Image.fromarray(np.full((1, 1, 3), 200, np.uint8))
+    root = _folder(tmp_path, {"a/0.png": one, "b/0.png": one})
+    cfg = {"input_size": (3, 8, 8), "interpolation": "bilinear", "crop_pct": 1.0,
+           "mean": (0.0,) * 3, "std": (1.0,) * 3}
+    _, val, _ = build_loaders(str(root), cfg, 2)
+    x, _ = next(val.iter_epoch(0))
+    assert x.shape == (2, 3, 8, 8) and float(x.min()) == pytest.approx(200 / 255, abs=1e-3)
+
