@@ -396,3 +396,113 @@ def test_tiny_images_load(tmp_path):
     x, _ = next(val.iter_epoch(0))
     assert x.shape == (2, 3, 8, 8) and float(x.min()) == pytest.approx(200 / 255, abs=1e-3)
 
+
+# ============================================================================================
+# fine-tuning options and non-finite training
+# ============================================================================================
+BAD_OPTIONS = {
+    "--lr inf": (["--lr", "inf"], "--lr must be a finite number"),
+    "--lr nan": (["--lr", "nan"], "--lr must be a finite number"),
+    "--lr 0": (["--lr", "0"], "--lr must be > 0"),
+    "--lr -1": (["--lr", "-1"], "--lr must be > 0"),
+    "--weight-decay nan": (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    "--weight-decay -1": (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    "--warmup-epochs nan": (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite"),
+    "--warmup-epochs -1": (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+    "--warmup-epochs 11": (["--warmup-epochs", "11"], "--warmup-epochs must be in [0, --epochs=10]"),
+    "--label-smoothing 1": (["--label-smoothing", "1"], "--label-smoothing must be >= 0 and < 1"),
+    "--label-smoothing nan": (["--label-smoothing", "nan"], "--label-smoothing must be a finite"),
+    "--input-size 3 0 0": (["--input-size", "3", "0", "0"], "--input-size expects C H W"),
+    "--input-size 3 100000 100000": (["--input-size", "3", "100000", "100000"], "<= 4096"),
+    "--input-size 1000 32 32": (["--input-size", "1000", "32", "32"], "1 <= C <= 64"),
+    "--seed -1": (["--seed", "-1"], "--seed must be >= 0"),
+    "--seed 2**64": (["--seed", str(2**64)], "--seed must be >= 0 and <="),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_bad_finetune_options_are_one_line_before_any_work(run_cli, tmp_path, case):
+    args, fragment = BAD_OPTIONS[case]
+    out = tmp_path / "run"
+    res = run_cli("finetune", "resnet10t", "--data", "synthetic", "-o", out, *args)
+    one_line_error(res, fragment)
+    assert not out.exists()  # refused before the output folder was made
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(epochs=0), "--epochs must be >= 1"),
+    (dict(batch_size=1), "--batch-size must be >= 2"),
+    (dict(subset=1), "--subset must be >= 2"),
+    (dict(num_classes=0), "--num-classes must be >= 1"),
+    (dict(lr="0.1"), "--lr must be a number"),
+    (dict(seed=True), "--seed must be an integer"),
+    (dict(epochs=2.5), "--epochs must be an integer"),
+    (dict(workers=-1), "--workers must be an integer in [0, 256]"),
+])
+def test_bad_finetune_arguments_from_python(tmp_path, kwargs, fragment):
+    with pytest.raises(sbn.SbnSurgeryError) as info:
+        sbn.finetune("resnet10t", "synthetic", output=tmp_path / "run", **kwargs)
+    assert fragment in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(120)
+def test_finetune_refuses_a_recipe_for_other_models_unless_forced(tmp_path):
+    with pytest.raises(RecipeError, match="recipe 'densenet' is for models.*not resnet10t"):
+        sbn.finetune("resnet10t", "synthetic", recipe="densenet", output=tmp_path / "run",
+                     epochs=1, subset=16, batch_size=8, input_size=(3, 32, 32))
+    assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def _nan_after(monkeypatch, calls: int) -> None:
+    """The training loss is NaN from its ``calls``-th computation on (validation is untouched)."""
+    import torch
+
+    original = torch.nn.CrossEntropyLoss.forward
+    count = [0]
+
+    def forward(self, logits, target):
+        loss = original(self, logits, target)
+        if torch.is_grad_enabled():
+            count[0] += 1
+            if count[0] >= calls:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_files(run_cli, tmp_path,
+                                                                     monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    _nan_after(monkeypatch, 3)  # 2 steps an epoch: epoch 2, step 1
+    res = run_cli("finetune", "resnet10t", "--recipe", "resnet", "--data", "synthetic", "-o", out,
+                  "--epochs", "3", "--subset", "32", "--batch-size", "16", *SMALL, "--workers", "0")
+    one_line_error(res, "training diverged in epoch 2", "loss is nan at step 1 of 2",
+                   "keeps the last finished epoch (epoch 1)", "--lr")
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["epoch"] == 1  # the state of the last finished epoch, resumable
+    last, best = load_file(out / "last.safetensors"), load_file(out / "best.safetensors")
+    assert last.keys() == best.keys()
+    for k in last:  # nothing of epoch 2 was written: both are epoch 1's finite weights
+        assert torch.isfinite(last[k].float()).all() and torch.equal(last[k], best[k]), k
+    metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(metrics) == 1
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_first_epoch_writes_no_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _nan_after(monkeypatch, 1)
+    with pytest.raises(sbn.SbnSurgeryError, match=r"epoch 1: the training loss is nan at step 1 "
+                                                   r"of 2.*\(none yet\)"):
+        sbn.finetune("resnet10t", "synthetic", recipe="resnet", output=out, epochs=2, subset=32,
+                     batch_size=16, input_size=(3, 32, 32))
+    assert not (out / "best.safetensors").exists() and not (out / "last.safetensors").exists()
+
