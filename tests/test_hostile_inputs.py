@@ -506,3 +506,142 @@ def test_non_finite_first_epoch_writes_no_checkpoint(tmp_path, monkeypatch):
                      batch_size=16, input_size=(3, 32, 32))
     assert not (out / "best.safetensors").exists() and not (out / "last.safetensors").exists()
 
+
+# ============================================================================================
+# ONNX files (bench, parity)
+# ============================================================================================
+def _onnx_file(path: Path, inputs: list[tuple[str, int, list]], body: str = "relu") -> Path:
+    """A tiny ONNX model: ``inputs`` as (name, element type, dims); the output is Relu of the
+    first (or a constant when there is none)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    vin = [helper.make_tensor_value_info(n, t, d) for n, t, d in inputs]
+    if inputs:
+        nodes = [helper.make_node("Relu", [inputs[0][0]], ["y"])]
+        out = helper.make_tensor_value_info("y", inputs[0][1], None)
+    else:
+        nodes = [helper.make_node("Constant", [], ["y"], value=helper.make_tensor(
+            "c", TensorProto.FLOAT, [1, 10], [0.0] * 10))]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
+    model = helper.make_model(helper.make_graph(nodes, "g", vin, [out]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _bad_onnx(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
+    from onnx import TensorProto
+
+    f = TensorProto.FLOAT
+    path = tmp_path / f"{case}.onnx"
+    if case == "not-onnx":
+        path.write_text("name: this is a YAML file\n" * 50)
+        return path, ["not-onnx.onnx"]
+    if case == "empty":
+        path.write_bytes(b"")
+        return path, ["empty.onnx", "expected one image input", "none"]
+    if case == "truncated":
+        data = _onnx_file(path, [("x", f, [1, 3, 32, 32])]).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, ["truncated.onnx"]
+    if case == "no-inputs":
+        return _onnx_file(path, []), ["has 0 (none)"]
+    if case == "two-inputs":
+        return _onnx_file(path, [("x", f, [1, 3, 32, 32]), ("z", f, [1])]), ["has 2 (x, z)"]
+    if case == "int64-input":
+        return _onnx_file(path, [("x", TensorProto.INT64, [1, 3, 32, 32])]), ["is INT64", "FLOAT"]
+    if case == "uint8-input":
+        return _onnx_file(path, [("x", TensorProto.UINT8, [1, 3, 32, 32])]), ["is UINT8"]
+    if case == "zero-dim":
+        return _onnx_file(path, [("x", f, [1, 3, 0, 32])]), ["declares a dimension of 0"]
+    if case == "negative-dim":
+        return _onnx_file(path, [("x", f, [1, 3, -5, 32])]), ["declares a dimension of -5"]
+    if case == "huge-dim":
+        return _onnx_file(path, [("x", f, [1, 3, 100000, 100000])]), ["30000000000 elements"]
+    if case == "rank-2":
+        return _onnx_file(path, [("x", f, [1, 3])]), ["has 2 dims"]
+    raise AssertionError(case)
+
+
+BAD_ONNX = ["not-onnx", "empty", "truncated", "no-inputs", "two-inputs", "int64-input",
+            "uint8-input", "zero-dim", "negative-dim", "huge-dim", "rank-2"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", BAD_ONNX)
+def test_bench_on_odd_onnx_files_is_one_line(run_cli, tmp_path, case):
+    path, fragments = _bad_onnx(tmp_path, case)
+    before = digests(tmp_path)
+    one_line_error(run_cli("bench", path, "--repeats", "1"), *fragments)
+    assert digests(tmp_path) == before
+
+
+@pytest.mark.timeout(60)
+def test_bench_refuses_a_huge_input_size_before_allocating(run_cli, tmp_path):
+    from onnx import TensorProto
+
+    path = _onnx_file(tmp_path / "sym.onnx", [("x", TensorProto.FLOAT, ["n", 3, "h", "w"])])
+    one_line_error(run_cli("bench", path, "--input-size", "3", "60000", "60000"),
+                   "10800000000 elements")
+    one_line_error(run_cli("bench", path, "--input-size", "3", "0", "8"), "dimension below 1")
+    res = run_cli("bench", path, "--input-size", "3", "8", "8", "--repeats", "2", "--json")
+    assert res.code == 0, res.stderr  # a plain float image file runs
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    model, _ = sbn.convert("resnet10t", "resnet", num_classes=10, input_size=(3, 32, 32),
+                           init="standard")
+    path = tmp_path_factory.mktemp("ckpt") / "r10.safetensors"
+    sbn.save_converted(model, path)
+    return path
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["not-onnx", "empty", "two-inputs", "int64-input", "zero-dim",
+                                  "huge-dim"])
+def test_parity_on_odd_onnx_files_is_one_line(run_cli, tmp_path, small_checkpoint, case):
+    path, fragments = _bad_onnx(tmp_path, case)
+    before = digests(tmp_path)
+    one_line_error(run_cli("parity", path, small_checkpoint), *fragments)
+    assert digests(tmp_path) == before
+
+
+# ============================================================================================
+# export: a failing export never replaces a good file
+# ============================================================================================
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rtol", ["-1", "0", "nan", "inf", "-inf"])
+def test_export_refuses_bad_rtol_before_writing(run_cli, tmp_path, small_checkpoint, rtol):
+    good = tmp_path / "m.onnx"
+    good.write_bytes(b"a good file from before")
+    one_line_error(run_cli("export", small_checkpoint, "-o", good, f"--rtol={rtol}"),
+                   "--rtol must be a finite number > 0")
+    assert good.read_bytes() == b"a good file from before"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    with pytest.raises(sbn.SbnSurgeryError, match="--rtol must be a finite number > 0"):
+        sbn_parity().check_parity(good, None, rtol=float(rtol))
+
+
+def sbn_parity():
+    import sbn_surgery.parity as parity
+    return parity
+
+
+@pytest.mark.timeout(300)
+def test_failing_export_keeps_the_good_file_and_the_failing_one_beside_it(run_cli, tmp_path,
+                                                                         small_checkpoint):
+    import onnx
+
+    good = tmp_path / "m.onnx"
+    res = run_cli("export", small_checkpoint, "-o", good)
+    assert res.code == 0, res.stderr
+    before = good.read_bytes()
+    res = run_cli("export", small_checkpoint, "-o", good, "--mode", "dft", "--rtol", "1e-12")
+    failed = tmp_path / "m.parity-failed.onnx"
+    line = one_line_error(res, "parity failed", str(failed), f"{good} was not written")
+    assert good.read_bytes() == before  # the good file is untouched
+    assert onnx.load(str(failed)).metadata_props  # the failing file is there, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.parity-failed.onnx"]
+    assert "Traceback" not in line
