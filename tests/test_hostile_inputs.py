@@ -160,9 +160,9 @@ def test_recipe_for_other_models_is_refused_unless_forced(run_cli, tmp_path):
     assert forced.code == 0, forced.stderr
     # the Python API: force= on apply_recipe and convert; recipes without `models` fit any model
     import timm
-    with pytest.raises(RecipeError, match="not resnet10t"):
+    with pytest.raises(RecipeError, match="recipe 'densenet' is for models.*not resnet10t"):
         sbn.apply_recipe(timm.create_model("resnet10t"), "densenet", input_size=(3, 32, 32))
-    plan = sbn.apply_recipe(timm.create_model("resnet10t"), "densenet", input_size=(3, 32, 32),
+    plan = sbn.apply_recipe(timm.create_model("resnet10t"), path, input_size=(3, 32, 32),
                             force=True)
     assert plan.count > 0
     with pytest.raises(RecipeError, match="not resnet10t"):
