@@ -119,7 +119,7 @@ def _convert(row: dict, name: str, recipe: str, size: int) -> None:
     plan, err = None, None
     for input_size in sizes:
         try:
-            plan = sbn.apply_recipe(model, recipe, input_size=input_size)
+            plan = sbn.apply_recipe(model, recipe, input_size=input_size, force=True)
             row["input_size"] = list(input_size)
             break
         except sbn.SbnSurgeryError as exc:

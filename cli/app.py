@@ -7,6 +7,7 @@ import inspect
 import sys
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand
 
 from sbn_surgery import __version__
@@ -81,7 +82,9 @@ def main() -> None:
     try:
         app()
     except SbnSurgeryError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # user text (paths, patterns) may hold [brackets] or newlines: escaped, one line
+        text = escape(" ".join(str(exc).split()))
+        err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from sbn_surgery.errors import SbnSurgeryError, SurgeryError
 
-from .common import out, parse_kv, print_json, progress_bar
+from .common import FORCE_HELP, out, parse_kv, print_json, progress_bar
 
 ORDER = 20
 
@@ -60,6 +60,7 @@ def inspect(
                                                      "create_model arguments as key=value; repeat."),
     input_size: Optional[tuple[int, int, int]] = typer.Option(None, help=INPUT_SIZE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Show where a recipe would put SBN in MODEL. Changes nothing and writes nothing.
 
@@ -74,7 +75,7 @@ def inspect(
 
     name = _recipe_or_auto(recipe, model)
     net = create_model(model, num_classes=num_classes, model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
-    plan = apply_recipe(net, name, input_size=input_size)
+    plan = apply_recipe(net, name, input_size=input_size, force=force)
     plan.model = model
     if json_out:
         print_json(plan.to_json())
@@ -107,6 +108,7 @@ def convert(
     batch_size: int = typer.Option(16, min=2, help="Calibration batch size."),
     input_size: Optional[tuple[int, int, int]] = typer.Option(None, help=INPUT_SIZE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Insert SBN into MODEL where the recipe says and write a converted checkpoint.
 
@@ -146,7 +148,7 @@ def convert(
                                num_classes=num_classes,
                                model_kwargs=kwargs, init=init, calibration=calibration,
                                calibrate_batches=calibrate_batches, calibrate_batch_size=batch_size,
-                               input_size=input_size, progress=cb)
+                               input_size=input_size, progress=cb, force=force)
     save_converted(net, output)
     plan.model = model
     if json_out:

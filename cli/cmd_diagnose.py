@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from .cmd_convert import CHECKPOINT_KEY_HELP
-from .common import out, parse_kv, print_json, progress_bar
+from .common import FORCE_HELP, out, parse_kv, print_json, progress_bar
 
 ORDER = 40
 
@@ -100,6 +100,7 @@ def diagnose(
                                          "recipe (shipped name or YAML path) before measuring. "
                                          "With --compare the default is the shipped recipe that "
                                          "fits MODEL."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     remove_bn: bool = typer.Option(False, "--remove-bn", help="Make every BatchNorm the identity "
                                    "(after the recipe; SBN layers stay): the paper's 'without BN'."),
     compare: bool = typer.Option(False, "--compare", help="Measure the four variants BN, BN + "
@@ -166,11 +167,12 @@ def diagnose(
     with progress_bar(json_out) as progress:
         if compare:
             reports = run_compare(net, images, recipe=recipe, norm_stats=norm_stats,
-                                  input_size=input_size, progress=progress, model_name=name)
+                                  input_size=input_size, progress=progress, model_name=name,
+                                  force=force)
         else:
             reports = [diagnose_variant(net, images, recipe=recipe, remove_bn=remove_bn,
                                         norm_stats=norm_stats, input_size=input_size,
-                                        progress=progress, model_name=name)]
+                                        progress=progress, model_name=name, force=force)]
     if plot is not None:
         weights = f"(weights {checkpoint.name})" if checkpoint is not None else \
             ("(converted checkpoint)" if meta else "at initialization")

@@ -9,13 +9,14 @@ from typing import Optional
 import typer
 
 from .cmd_convert import CHECKPOINT_KEY_HELP
-from .common import err_console, out, parse_kv, print_json, progress_bar
+from .common import FORCE_HELP, err_console, out, parse_kv, print_json, progress_bar
 
 ORDER = 30
 
 DATA_HELP = ("digits (scikit-learn's, offline), fashion-mnist (Debian package "
              "dataset-fashion-mnist, else downloaded), synthetic (tests), or a directory with "
-             "train/ and val/ in ImageFolder layout.")
+             "train/ and val/ in ImageFolder layout. Symbolic links there are followed once "
+             "per real path (a link loop adds nothing).")
 
 
 def finetune(
@@ -25,6 +26,7 @@ def finetune(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe for a timm name: "
                                          "shipped name or YAML path. Default: the shipped recipe "
                                          "for the model's family, else `default`."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
                                              "for a timm name (.safetensors, .pth/.pth.tar, or a "
                                              "snapshot directory); without it training starts from "
@@ -116,6 +118,7 @@ def finetune(
                 weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                 label_smoothing=label_smoothing, input_size=input_size, subset=subset,
                 augment=augment, train=train, seed=seed, amp=amp, channels_last=channels_last,
+                force=force or None,  # unset: on --resume, the stored run's choice
                 compile=compile, sync_stats=sync_stats, device=device, workers=workers,
                 resume=resume, overwrite=overwrite, progress=progress)
         except TrainingInterrupted as stop:

@@ -73,6 +73,9 @@ def progress_bar(json_mode: bool, quiet: bool = False) -> Iterator[Any]:
             prog.stop()
 
 
+FORCE_HELP = "Apply --recipe even if its `models` patterns do not name MODEL."
+
+
 def parse_kv(pairs: Optional[list[str]], option: str) -> dict[str, Any]:
     """Parse ``k=v`` pairs (values as YAML scalars: 0.1, true, [1, 2], text)."""
     import yaml

@@ -199,7 +199,7 @@ def _build(meta: dict[str, Any], recipe: Recipe) -> nn.Module:
     model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
                          model_kwargs=meta.get("model_kwargs") or {})
     input_size = tuple(meta["input_size"]) if meta.get("input_size") else None
-    apply_recipe(model, recipe, input_size=input_size)
+    apply_recipe(model, recipe, input_size=input_size, force=True)  # checked at convert
     return model
 
 

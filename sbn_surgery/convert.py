@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .models import create_model, input_size_of
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, check_fits, load_recipe
 from .surgery import (Plan, ProgressFn, apply_recipe, calibrate, carry_zero_init,
                       init_identity, synthetic_batches)
 
@@ -39,6 +39,7 @@ def convert(
     calibrate_batch_size: int = 8,
     input_size: Optional[tuple[int, int, int]] = None,
     progress: Optional[ProgressFn] = None,
+    force: bool = False,
 ) -> tuple[nn.Module, Plan]:
     """Build ``model_name`` with timm (``pretrained=False``; weights only from ``checkpoint``),
     insert SBN where ``recipe`` says, and initialize the new layers. ``checkpoint`` is a weights
@@ -51,13 +52,15 @@ def convert(
     where the SBN ends a residual branch that timm zero-initialized, see
     :func:`~sbn_surgery.surgery.carry_zero_init`)
     and, when ``calibration`` is given, estimates the running statistics from it. The model
-    carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`.
+    carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`. A recipe whose ``models``
+    patterns do not name ``model_name`` is refused unless ``force``.
     """
     recipe = load_recipe(recipe)
+    check_fits(recipe, model_name, force)
     model = create_model(model_name, num_classes=num_classes, model_kwargs=model_kwargs,
                          checkpoint=checkpoint, checkpoint_key=checkpoint_key)
     size = tuple(input_size) if input_size is not None else input_size_of(model)
-    plan = apply_recipe(model, recipe, input_size=size)  # type: ignore[arg-type]
+    plan = apply_recipe(model, recipe, input_size=size, force=True)  # type: ignore[arg-type]
     mode = resolve_init(init, recipe, weights_loaded=checkpoint is not None)
     if mode == "standard" and checkpoint is None:  # untrained: keep timm's zero-init branches
         carry_zero_init(model)

@@ -7,8 +7,8 @@ package data ``sbn_surgery.recipes``.
 
 from __future__ import annotations
 
-import fnmatch
-import re
+import os
+import stat
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -19,9 +19,17 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from .errors import RecipeError, near_names
+from .patterns import check_pattern, match_pattern
 
 __all__ = ["Recipe", "Rule", "SbnOptions", "Expect", "load_recipe", "shipped_recipes",
-           "recipe_for_model"]
+           "recipe_for_model", "check_fits", "match_pattern"]
+
+#: A recipe is a page of YAML; anything larger is refused before it is read.
+MAX_RECIPE_BYTES = 1 << 20
+#: Nesting depth and node count (aliases counted at each use) a recipe may have: a real recipe
+#: is about 5 deep and has a few hundred nodes; the limits stop recursion and alias bombs.
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 20_000
 
 
 class _Strict(BaseModel):
@@ -32,8 +40,8 @@ class SbnOptions(_Strict):
     """Options of the inserted layers; a rule's ``sbn`` overrides the recipe's."""
 
     stats: Optional[Literal["channel", "frequency"]] = None
-    eps: Optional[float] = Field(default=None, gt=0)
-    momentum: Optional[float] = Field(default=None, ge=0, le=1)
+    eps: Optional[float] = Field(default=None, gt=0, allow_inf_nan=False)
+    momentum: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     init: Optional[Literal["auto", "identity", "standard"]] = None
 
     def merged(self, over: Optional["SbnOptions"]) -> "SbnOptions":
@@ -111,11 +119,7 @@ class Rule(_Strict):
     @classmethod
     def _patterns_compile(cls, v: Optional[list[str]]) -> Optional[list[str]]:
         for pat in v or []:
-            if pat.startswith("re:"):
-                try:
-                    re.compile(pat[3:])
-                except re.error as exc:
-                    raise ValueError(f"bad regular expression {pat!r}: {exc}") from None
+            check_pattern(pat)
         return v
 
     @model_validator(mode="after")
@@ -184,11 +188,16 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
 
 
-def match_pattern(pattern: str, path: str) -> bool:
-    """``re:<regex>`` (full match) or a glob on the dotted module path."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], path) is not None
-    return fnmatch.fnmatchcase(path, pattern)
+def check_fits(recipe: Recipe, model_name: str, force: bool = False) -> None:
+    """Refuse (:class:`RecipeError`) a recipe whose ``models`` patterns do not name
+    ``model_name``, unless ``force``; a recipe without ``models`` fits any model."""
+    if force or recipe.fits_model(model_name):
+        return
+    raise RecipeError(
+        f"{recipe.source or recipe.name}: recipe {recipe.name!r} is for models matching "
+        f"{', '.join(recipe.models)}, not {model_name}. Use the recipe for {model_name} "
+        f"({recipe_for_model(model_name)}), or --force (force=True) to apply it anyway."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,15 +222,60 @@ def _node_at(root: yaml.Node, loc: tuple) -> yaml.Node:
     return node
 
 
-def _parse(text: str, source: str) -> Recipe:
+def _check_shape(root: Optional[yaml.Node], source: str) -> None:
+    """Refuse YAML nested deeper than :data:`MAX_YAML_DEPTH` or with more than
+    :data:`MAX_YAML_NODES` nodes once aliases are expanded (a "billion laughs" alias bomb), or
+    whose aliases refer to themselves. Iterative, so deep input cannot exhaust the stack."""
+    if root is None:
+        return
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    open_ids: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        where = f"{source}:{node.start_mark.line + 1}"
+        if depth > MAX_YAML_DEPTH:
+            raise RecipeError(f"{where}: YAML nested more than {MAX_YAML_DEPTH} levels deep; a "
+                              "recipe is a flat mapping of rules. Flatten it.")
+        kids = [c for pair in node.value for c in (pair if isinstance(pair, tuple) else (pair,))] \
+            if isinstance(node.value, list) else []
+        if done:
+            open_ids.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in kids)
+            if size[id(node)] > MAX_YAML_NODES:
+                raise RecipeError(f"{where}: YAML expands to more than {MAX_YAML_NODES} values "
+                                  "(aliases repeat what they refer to); write the recipe out plainly.")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_ids:
+            raise RecipeError(f"{where}: a YAML alias refers to itself (a recursive structure); "
+                              "remove the alias.")
+        open_ids.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in kids if id(c) not in size)
+
+
+def _load_yaml(text: str, source: str) -> tuple[Optional[yaml.Node], Any]:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: {len(text)} characters; a recipe has at most "
+                          f"{MAX_RECIPE_BYTES}. Is this the right file?")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        _check_shape(root, source)
+        return root, yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{where}: YAML syntax error: {problem}. Fix the YAML at that line.") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: YAML nested too deeply to parse; a recipe is a flat "
+                          "mapping of rules. Flatten it.") from None
+
+
+def _parse(text: str, source: str) -> Recipe:
+    root, data = _load_yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}:1: a recipe is a YAML mapping with 'name' and 'rules'; got "
                           f"{type(data).__name__}")
@@ -293,17 +347,46 @@ def load_recipe(spec: Union[str, Path, Recipe]) -> Recipe:
         return _parse_shipped(text_spec)
     path = Path(text_spec)
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in text_spec:
-        if not path.is_file():
-            raise RecipeError(
-                f"recipe file {text_spec} not found. Shipped recipes: {', '.join(shipped)}"
-            )
-        return _parse(path.read_text(encoding="utf-8"), str(path))
+        return _parse(_read_recipe_file(path, shipped), str(path))
     hint = near_names(text_spec, shipped)
     raise RecipeError(
         f"no recipe named {text_spec!r}"
         + (f" (did you mean {', '.join(hint)}?)" if hint else "")
         + f". Shipped recipes: {', '.join(shipped)}; or give a path to a .yaml file."
     )
+
+
+def _read_recipe_file(path: Path, shipped: dict) -> str:
+    """The text of a recipe file: a regular file of at most :data:`MAX_RECIPE_BYTES`, UTF-8.
+    A directory, FIFO or device is refused before it is opened (a FIFO would block)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} not found. Shipped recipes: "
+                          f"{', '.join(shipped)}") from None
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise RecipeError(f"recipe file {path} is {kind}; give a .yaml file.")
+    if st.st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {path} is {st.st_size} bytes; a recipe has at most "
+                          f"{MAX_RECIPE_BYTES}. Is this the right file?")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path} cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {path} is over {MAX_RECIPE_BYTES} bytes; a recipe has at "
+                          "most that.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: "
+                          f"{data[exc.start:exc.start + 1]!r}); a recipe is a UTF-8 YAML file. "
+                          "Save it as UTF-8.") from None
 
 
 def recipe_for_model(model_name: str) -> str:

@@ -92,9 +92,11 @@ def test_export_keeps_a_failing_file_and_raises(tmp_path):
     with pytest.raises(ParityFailed) as info:
         export_onnx(model, path, mode="dft", input_size=size, rtol=1e-12)
     assert isinstance(info.value, ParityError)
-    assert path.is_file() and info.value.path == path
+    failed = tmp_path / "m.parity-failed.onnx"
+    assert not path.exists() and info.value.path == failed and info.value.target == path
     assert info.value.report.max_rel_err > 1e-12
-    assert read_metadata(path)["mode"] == "dft"
+    assert read_metadata(failed)["mode"] == "dft"
+    assert [p.name for p in tmp_path.iterdir()] == [failed.name]  # no staging left behind
 
 
 def test_parity_images_of_the_wrong_size_are_refused_before_the_file_is_replaced(tmp_path):
@@ -199,13 +201,16 @@ def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
 
     res = run_cli("export", checkpoint, "-o", onnx_path, "--mode", "dft", "--rtol", "1e-12")
     assert res.code == 2 and "parity failed" in res.stderr and "Traceback" not in res.stderr
-    assert onnx_path.is_file()  # kept for inspection
+    failed = tmp_path / "r10.parity-failed.onnx"
+    assert not onnx_path.exists() and failed.is_file()  # kept beside it for inspection
+    assert str(failed) in res.stderr
     assert "FAILED" in res.stdout and "max rel err" in res.stdout  # with the table that says why
     res = run_cli("export", checkpoint, "-o", onnx_path, "--mode", "dft", "--rtol", "1e-12",
                   "--json")
     report = json.loads(res.stdout)
     assert res.code == 2 and report["mode"] == "dft" and report["parity"]["passed"] is False
     assert report["parity"]["max_rel_err"] > 1e-12
+    onnx_path = failed
     res = run_cli("parity", onnx_path, checkpoint, "--rtol", "1e-12", "--json")
     assert res.code == 2 and json.loads(res.stdout)["passed"] is False
     res = run_cli("parity", onnx_path, checkpoint, "--input-size", "3", "64", "64")  # freq. SBN

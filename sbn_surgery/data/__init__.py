@@ -8,6 +8,10 @@ Sources (the ``--data`` argument):
   (``/usr/share/datasets/fashion-mnist``), else torchvision's downloader where a network exists.
   Train is the 60000-image training set, val the 10000-image test set.
 * a directory in ImageFolder layout with ``train/`` and ``val/`` (one sub-folder per class).
+  Symbolic links are followed once per real path (a loop adds nothing; a link never leads into
+  another class's folder); images of any PIL mode (16-bit, float, palette, CMYK, ...) reach the
+  model over the full 8-bit range; unreadable, truncated, oversized (decompression bombs) and
+  extremely elongated images are one error naming the file (see :mod:`.images`).
 * ``synthetic``: 10 classes of smooth random patterns plus noise, 3x32x32, for tests.
 
 Preprocessing comes from timm's data config for the model (``resolve_data_config``): images are

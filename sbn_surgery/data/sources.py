@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from .images import has_images, scan_folder
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist", "synthetic")
 #: Where Fashion-MNIST's idx files are looked for, in order (the Debian package path first).
@@ -183,12 +184,30 @@ def _make_synthetic(num_classes: int = 10, n_train: int = 640, n_val: int = 160,
 
 
 def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file())
+    return has_images(folder, IMAGE_SUFFIXES)
+
+
+def _image_folder(path: Path):
+    """torchvision's ImageFolder over :func:`scan_folder`: symbolic links are followed once per
+    real path (a link loop adds nothing), and a class folder without images is an error."""
+    from torchvision.datasets import ImageFolder
+
+    class _Folder(ImageFolder):
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                         allow_empty=False):
+            return scan_folder(str(directory), class_to_idx, IMAGE_SUFFIXES)
+
+    folder = _Folder(str(path), allow_empty=True)
+    counts = np.bincount([t for _, t in folder.samples], minlength=len(folder.classes))
+    empty = [c for c, n in zip(folder.classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"{len(empty)} class folder(s) under {path} hold no images (e.g. "
+                        f"{', '.join(empty[:5])}); remove them or add images")
+    return folder
 
 
 def _load_folder(root: Path) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
     if not root.is_dir():
         raise DataError(f"data path {root} is a file; give a directory with train/ and val/ "
                         f"sub-folders in ImageFolder layout (train/<class>/<image>)")
@@ -206,7 +225,7 @@ def _load_folder(root: Path) -> Dataset:
             raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES[:5])}, ...) under {root / s}; "
                             f"put one sub-folder per class there, with the images inside")
         try:
-            splits[s] = ImageFolder(str(root / s))
+            splits[s] = _image_folder(root / s)
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"{root / s} is not in ImageFolder layout: {exc}; put the images in "
                             f"one sub-folder per class") from exc

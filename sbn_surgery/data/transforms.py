@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from .images import load_image
 
 # --------------------------------------------------------------------------------------------
 # preprocessing
@@ -117,11 +118,7 @@ class SeededFolder(torch.utils.data.Dataset):
         if isinstance(base, torch.utils.data.Subset):
             idx, base = base.indices[idx], base.dataset
         path, label = base.samples[idx]
-        try:
-            img = base.loader(path)
-            img = img.convert("L" if self.channels == 1 else "RGB")
-        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+        img = load_image(path, self.channels)  # any failure: a DataError naming the file
         if seed is None:
             return self.transform(img), label
         t_state, p_state = torch.get_rng_state(), random.getstate()

@@ -177,6 +177,7 @@ def compare(
     input_size: Optional[Sequence[int]] = None,
     progress: Optional[Progress] = None,
     model_name: Optional[str] = None,
+    force: bool = False,
 ) -> list[Report]:
     """``diagnose`` in each of ``variants`` (default: BN, BN + SBN, no BN, no BN + SBN) on the
     same batches. SBN variants use the model's own SBN layers if it is converted, else
@@ -192,7 +193,7 @@ def compare(
         recipe = recipe_for_model(name)
     batches = list(batches)
     return [_run_variant(model, batches, v, recipe=recipe, norm_stats=norm_stats,
-                         input_size=input_size, progress=progress, model_name=name)
+                         input_size=input_size, progress=progress, model_name=name, force=force)
             for v in variants]
 
 
@@ -206,6 +207,7 @@ def diagnose_variant(
     input_size: Optional[Sequence[int]] = None,
     progress: Optional[Progress] = None,
     model_name: Optional[str] = None,
+    force: bool = False,
 ) -> Report:
     """``diagnose`` in one setting: with SBN when the model has it or ``recipe`` inserts it,
     with every BatchNorm made the identity when ``remove_bn``."""
@@ -214,19 +216,19 @@ def diagnose_variant(
     variant = ("no-bn" if remove_bn else "bn") + ("+sbn" if sbn else "")
     return _run_variant(model, batches, variant, recipe=recipe, norm_stats=norm_stats,
                         input_size=input_size, progress=progress,
-                        model_name=model_name or _model_name(model))
+                        model_name=model_name or _model_name(model), force=force)
 
 
 def _run_variant(model: nn.Module, batches: Iterable[Any], variant: str, *, recipe: Any,
                  norm_stats: str, input_size: Optional[Sequence[int]],
-                 progress: Optional[Progress], model_name: str) -> Report:
+                 progress: Optional[Progress], model_name: str, force: bool = False) -> Report:
     _, label, sbn, no_bn = _VARIANT[variant]
     converted = sbn_count(model) > 0
     recipe_name = "converted" if converted else _recipe_name(recipe)
     if sbn:
         label = f"{label} ({recipe_name})"
     work = make_variant(model, recipe=None if converted else recipe, sbn=sbn, remove_bn=no_bn,
-                        input_size=input_size)
+                        input_size=input_size, force=force)
     report = _measure(work, batches, progress=progress, norm_stats=norm_stats, points=None,
                       variant=variant, label=label, model_name=model_name)
     report.recipe = recipe_name if sbn else ""

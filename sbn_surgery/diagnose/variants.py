@@ -78,13 +78,15 @@ def sbn_count(model: nn.Module) -> int:
 
 
 def make_variant(model: nn.Module, *, recipe: Any = None, sbn: bool = False,
-                 remove_bn: bool = False, input_size: Optional[Sequence[int]] = None) -> nn.Module:
+                 remove_bn: bool = False, input_size: Optional[Sequence[int]] = None,
+                 force: bool = False) -> nn.Module:
     """A copy of ``model`` in one diagnose setting; ``model`` itself is not changed.
 
     ``sbn=True`` keeps the SBN layers of an already converted model, or applies ``recipe``
     (a Recipe, a shipped name or a path) to a model without them; ``sbn=False`` strips any SBN.
     ``remove_bn=True`` then neutralizes every BatchNorm (:func:`remove_batchnorm`), after the
-    recipe, so SBN layers hosted by BatchNorms survive.
+    recipe, so SBN layers hosted by BatchNorms survive. ``force`` applies a recipe whose
+    ``models`` patterns do not name the model.
     """
     _check_recipe(model, recipe)
     out = copy.deepcopy(model)
@@ -98,7 +100,7 @@ def make_variant(model: nn.Module, *, recipe: Any = None, sbn: bool = False,
         from ..surgery import apply_recipe
 
         kwargs = {"input_size": tuple(input_size)} if input_size is not None else {}
-        apply_recipe(out, recipe, **kwargs)
+        apply_recipe(out, recipe, force=force, **kwargs)
     elif not sbn and has_sbn:
         from ..surgery import strip_sbn
 

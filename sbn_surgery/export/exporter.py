@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,8 +190,9 @@ def export_onnx(
 
     The caller's model is not modified. Unless ``parity=False``, the file is run with
     onnxruntime on random inputs (and ``images``) at batch sizes ``parity_batches`` and compared
-    with the model in eval mode; a failure raises ``sbn_surgery.parity.ParityFailed`` (a
-    ``ParityError``) and leaves the file in place for inspection.
+    with the model in eval mode before it is moved to ``path``; a failure raises
+    ``sbn_surgery.parity.ParityFailed`` (a ``ParityError``), leaves whatever was at ``path`` as it
+    was, and keeps the failing file beside it as ``NAME.parity-failed.onnx`` for inspection.
     """
     if images is not None and parity:  # once: the fixed-size fallback runs parity again
         from ..parity.check import stack_images
@@ -202,6 +207,11 @@ def export_onnx(
             f"exists from 17) to {max_opset} (the newest this onnx knows); the default is "
             f"{DEFAULT_OPSET}."
         )
+    if rtol is not None and not (math.isfinite(rtol) and rtol > 0):
+        raise ExportError(f"--rtol must be a finite number > 0; got {rtol}. Leave it out for the "
+                          "default, sized by the export mode.")
+    if not 0 <= min_top1 <= 1:
+        raise ExportError(f"--min-top1 must be in [0, 1]; got {min_top1}")
     if not dynamic_batch and batch_size < 1:
         raise ExportError(f"batch size must be at least 1; got {batch_size}")
     path = Path(path)
@@ -262,7 +272,11 @@ def export_onnx(
                                         records))
     proto.doc_string = (f"{graph.read_metadata(proto)['model_name']} with {len(records)} "
                         f"SpectralBatchNorm2d layer(s), exported by sbn-surgery in {mode} mode")
-    written = graph.save_model(proto, path)
+    if not parity:
+        written = graph.save_model(proto, path)
+    else:  # written beside the path and checked there; moved to the path only once it passes
+        staging = _staging_path(path)
+        written = graph.save_model(proto, staging)
     result = ExportResult(path=path, mode=mode, opset=int(opset), input_size=size,
                           dynamic_batch=dynamic_batch, dynamic_size=dyn_size, sites=records,
                           size_bytes=written)
@@ -276,28 +290,63 @@ def export_onnx(
             # the file computes in float32 on the CPU; so does the reference (on CUDA, TF32
             # convolutions alone would differ by about 1e-3)
             ref = copy.deepcopy(model).float().cpu()
-        report = check_parity(path, ref, images=images, rtol=rtol, min_top1=min_top1,
-                              batch_sizes=parity_batches, input_size=size)
-        result.parity = report
-        bad = report.failing()
-        if bad and dyn_size and dynamic_size is None and all(c.source == "other-size" for c in bad):
-            # the symbolic-size graph only holds at the export size (e.g. adaptive pooling
-            # written for one size): write a fixed-size file instead, and say so
-            c = bad[0]
-            fixed = export_onnx(model, path, mode, opset, size, dynamic_batch, dynamic_size=False,
-                                batch_size=batch_size, layout=layout, parity=True, images=images,
-                                rtol=rtol, min_top1=min_top1, parity_batches=parity_batches,
-                                progress=progress)
-            fixed.notes.insert(0, (
-                f"the graph with a symbolic spatial size did not match PyTorch at "
-                f"{'x'.join(map(str, c.shape[1:]))} ({c.error or f'max_rel_err {c.max_rel_err:.1e}'}): "
-                "some layer of the model was exported for one size only, so this file has a "
-                "fixed spatial size"))
-            return fixed
-        if not report.passed:
-            raise ParityFailed(report, path)
+        try:
+            report = check_parity(staging, ref, images=images, rtol=rtol, min_top1=min_top1,
+                                  batch_sizes=parity_batches, input_size=size)
+            result.parity = report
+            bad = report.failing()
+            if bad and dyn_size and dynamic_size is None and \
+                    all(c.source == "other-size" for c in bad):
+                # the symbolic-size graph only holds at the export size (e.g. adaptive pooling
+                # written for one size): write a fixed-size file instead, and say so
+                shutil.rmtree(staging.parent, ignore_errors=True)
+                c = bad[0]
+                fixed = export_onnx(model, path, mode, opset, size, dynamic_batch,
+                                    dynamic_size=False, batch_size=batch_size, layout=layout,
+                                    parity=True, images=images, rtol=rtol, min_top1=min_top1,
+                                    parity_batches=parity_batches, progress=progress)
+                fixed.notes.insert(0, (
+                    f"the graph with a symbolic spatial size did not match PyTorch at "
+                    f"{'x'.join(map(str, c.shape[1:]))} ({c.error or f'max_rel_err {c.max_rel_err:.1e}'}): "
+                    "some layer of the model was exported for one size only, so this file has a "
+                    "fixed spatial size"))
+                return fixed
+            if not report.passed:
+                raise ParityFailed(report, _keep_failed(staging, path), target=path)
+            _publish(staging, path)
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
     step(4, "done")
     return result
+
+
+def _staging_path(path: Path) -> Path:
+    """``path``'s name in a fresh hidden folder beside it (same file system, so the move is a
+    rename; an external-data file keeps the name its ``.onnx`` refers to)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".parity", dir=path.parent)) / path.name
+
+
+def _publish(staging: Path, path: Path) -> None:
+    """Move a file that passed parity (and its external data, if any) to ``path``."""
+    data = staging.with_name(staging.name + ".data")
+    if data.exists():
+        os.replace(data, path.with_name(path.name + ".data"))
+    os.replace(staging, path)
+
+
+def _keep_failed(staging: Path, path: Path) -> Path:
+    """Keep a file that failed parity beside ``path`` (which is left as it was):
+    ``NAME.parity-failed.onnx``, or with external data the folder ``NAME.parity-failed/``
+    holding ``NAME.onnx`` and its ``.data`` (the file refers to its data by name)."""
+    if staging.with_name(staging.name + ".data").exists():
+        folder = path.with_name(path.stem + ".parity-failed")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging.parent, folder)
+        return folder / path.name
+    failed = path.with_name(path.stem + ".parity-failed.onnx")
+    os.replace(staging, failed)
+    return failed
 
 
 def _max_opset() -> int:

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from ..errors import ParityError
 from ..export import graph
 from .reports import LayerParity, ParityCase, ParityReport
-from .runtime import input_chw, session
+from .runtime import check_numel, image_input_dims, input_chw, session
 
-__all__ = ["check_parity", "default_rtol", "stack_images"]
+__all__ = ["check_parity", "check_tolerances", "default_rtol", "stack_images"]
 
 
 def stack_images(images: Union[Tensor, Iterable[Tensor]]) -> Tensor:
@@ -93,6 +93,15 @@ def default_rtol(mode: str, sites: Sequence[dict]) -> float:
     return 1e-5
 
 
+def check_tolerances(rtol: Optional[float], min_top1: float) -> None:
+    """``rtol`` finite and > 0 (None: the default), ``min_top1`` in [0, 1]."""
+    if rtol is not None and not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
+        raise ParityError(f"--rtol must be a finite number > 0; got {rtol}. Leave it out for the "
+                          "default, sized by the export mode.")
+    if not (isinstance(min_top1, (int, float)) and 0 <= min_top1 <= 1):
+        raise ParityError(f"--min-top1 must be in [0, 1]; got {min_top1}")
+
+
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
     if isinstance(out, (tuple, list)):
@@ -122,16 +131,16 @@ def check_parity(
     ``other_sizes`` (H, W) (default: 32 more pixels each way, which keeps every stride's
     divisibility), so a graph that only works at its export size is caught; sizes PyTorch cannot
     run are skipped with a note. The model's train/eval flags are restored afterwards."""
+    check_tolerances(rtol, min_top1)
     proto = graph.load(onnx_path)
     meta = graph.read_metadata(proto)
-    dims = graph.input_dims(proto)
-    if len(dims) != 4:
-        raise ParityError(f"{onnx_path}: expected one image input (N, C, H, W); got {len(dims)} dims")
+    dims = image_input_dims(proto, onnx_path)
     size = input_chw(dims, meta, input_size, onnx_path)
     sites = meta.get("sites") or []
     tol = float(rtol) if rtol is not None else default_rtol(meta.get("mode", "fold"), sites)
     if min(batch_sizes, default=0) < 1:
         raise ParityError(f"batch sizes must be positive; got {list(batch_sizes)}")
+    check_numel((dims[0] or max(batch_sizes), *size), onnx_path)
     sess = session(onnx_path)
     name = sess.get_inputs()[0].name
     runs = _inputs(dims, size, batch_sizes, images, seed)

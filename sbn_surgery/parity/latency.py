@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ParityError
 from ..export import graph
 from .reports import BenchReport
-from .runtime import input_chw, session
+from .runtime import check_numel, image_input_dims, input_chw, run, session
 
 __all__ = ["bench"]
 
@@ -47,10 +47,11 @@ def bench(
     shape = None
     for f in files:
         proto = graph.load(f, load_external_data=False)
-        dims = graph.input_dims(proto)
+        dims = image_input_dims(proto, f)
         size = input_chw(dims, graph.read_metadata(proto), input_size, f)
         if dims[0] is not None and dims[0] != batch:
             raise ParityError(f"{f} has a fixed batch size of {dims[0]}; bench it with --batch {dims[0]}")
+        check_numel((batch, *size), f)
         sess = session(f, threads)
         x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
         if shape is not None and x.shape != shape:
@@ -58,9 +59,9 @@ def bench(
                               "with the same input size (or pass --input-size)")
         shape = x.shape
         runs.append((sess, {sess.get_inputs()[0].name: x}))
-    for _ in range(warmup):
-        for sess, feed in runs:
-            sess.run(None, feed)
+    for _ in range(max(warmup, 1)):  # one untimed run at least: a file that cannot run says so
+        for (sess, feed), f in zip(runs, files):
+            run(sess, feed, f)
     times: list[list[float]] = [[] for _ in runs]
     for i in range(repeats):
         for k, (sess, feed) in enumerate(runs):

@@ -96,13 +96,17 @@ def _finite(v: Any) -> Any:
 class ParityFailed(ParityError):
     """The exported file does not match PyTorch; the file is kept for inspection."""
 
-    def __init__(self, report: ParityReport, path: Union[str, Path]) -> None:
+    def __init__(self, report: ParityReport, path: Union[str, Path],
+                 target: Optional[Union[str, Path]] = None) -> None:
         self.report = report
         self.path = Path(path)
+        self.target = Path(target) if target is not None else None
         where = f"; the error starts at {report.first_bad_layer}" if report.first_bad_layer else ""
+        kept = "The file is kept for inspection" if target is None else (
+            f"{self.target} was not written (a file there is unchanged); the failing file is kept "
+            f"for inspection at {self.path}")
         super().__init__(
-            f"parity failed for {self.path}: {report.describe()}{where}. The file is kept for "
-            f"inspection: `sbn-surgery parity {self.path} CHECKPOINT --per-layer` shows where the "
+            f"parity failed for {self.path}: {report.describe()}{where}. {kept}: `sbn-surgery parity {self.path} CHECKPOINT --per-layer` shows where the "
             "error starts; try --mode dft (the faithful form), or loosen --rtol if the error is "
             "rounding."
         )

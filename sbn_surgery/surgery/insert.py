@@ -13,8 +13,8 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..layers import SpectralBatchNorm2d
-from ..recipe import Recipe, Rule, load_recipe
-from .match import (_channels_and_size, _is_norm_act, _no_match_error, _probe, _rule_matches,
+from ..recipe import Recipe, Rule, check_fits, load_recipe
+from .match import (_channels_and_size, _check_stages, _is_norm_act, _no_match_error, _probe, _rule_matches,
                     _stage_of)
 from .plan import (_REPLACED_ATTR, _SITE_ATTR, FOLDABLE_NORMS, Plan, Site, _ancestor, _get,
                    _model_name, _parent)
@@ -58,15 +58,20 @@ def apply_recipe(
     recipe: Union[Recipe, str],
     *,
     input_size: Optional[tuple[int, int, int]] = None,
+    force: bool = False,
 ) -> Plan:
     """Insert SBN layers where ``recipe`` says; returns the plan of what was inserted.
 
     ``input_size`` (C, H, W) is used for one probe forward (execution order for stages, channel
     counts, and the spatial size of frequency-mode statistics); default: timm's input size.
+    A recipe whose ``models`` patterns do not name the model (its timm architecture) is refused
+    unless ``force``.
     """
     from ..models import input_size_of
 
     recipe = load_recipe(recipe)
+    if getattr(model, "pretrained_cfg", None):  # a timm model: its name is known
+        check_fits(recipe, _model_name(model), force)
     existing = _all_sbn(model)
     if existing:
         raise SurgeryError(
@@ -81,11 +86,7 @@ def apply_recipe(
 
     chosen: dict[str, tuple[int, Rule]] = {}
     for index, rule in enumerate(recipe.rules):
-        if (rule.stages is not None or rule.deepest_stages) and n_stages == 0:
-            raise SurgeryError(
-                f"{recipe.source or recipe.name}: {rule.label(index)} selects by stages, but "
-                f"{_model_name(model)} has no timm feature_info; select by 'paths' instead."
-            )
+        _check_stages(rule, index, recipe, model, n_stages)
         hits = [n for n, m in modules if _rule_matches(rule, n, m, probe, n_stages)]
         if rule.deepest_stages:  # stages are counted among those the other selectors reach
             staged = {n: _stage_of(probe, n) for n in hits}

@@ -109,10 +109,25 @@ def _rule_matches(rule: Rule, name: str, mod: nn.Module, probe: _Probe, n_stages
         stage = _stage_of(probe, name)
         if stage is None:
             return False
-        wanted = {s % n_stages for s in rule.stages if -n_stages <= s < n_stages}
-        if stage not in wanted:
+        if stage not in {s % n_stages for s in rule.stages}:
             return False
     return True
+
+
+def _check_stages(rule: Rule, index: int, recipe: Recipe, model: nn.Module, n_stages: int) -> None:
+    """A stage index the model does not have is an error (it was ignored), naming the count."""
+    if not rule.stages and not rule.deepest_stages:
+        return
+    where = f"{recipe.source or recipe.name}: {rule.label(index)}"
+    if n_stages == 0:
+        raise SurgeryError(f"{where} selects by stages, but {_model_name(model)} has no timm "
+                           "feature_info; select by 'paths' instead.")
+    bad = [s for s in rule.stages or [] if not -n_stages <= s < n_stages]
+    if bad:
+        raise SurgeryError(
+            f"{where}: stage index {', '.join(map(str, bad))} does not exist: "
+            f"{_model_name(model)} has {n_stages} feature stages (0..{n_stages - 1}, or "
+            f"-{n_stages}..-1 from the end). Fix 'stages'.")
 
 
 def _no_match_error(rule: Rule, index: int, recipe: Recipe, model: nn.Module, names: list[str],

@@ -13,6 +13,7 @@ rank at the same batch), writes ``last.safetensors`` and ``state.pt`` and raises
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -26,11 +27,11 @@ from torch import nn
 
 from ..data import build_loaders, open_source
 from ..data.transforms import seed_of
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SbnSurgeryError
 from . import distributed as D
 from . import outputs as O
 from .model import build_model, make_optimizer, make_scheduler, select_trainable
-from .options import RunOptions, resolve
+from .options import RunOptions, check_workers, resolve
 
 ProgressFn = Callable[..., None]
 
@@ -113,6 +114,7 @@ def finetune(
     augment: Optional[bool] = None,
     train: Optional[str] = None,
     seed: Optional[int] = None,
+    force: Optional[bool] = None,
     amp: Optional[bool] = None,
     channels_last: bool = False,
     compile: bool = False,
@@ -125,7 +127,10 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune a converted model (a timm name is converted with ``recipe`` first) on ``data``
     and write checkpoints, state, metrics and curves into ``output``. Options left ``None`` take
-    their defaults (see ``train.options``), or on ``resume`` the stored run's values.
+    their defaults (see ``train.options``), or on ``resume`` the stored run's values; every number
+    is checked (finite, in range) before any work. ``force`` applies a ``recipe`` whose ``models``
+    patterns do not name the model. A non-finite training loss (or model) stops the run with an
+    error naming the epoch and step; the files of the last finished epoch are kept.
     Under torchrun this runs DistributedDataParallel; only rank 0 writes."""
     out = Path(output)
     ctx = D.setup(device)
@@ -141,7 +146,8 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
         **{k: args[k] for k in ("recipe", "num_classes", "checkpoint", "checkpoint_key", "model_kwargs", "epochs",
                                 "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
                                 "label_smoothing", "input_size", "subset", "augment", "train",
-                                "seed")})
+                                "seed", "force")})
+    check_workers(args["workers"])
     state = None
     if args["resume"]:
         state = O.load_state(out)
@@ -198,6 +204,13 @@ def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> Fin
         run.load(state)
     run.loop()
     return run.result()
+
+
+def _all_finite(net: nn.Module) -> bool:
+    tensors = [t for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
 def _check_output_dir(out: Path) -> None:
@@ -336,16 +349,31 @@ class _Run:
             self.scaler.step(self.optim)
             self.scaler.update()
             self.sched.step()
-            p["loss_sum"] += loss.item() * y.numel()
+            value = loss.item()  # read for the metrics anyway: the finiteness check costs no sync
+            p["loss_sum"] += value * y.numel()
             p["correct"] += (logits.argmax(1) == y).sum().item()
             p["seen"] += y.numel()
             p["time"] += time.perf_counter() - t0
             self.step += 1
             if self.progress:
                 self.progress(desc, self.step, total, info=self._info())
-            if D.any_rank(stop.set, self.ctx):
+            bad = not math.isfinite(value)
+            if D.any_rank(stop.set or bad, self.ctx):  # one agreement a step, as before
+                if D.any_rank(bad, self.ctx):
+                    raise self._diverged(f"the training loss is {value} at step {self.step} of "
+                                         f"{total}")
                 raise _Interrupt
             t0 = time.perf_counter()
+
+    def _diverged(self, what: str) -> SbnSurgeryError:
+        """The error that stops a run whose model went non-finite. Nothing of this epoch is
+        written: last.safetensors and state.pt stay those of the last finished epoch, and
+        best.safetensors is never a non-finite model."""
+        done = f"epoch {self.epoch}" if self.epoch else "none yet"
+        return SbnSurgeryError(
+            f"training diverged in epoch {self.epoch + 1}: {what}. Nothing of this epoch was "
+            f"written; {self.out} keeps the last finished epoch ({done}). Start again with a "
+            f"lower --lr (this run: {self.opts.lr:g}) or more --warmup-epochs.")
 
     def _info(self) -> str:
         p = self.partial
@@ -361,6 +389,8 @@ class _Run:
                                                    self.ctx)
         train_time = max(D.all_reduce_sum([p["time"]], self.ctx)[0] / self.ctx.world, 1e-9)
         D.average_running_stats(self.net, self.ctx)
+        if not _all_finite(self.net):  # one sync an epoch: never validate or save a NaN model
+            raise self._diverged("the weights or running statistics are no longer finite")
         val_loss, top1, top5 = self._evaluate()
         row = {"epoch": self.epoch + 1, "loss": loss_sum / max(seen, 1),
                "train_top1": correct / max(seen, 1), "val_loss": val_loss, "top1": top1,

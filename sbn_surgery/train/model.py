@@ -108,7 +108,7 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         model, _ = convert(str(spec), recipe, checkpoint=opts.checkpoint,
                            checkpoint_key=opts.checkpoint_key,
                            num_classes=n_cls, model_kwargs=kwargs, calibration=calib,
-                           input_size=size, progress=progress)
+                           input_size=size, progress=progress, force=bool(opts.force))
     reset_head(model, ds.num_classes)
     return model, data_config_for(model, size, in_chans)
 
