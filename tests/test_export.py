@@ -101,7 +101,7 @@ def test_parity(tmp_path, arch, mode):
     assert not result.dynamic_size  # frequency-mode statistics fix the size
     # each layer on its own, channel and frequency mode (batch 3)
     layers = check_parity(path, model, per_layer=True).layers
-    assert [l.module for l in layers] == [s.module for s in plan.sites]
+    assert [lay.module for lay in layers] == [s.module for s in plan.sites]
     for layer in layers:  # the layer's own error; its output also carries upstream rounding
         assert layer.passed and layer.own_rel_err <= TOL[mode], layer
         assert layer.max_rel_err <= 1e-4, layer

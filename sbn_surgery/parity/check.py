@@ -188,7 +188,7 @@ def check_parity(
         if per_layer:
             big = max((x for s, x in runs if s == "random"), key=lambda t: t.shape[0])
             layers = _per_layer(proto, model, sites, big, name, tol, device)
-            first_bad = next((l.module for l in layers if l.passed is False), None)
+            first_bad = next((lay.module for lay in layers if lay.passed is False), None)
     finally:
         for m, flag in flags.items():
             m.train(flag)
