@@ -9,8 +9,6 @@ compared key by key, shape by shape, with the file's header before the real mode
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,6 +17,7 @@ from torch import nn
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from .files import atomic_write
 from .errors import CheckpointError, SbnSurgeryError
 from .models import check_model_kwargs, create_model, load_weights
 from .recipe import Recipe
@@ -41,37 +40,6 @@ _Scalar = Union[bool, int, float, str, None]
 _KwargValue = Union[_Scalar, list[Union[_Scalar, list[_Scalar]]]]
 
 
-def _umask() -> int:
-    try:  # Linux shows it without changing it
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename over ``path``: a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the
-        # umask), so a server running as another user can read a model written here
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _meta_of(model: nn.Module) -> dict[str, Any]:
     meta = getattr(model, "sbn_meta", None)
     if not isinstance(meta, dict) or "model_name" not in meta or "recipe" not in meta:
@@ -87,7 +55,7 @@ def save_converted(model: nn.Module, path: str | Path, *, extra: Optional[dict] 
     text and the library version as metadata. The write is atomic."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
 
     meta = dict(_meta_of(model))
     if extra:

@@ -333,7 +333,7 @@ def test_pickles_naming_the_hooks_by_the_module_path_before_the_package_split_lo
 def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     import os
 
-    from sbn_surgery.checkpoint import atomic_write
+    from sbn_surgery.files import atomic_write
 
     old = os.umask(0o027)
     try:

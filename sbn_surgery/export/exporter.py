@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import ExportError
 from . import graph
 from .prepare import MODES, SiteExport, export_sites, prepare_export_model
+from ..progress import ProgressFn
 
 __all__ = ["export_onnx", "ExportResult", "SiteExport", "MODES", "DEFAULT_OPSET", "MIN_OPSET",
            "prepare_export_model"]
@@ -29,7 +30,6 @@ DEFAULT_OPSET = 20
 #: fails on Pad and ReduceMean, so opset 17 is refused up front rather than half-written.
 MIN_OPSET = 18
 
-ProgressFn = Callable[..., None]
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _resolve_dynamic_size(dynamic_size: Optional[bool], mode: str, records: list
 
 def _metadata(model: nn.Module, mode: str, opset: int, input_size, dynamic_batch: bool,
               dynamic_size: bool, records: list[SiteExport]) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     meta = getattr(model, "sbn_meta", None) or {}
     name = meta.get("model_name") or getattr(model, "default_cfg", {}).get("architecture") \

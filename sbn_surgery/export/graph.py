@@ -154,7 +154,7 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> int:
     """Write ``model`` atomically (temp file in the same folder, then rename). One self-contained
     file when the weights fit in protobuf's 2 GiB limit, else the weights go to ``<name>.data``
     next to it. Returns the size in bytes of the .onnx file."""
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     path = Path(path)
     if _initializer_bytes(model) < _INLINE_LIMIT:

@@ -108,6 +108,6 @@ def plot_study(path: Path, arms: list[Arm], by_arm: dict[str, list], title: str)
     def write(tmp: Path) -> None:
         Path(tmp).write_bytes(data)
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     atomic_write(path, write)

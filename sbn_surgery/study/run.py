@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from ..errors import SbnSurgeryError
 from . import store
+from ..progress import ProgressFn
 from .arms import Arm, build_arm_model, describe, parse_arms
-
-ProgressFn = Callable[..., None]
 
 #: Options that define the runs: a second invocation on the same --output must repeat them.
 RUN_OPTIONS = ("checkpoint", "num_classes", "model_kwargs", "epochs", "batch_size", "lr",

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..errors import SbnSurgeryError
 
 STUDY_FILE = "study.json"

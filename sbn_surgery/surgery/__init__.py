@@ -24,7 +24,8 @@ from __future__ import annotations
 from .init import calibrate, carry_zero_init, init_identity, synthetic_batches
 from .insert import _sbn_after_hook, _sbn_before_hook  # noqa: F401 - pickles name them here
 from .insert import apply_recipe, find_sbn, strip_sbn
-from .plan import FOLDABLE_NORMS, Plan, ProgressFn, Site
+from ..progress import ProgressFn
+from .plan import FOLDABLE_NORMS, Plan, Site
 
 __all__ = ["Site", "Plan", "apply_recipe", "strip_sbn", "find_sbn", "calibrate", "init_identity",
            "carry_zero_init", "synthetic_batches", "ProgressFn", "FOLDABLE_NORMS"]

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .insert import find_sbn
-from .plan import _REPLACED_ATTR, ProgressFn, _get
+from ..progress import ProgressFn
+from .plan import _REPLACED_ATTR, _get
 
 
 def calibrate(

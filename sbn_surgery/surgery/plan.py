@@ -6,11 +6,10 @@ the module classes an SBN scale can fold into, and module-path helpers shared by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import nn
 
-ProgressFn = Callable[..., None]
 
 #: Module classes whose affine eval output can absorb an SBN scale exactly.
 FOLDABLE_NORMS = ("BatchNorm2d", "SyncBatchNorm", "BatchNormAct2d", "SyncBatchNormAct")

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -32,8 +32,7 @@ from . import distributed as D
 from . import outputs as O
 from .model import build_model, make_optimizer, make_scheduler, select_trainable
 from .options import RunOptions, check_workers, resolve
-
-ProgressFn = Callable[..., None]
+from ..progress import ProgressFn
 
 
 class TrainingInterrupted(KeyboardInterrupt):

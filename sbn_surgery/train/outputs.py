@@ -8,7 +8,7 @@
 * ``curves.png``: loss and accuracy against epoch.
 
 Every file is written to a temporary file in the same directory and moved into place with
-``os.replace`` (``checkpoint.atomic_write``): a crash or Ctrl-C while writing leaves the
+``os.replace`` (``files.atomic_write``): a crash or Ctrl-C while writing leaves the
 previous file as it was.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write, save_converted
+from ..checkpoint import save_converted
+from ..files import atomic_write_bytes
 from ..errors import CheckpointError
 
 STATE_FILE = "state.pt"
@@ -34,16 +34,6 @@ BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 STATE_FORMAT = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
