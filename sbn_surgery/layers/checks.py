@@ -11,7 +11,7 @@ __all__ = ["STATS_MODES", "IMPLS"]
 
 
 STATS_MODES = ("channel", "frequency")
-IMPLS = ("auto", "fft", "closed")
+IMPLS = ("auto", "fft", "closed", "matmul")
 
 
 def _check_input(x: Tensor, num_features: Optional[int]) -> None:
@@ -24,6 +24,11 @@ def _check_input(x: Tensor, num_features: Optional[int]) -> None:
         raise ValueError(
             f"SpectralBatchNorm2d expects a floating-point input; got dtype {x.dtype} with shape "
             f"{tuple(x.shape)}. Convert it with .float()."
+        )
+    if x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(
+            f"SpectralBatchNorm2d expects a non-empty spatial size (H, W >= 1); got shape "
+            f"{tuple(x.shape)}"
         )
     if num_features is not None and x.shape[1] != num_features:
         raise ValueError(
@@ -46,9 +51,58 @@ def _resolve_impl(stats: str, impl: str) -> str:
             "impl='closed' exists for stats='channel' only; frequency mode needs the FFT "
             "(use impl='fft' or 'auto')"
         )
-    if impl == "auto":
-        return "closed" if stats == "channel" else "fft"
-    return impl
+    if impl == "matmul" and stats != "frequency":
+        raise ValueError(
+            "impl='matmul' exists for stats='frequency' only; channel mode has the closed form "
+            "(use impl='closed' or 'auto')"
+        )
+    if impl == "auto" and stats == "channel":
+        return "closed"
+    return impl  # frequency mode: "auto" is settled per input size by _frequency_impl
+
+
+#: impl="auto" in frequency mode takes the matmul DFT on CPU for maps of at most this many
+#: pixels, the FFT above. Measured (CPU time of forward+backward, batch 8, 1 thread, ratio to
+#: nn.BatchNorm2d; python benchmarks/layer.py --stats frequency --batch 8 --threads 1 --sizes
+#: 4,7,10,14,20,28): matmul/fft 6.0/11.5 at 4x4, 5.8/10.8 at 7x7, 6.1/6.5 at 10x10, then the
+#: separable matmul form only ties the FFT (8.5/8.6 at 14x14, 8.8/9.1 at 28x28) and loses at
+#: 56x56 (6.6/5.6).
+AUTO_MATMUL_MAX_PIXELS_CPU = 100
+#: On CUDA the matmul DFT runs on tensor cores; maps up to this side take it. Not measured here
+#: (no GPU on the machine this was written on): benchmarks/gpu_check.sh reports both paths.
+AUTO_MATMUL_MAX_SIDE_CUDA = 32
+
+
+def _frequency_impl(impl: str, h: int, w: int, device: torch.device) -> str:
+    """The frequency-mode path for an (H, W) input: "fft" or "matmul"."""
+    if impl != "auto":
+        return impl
+    if device.type == "cuda":
+        return "matmul" if max(h, w) <= AUTO_MATMUL_MAX_SIDE_CUDA else "fft"
+    return "matmul" if h * w <= AUTO_MATMUL_MAX_PIXELS_CPU else "fft"
+
+
+def _check_train_count(x: Tensor, stats: str) -> None:
+    n, _, h, w = x.shape
+    count = n * h * w if stats == "channel" else n
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per statistic when training, got input of shape "
+            f"{tuple(x.shape)} ({count} value(s) per "
+            f"{'channel' if stats == 'channel' else 'channel and frequency'}); use a larger "
+            f"batch or eval mode"
+        )
+
+
+def _check_momentum(momentum) -> None:
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+            or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"SpectralBatchNorm2d momentum must be None (cumulative average) or a number in "
+            f"[0, 1]; got {momentum!r}"
+        )
 
 
 def _per_channel(t: Optional[Tensor], c: int, like: Tensor, fill: float) -> Tensor:

@@ -34,7 +34,8 @@ class Site:
     spatial_size: Optional[tuple[int, int]] = None
 
     def keys(self) -> list[str]:
-        names = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+        names = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                 "num_batches_skipped"]
         return [f"{self.module}.{n}" for n in names]
 
 
