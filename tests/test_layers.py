@@ -400,3 +400,19 @@ def test_float32_frequency_mode_keeps_precision_under_a_large_mean(training, imp
 def test_float32_on_1x1_maps_keeps_precision_under_a_large_mean(stats, impl):
     # At 1x1 channel SBN is BatchNorm: E[x^2] - mu^2 would lose about 5 digits at this offset.
     assert _float32_train_rel_err((16, 4, 1, 1), stats, impl, seed=4, offset=100.0) <= 1e-5
+
+
+@pytest.mark.parametrize("stats,impl", PATHS)
+def test_output_can_be_modified_in_place_like_a_residual_add(stats, impl):
+    # timm's blocks do `x += shortcut` on the norm's output; a custom Function may not return a
+    # view for that.
+    torch.manual_seed(9)
+    layer = _layer(stats, impl, 3, dtype=torch.float32)
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    y = layer(x)
+    y += 1.0
+    y.square().sum().backward()
+    ref = _layer(stats, impl, 3, dtype=torch.float32)
+    xr = x.detach().clone().requires_grad_(True)
+    (ref(xr) + 1.0).square().sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)

@@ -140,9 +140,11 @@ class _FrequencySBNTrain(torch.autograd.Function):
         y[:, :, 0, 0] += math.sqrt(h * w) * bias.to(sd)
         ctx.save_for_backward(z, rstd, scale)
         ctx.param_dtype = weight.dtype
-        var_full = _hermitian_full(var.transpose(-1, -2), w)
+        var_full = _hermitian_full(var.transpose(-1, -2), w).contiguous()
         ctx.mark_non_differentiable(mean, var_full)
-        return y.to(x.dtype), mean, var_full
+        # y is a view of the last matrix product; autograd forbids modifying a custom Function's
+        # view output in place (as a residual `x += shortcut` does), and detach() is no view.
+        return y.to(x.dtype).detach(), mean, var_full
 
     @staticmethod
     def backward(ctx, gy: Tensor, _gmean, _gvar):  # type: ignore[override]
