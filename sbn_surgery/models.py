@@ -111,7 +111,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
     if head:
         state = {k: v for k, v in state.items()
                  if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
-    missing = [k for k in own if k not in state and not (head and k.startswith(head))]
+    missing = [k for k in own if k not in state and not (head and k.startswith(head))
+               and not k.endswith(_FILLED_BY_LAYER)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in state if k in own and own[k].shape != state[k].shape]
@@ -127,7 +128,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
             f"checkpoint {source} does not fit model {type(model).__name__}: " + "; ".join(parts)
             + ". Check the model name, --model-kwargs and --num-classes match the checkpoint."
         )
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except ValueError as e:  # a layer refused its values (e.g. non-finite SBN statistics)
+        raise CheckpointError(f"checkpoint {source}: {e}") from None
+
+
+#: Buffers newer than some checkpoints; the layer that owns them fills them when absent
+#: (SpectralBatchNorm2d.num_batches_skipped, added with the non-finite-batch skip).
+_FILLED_BY_LAYER = (".num_batches_skipped",)
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:

@@ -190,3 +190,23 @@ def test_old_state_dict_without_skip_counter_loads_strictly(stats):
     fresh = SpectralBatchNorm2d(3, stats=stats)
     missing = fresh.load_state_dict({}, strict=False).missing_keys
     assert "num_batches_skipped" in missing
+
+
+def test_converted_checkpoint_loading_fills_the_counter_and_refuses_bad_statistics():
+    # models.load_weights checks keys itself before load_state_dict: a checkpoint written before
+    # num_batches_skipped existed still loads, and non-finite statistics are a CheckpointError.
+    from torch import nn
+
+    from sbn_surgery.errors import CheckpointError
+    from sbn_surgery.models import load_weights
+
+    src = nn.Sequential(nn.Conv2d(3, 3, 1), SpectralBatchNorm2d(3, stats="frequency"))
+    src(torch.randn(4, 3, 5, 6))
+    old = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_skipped")}
+    dst = nn.Sequential(nn.Conv2d(3, 3, 1), SpectralBatchNorm2d(3, stats="frequency",
+                                                                spatial_size=(5, 6)))
+    load_weights(dst, old, source="old.safetensors")
+    assert torch.equal(dst[1].running_var, src[1].running_var)
+    bad = dict(old, **{"1.running_var": torch.full((3, 5, 6), float("nan"))})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors.*non-finite"):
+        load_weights(dst, bad, source="bad.safetensors")
