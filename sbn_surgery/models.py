@@ -111,8 +111,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
     if head:
         state = {k: v for k, v in state.items()
                  if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
-    missing = [k for k in own if k not in state and not (head and k.startswith(head))
-               and not k.endswith(_FILLED_BY_LAYER)]
+    missing = [k for k in own if k not in state and not (head and k.startswith(head))]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in state if k in own and own[k].shape != state[k].shape]
@@ -132,11 +131,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
         model.load_state_dict(state, strict=False)
     except ValueError as e:  # a layer refused its values (e.g. non-finite SBN statistics)
         raise CheckpointError(f"checkpoint {source}: {e}") from None
-
-
-#: Buffers newer than some checkpoints; the layer that owns them fills them when absent
-#: (SpectralBatchNorm2d.num_batches_skipped, added with the non-finite-batch skip).
-_FILLED_BY_LAYER = (".num_batches_skipped",)
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:

@@ -176,25 +176,27 @@ def test_bad_running_statistics_in_a_state_dict_are_refused_and_change_nothing(s
 
 
 @pytest.mark.parametrize("stats", ["channel", "frequency"])
-def test_old_state_dict_without_skip_counter_loads_strictly(stats):
+def test_skip_counter_is_not_saved_and_bn_shaped_state_dicts_load_strictly(stats):
     src = _trained(stats)
+    bad = torch.randn(4, 3, 5, 6)
+    bad[0, 0, 0, 0] = float("nan")
+    src(bad)
     sd = src.state_dict()
-    del sd["num_batches_skipped"]
+    assert "num_batches_skipped" not in sd  # BatchNorm2d's keys, as before the counter existed
     layer = SpectralBatchNorm2d(3, stats=stats)
-    layer.num_batches_skipped.fill_(4)
     result = layer.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert int(layer.num_batches_skipped) == 0
     assert torch.equal(layer.running_var, src.running_var)
-    # A module missing altogether (a plain model's state_dict) still reports the key missing.
-    fresh = SpectralBatchNorm2d(3, stats=stats)
-    missing = fresh.load_state_dict({}, strict=False).missing_keys
-    assert "num_batches_skipped" in missing
+    assert int(src.num_batches_skipped) == 1 and int(layer.num_batches_skipped) == 0
+    bn = torch.nn.BatchNorm2d(3)
+    if stats == "channel":  # an SBN that replaced a BatchNorm loads back into one
+        bn.load_state_dict(sd, strict=True)
+        assert torch.equal(bn.running_var, src.running_var)
 
 
 def test_converted_checkpoint_loading_fills_the_counter_and_refuses_bad_statistics():
-    # models.load_weights checks keys itself before load_state_dict: a checkpoint written before
-    # num_batches_skipped existed still loads, and non-finite statistics are a CheckpointError.
+    # models.load_weights checks keys itself, then load_state_dict: statistics the layer refuses
+    # (non-finite) are a CheckpointError naming the file, not a bare ValueError.
     from torch import nn
 
     from sbn_surgery.errors import CheckpointError
@@ -202,7 +204,7 @@ def test_converted_checkpoint_loading_fills_the_counter_and_refuses_bad_statisti
 
     src = nn.Sequential(nn.Conv2d(3, 3, 1), SpectralBatchNorm2d(3, stats="frequency"))
     src(torch.randn(4, 3, 5, 6))
-    old = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_skipped")}
+    old = src.state_dict()
     dst = nn.Sequential(nn.Conv2d(3, 3, 1), SpectralBatchNorm2d(3, stats="frequency",
                                                                 spatial_size=(5, 6)))
     load_weights(dst, old, source="old.safetensors")

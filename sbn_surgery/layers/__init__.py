@@ -16,7 +16,7 @@ Three paths:
 * ``matmul`` (frequency mode only): the real DFT as dense matrix products with cos/sin matrices
   (one (HW, 2HW') product for small maps, two separable ones above), no complex tensors, with a
   hand-written backward. ``impl="auto"`` takes it where it beats the FFT (see
-  ``checks.AUTO_MATMUL_MAX_PIXELS_CPU`` for the measured crossover); synced statistics
+  ``checks.AUTO_MATMUL_MAX_SIDE`` for the measured crossover); synced statistics
   (``sync_sbn_stats``) always take the FFT.
 
 Buffers follow ``nn.BatchNorm2d``: ``running_mean``, ``running_var``, ``num_batches_tracked``.
@@ -26,8 +26,8 @@ so it is stored exactly as a real tensor, and an exponential average in one doma
 in the other. ``running_var`` has shape (C, H, W), one real variance per frequency of the full
 spectrum. Before the first training step they have shape (C, 0, 0) unless ``spatial_size`` was
 given. ``num_batches_skipped`` counts training batches whose statistics were not finite: they
-leave the running statistics and ``num_batches_tracked`` untouched (state_dicts saved before this
-buffer existed still load strictly).
+leave the running statistics and ``num_batches_tracked`` untouched. It is not saved in the
+state_dict, which keeps ``nn.BatchNorm2d``'s keys.
 """
 
 from .checks import IMPLS, STATS_MODES

@@ -61,25 +61,23 @@ def _resolve_impl(stats: str, impl: str) -> str:
     return impl  # frequency mode: "auto" is settled per input size by _frequency_impl
 
 
-#: impl="auto" in frequency mode takes the matmul DFT on CPU for maps of at most this many
-#: pixels, the FFT above. Measured (CPU time of forward+backward, batch 8, 1 thread, ratio to
-#: nn.BatchNorm2d; python benchmarks/layer.py --stats frequency --batch 8 --threads 1 --sizes
-#: 4,7,10,14,20,28): matmul/fft 6.0/11.5 at 4x4, 5.8/10.8 at 7x7, 6.1/6.5 at 10x10, then the
-#: separable matmul form only ties the FFT (8.5/8.6 at 14x14, 8.8/9.1 at 28x28) and loses at
-#: 56x56 (6.6/5.6).
-AUTO_MATMUL_MAX_PIXELS_CPU = 100
-#: On CUDA the matmul DFT runs on tensor cores; maps up to this side take it. Not measured here
-#: (no GPU on the machine this was written on): benchmarks/gpu_check.sh reports both paths.
-AUTO_MATMUL_MAX_SIDE_CUDA = 32
+#: impl="auto" in frequency mode takes the matmul DFT for maps whose sides are at most this, the
+#: FFT above. Measured on CPU (2 shared cores, load average 10-12, 1 thread; median process CPU
+#: time of forward+backward over BatchNorm2d's, batch 8):
+#:   MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 python
+#:   benchmarks/layer.py --stats frequency --batch 8 --threads 1 --repeats 7 --sizes 4,7,10,14,20,28,56
+#: matmul / fft: 8.7 / 15.2 at 4x4, 6.4 / 10.8 at 7x7, 7.8 / 10.4 at 10x10 (dense form), then
+#: 7.7 / 8.4 at 14x14, 7.7 / 8.9 at 20x20, 9.3 / 9.9 at 28x28 (separable form), 12.3 / 10.1 at
+#: 56x56. On CUDA the products run on tensor cores; the same bound is used there unmeasured (no GPU
+#: here): benchmarks/gpu_check.sh reports both paths at 4..64.
+AUTO_MATMUL_MAX_SIDE = 32
 
 
-def _frequency_impl(impl: str, h: int, w: int, device: torch.device) -> str:
+def _frequency_impl(impl: str, h: int, w: int) -> str:
     """The frequency-mode path for an (H, W) input: "fft" or "matmul"."""
     if impl != "auto":
         return impl
-    if device.type == "cuda":
-        return "matmul" if max(h, w) <= AUTO_MATMUL_MAX_SIDE_CUDA else "fft"
-    return "matmul" if h * w <= AUTO_MATMUL_MAX_PIXELS_CPU else "fft"
+    return "matmul" if max(h, w) <= AUTO_MATMUL_MAX_SIDE else "fft"
 
 
 def _check_train_count(x: Tensor, stats: str) -> None:

@@ -64,7 +64,7 @@ def _sbn_forward(x, running_mean, running_var, weight, bias, training, momentum,
     if training:
         _check_train_count(x, stats)
     if stats == "frequency":
-        path = _frequency_impl(path, h, w, x.device)
+        path = _frequency_impl(path, h, w)
     sd = _stat_dtype(x)
     weight = _per_channel(weight, c, x.new_empty(0, dtype=sd), 1.0)
     bias = _per_channel(bias, c, x.new_empty(0, dtype=sd), 0.0)

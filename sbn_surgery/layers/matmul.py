@@ -27,6 +27,9 @@ __all__: list[str] = []  # package-private: see sbn_surgery.layers
 
 #: Maps with at most this many pixels take the transform as ONE dense (HW, 2HW') matrix product
 #: (no transposes; a GEMM with a long inner dimension); larger ones the two separable products.
+#: On CPU (see checks.AUTO_MATMUL_MAX_SIDE for the command) the dense form's CPU time over
+#: BatchNorm2d's was 5.8x against the separable form's 9.9x at 7x7, 6.1x against 8.6x at 10x10,
+#: but 9.9x against 8.5x at 14x14.
 DENSE_MAX_PIXELS = 100
 
 _MATS: dict[tuple, tuple] = {}

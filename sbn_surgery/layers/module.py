@@ -88,9 +88,12 @@ class SpectralBatchNorm2d(nn.Module):
                 torch.tensor(0, dtype=torch.long, device=device),
             )
             #: Training batches whose statistics were not finite and left the running ones alone.
+            #: Not saved: the state_dict keeps BatchNorm2d's keys, so an SBN that replaced a
+            #: BatchNorm still loads into the plain model, and older checkpoints load strictly.
             self.register_buffer(
                 "num_batches_skipped",
                 torch.tensor(0, dtype=torch.long, device=device),
+                persistent=False,
             )
         else:
             self.register_buffer("running_mean", None)
@@ -189,12 +192,6 @@ class SpectralBatchNorm2d(nn.Module):
                     self.running_mean, self.running_var = self._fresh_frequency_stats(h, w)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        skipped = prefix + "num_batches_skipped"
-        if (self.track_running_stats and skipped not in state_dict
-                and prefix + "running_var" in state_dict and skipped in missing_keys):
-            # A state saved before the buffer existed: nothing was skipped then.
-            missing_keys.remove(skipped)
-            self.num_batches_skipped.zero_()
 
     def extra_repr(self) -> str:
         s = (

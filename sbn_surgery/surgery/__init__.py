@@ -16,7 +16,7 @@ How SBN sits in a converted model (the original ``state_dict`` keys never change
 
 Hooks look the SBN up as ``host.sbn`` when they run, so another module can take its place (export
 forms do this). New ``state_dict`` keys are ``<host path>.sbn.{weight, bias, running_mean,
-running_var, num_batches_tracked, num_batches_skipped}``.
+running_var, num_batches_tracked}``.
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ class Site:
     spatial_size: Optional[tuple[int, int]] = None
 
     def keys(self) -> list[str]:
-        names = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked",
-                 "num_batches_skipped"]
+        names = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
         return [f"{self.module}.{n}" for n in names]
 
 
