@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GPU check for a machine with CUDA (about 3-5 minutes, well under 8):
 #   1. installs the project (torch is used as found, else torch==2.14.1 / torchvision==0.29.1),
-#   2. measures the SBN train-step ratio of ResNet-50 (recipe resnet) with AMP bf16, at the CPU
+#   2. measures the SBN train-step ratio of ResNet-50 (recipe resnet) with AMP bf16, in channel and
+#      in frequency mode (one run times plain, channel and frequency interleaved), at the CPU
 #      benchmark's shape (batch 16, 128x128) and at a GPU-sized one (batch 128, 224x224, also
 #      channels_last), with images/s,
-#   3. fine-tunes resnet18 on digits for one epoch on CUDA (AMP bf16 by default) as a smoke test.
+#   3. times the frequency-mode layer (FFT, matmul DFT, auto) against BatchNorm2d at ResNet-50's
+#      stage shapes and at small maps, which checks the CUDA crossover in layers/checks.py,
+#   4. fine-tunes resnet18 on digits for one epoch on CUDA (AMP bf16 by default) as a smoke test.
 # Prints ONE JSON object on stdout; progress goes to stderr. Any failure stops it (exit != 0).
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
@@ -38,6 +41,12 @@ bench cpu_shape --batch 16 --size 128 --repeats 30 --warmup 5
 bench gpu_shape --batch 128 --size 224 --repeats 20 --warmup 5
 bench gpu_shape_cl --batch 128 --size 224 --repeats 20 --warmup 5 --channels-last
 
+log "layer: frequency mode (fft, matmul, auto) against BatchNorm2d"
+timeout 180 "$PY" benchmarks/layer.py --device cuda --stats frequency --repeats 15 \
+    > "$TMP/layer_stages.json"
+timeout 180 "$PY" benchmarks/layer.py --device cuda --stats frequency --repeats 15 \
+    --sizes 4,8,16,32,48,64 > "$TMP/layer_sizes.json"
+
 log "finetune smoke: resnet18 on digits, 1 epoch"
 timeout 240 sbn-surgery finetune resnet18 --recipe resnet --data digits --epochs 1 \
     --device cuda -o "$TMP/ft" --json > "$TMP/finetune.json"
@@ -51,10 +60,16 @@ out = {"check": "gpu_check", "gpu": torch.cuda.get_device_name(0), "torch": torc
 for name in ("cpu_shape", "gpu_shape", "gpu_shape_cl"):
     r = json.loads((tmp / f"{name}.json").read_text())
     assert r["device"].startswith("cuda") and r["amp_bf16"], r
-    assert r["ratio"] > 0 and r["sbn_layers"] > 0, r
     out[name] = {k: r[k] for k in ("batch", "input_size", "channels_last", "plain_median_ms",
-                                   "sbn_median_ms", "ratio", "plain_images_per_s",
-                                   "sbn_images_per_s")}
+                                   "plain_images_per_s")}
+    for mode in ("channel", "frequency"):
+        assert r[mode]["ratio"] > 0 and r[mode]["sbn_layers"] > 0, r
+        out[name][mode] = {k: r[mode][k] for k in ("median_ms", "ratio", "images_per_s")}
+for name in ("layer_stages", "layer_sizes"):
+    r = json.loads((tmp / f"{name}.json").read_text())
+    assert r["device"] == "cuda", r
+    out[name] = {f"{'x'.join(map(str, row['shape'][2:]))} {row['case']}": row["ratio_to_bn"]
+                 for row in r["results"]}
 ft = json.loads((tmp / "finetune.json").read_text())
 assert 0.0 <= ft["val_top1"] <= 1.0 and ft["epochs"] == 1, ft
 out["finetune_digits_1_epoch"] = {k: ft[k] for k in ("val_top1", "val_loss", "images_per_s")}

@@ -1,9 +1,13 @@
 """Forward+backward time of SpectralBatchNorm2d (each mode and path) against nn.BatchNorm2d.
 
-Shapes: N=32 at ResNet-50's four stage shapes. Prints one JSON object with medians of repeats
-and the ratio to BatchNorm for each case (both measured in the same run, interleaved).
+Shapes: N=32 at ResNet-50's four stage shapes (or --sizes: square maps of those sides, with the
+channel count of the nearest stage). Prints one JSON object with medians of repeats and the ratio
+to BatchNorm for each case (measured in the same run, interleaved): wall-clock, and on CPU also
+process CPU time, which other load on a shared machine distorts less. Cases: channel mode
+(auto = closed form, fft) and frequency mode (fft, matmul, auto); --stats picks one mode.
 
-    python benchmarks/layer.py [--batch 32] [--repeats 15] [--threads N] [--device cpu|cuda]
+    python benchmarks/layer.py [--stats channel|frequency|all] [--sizes 4,7,14] [--batch 32]
+        [--repeats 15] [--threads N] [--device cpu|cuda]
 
 On CPU these tensors (up to 100 MB) are each a fresh mmap for glibc's malloc, so every new
 tensor page-faults, and that cost, which varies with what ran before, can dominate a layer this
@@ -30,7 +34,18 @@ from torch import nn
 from sbn_surgery import SpectralBatchNorm2d
 
 SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
-CASES = [("channel", "auto"), ("channel", "fft"), ("frequency", "auto")]
+CASES = {"channel": [("channel", "auto"), ("channel", "fft")],
+         "frequency": [("frequency", "fft"), ("frequency", "matmul"), ("frequency", "auto")]}
+
+
+def _shapes(sizes: str) -> list[tuple[int, int, int]]:
+    if not sizes:
+        return SHAPES
+    out = []
+    for side in (int(s) for s in sizes.split(",")):
+        c = min(SHAPES, key=lambda shape: abs(shape[1] - side))[0]
+        out.append((c, side, side))
+    return out
 
 
 def _sync(device: str) -> None:
@@ -38,16 +53,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, device: str) -> float:
+def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward+backward."""
     x.grad = None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     layer(x).backward(g)
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--stats", default="all", choices=["channel", "frequency", "all"])
+    ap.add_argument("--sizes", default="", help="comma-separated map sides (default: ResNet-50's)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
@@ -59,35 +77,43 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
-    for c, h, w in SHAPES:
+    cases = [case for mode, cs in CASES.items() if args.stats in (mode, "all") for case in cs]
+    for c, h, w in _shapes(args.sizes):
         x = torch.randn(args.batch, c, h, w, device=args.device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         g = torch.randn_like(x)
         layers = {"bn": nn.BatchNorm2d(c).to(args.device)}
-        for stats, impl in CASES:
+        for stats, impl in cases:
             layers[f"{stats}/{impl}"] = SpectralBatchNorm2d(c, stats=stats, impl=impl).to(args.device)
-        times: dict[str, list[float]] = {k: [] for k in layers}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in layers}
         for name, layer in layers.items():
             for _ in range(args.warmup):
                 _step(layer, x, g, args.device)
         for _ in range(args.repeats):  # interleaved, so drift hits every case alike
             for name, layer in layers.items():
                 times[name].append(_step(layer, x, g, args.device))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+        cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
         for name in layers:
             if name == "bn":
                 continue
-            results.append({
+            row = {
                 "shape": [args.batch, c, h, w],
                 "case": name,
                 "median_ms": round(med[name] * 1e3, 3),
                 "bn_median_ms": round(med["bn"] * 1e3, 3),
                 "ratio_to_bn": round(med[name] / med["bn"], 3),
-            })
+            }
+            if args.device == "cpu":
+                row["cpu_ratio_to_bn"] = round(cpu[name] / cpu["bn"], 3)
+            results.append(row)
         del x, g, layers
-    auto = [r["ratio_to_bn"] for r in results if r["case"] == "channel/auto"]
+    def worst(case):
+        ratios = [r["ratio_to_bn"] for r in results if r["case"] == case]
+        return max(ratios) if ratios else None
+
     print(json.dumps({
         "benchmark": "layer_forward_backward",
         "device": args.device,
@@ -98,7 +124,9 @@ def main() -> None:
         "channels_last": args.channels_last,
         "malloc": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
                    if k in os.environ},
-        "channel_auto_max_ratio": max(auto),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "channel_auto_max_ratio": worst("channel/auto"),
+        "frequency_auto_max_ratio": worst("frequency/auto"),
         "results": results,
     }, indent=2))
 

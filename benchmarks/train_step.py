@@ -1,13 +1,16 @@
-"""Train-step time of a timm model with and without SBN (its recipe), on the same batch.
+"""Train-step time of a timm model without SBN and with it in each statistics mode, same batch.
 
-One step = forward, cross-entropy, backward, SGD step (momentum 0.9). Both models are built from
-the same seed; the converted one gets SBN where the recipe says. Steps are interleaved (plain,
-SBN, plain, SBN, ...) so drift in machine load hits both alike. Prints one JSON object with the
-median step times, their ratio (SBN / plain), images/s, and the share of a profiled step's CPU
-time spent in the SBN layers (robust to other load on the machine).
+One step = forward, cross-entropy, backward, SGD step (momentum 0.9). All models are built from
+the same seed; the converted ones get SBN where the recipe says, with the recipe's ``stats``
+switched to each mode of ``--stats`` (default both: channel and frequency). Steps are interleaved
+(plain, channel, frequency, plain, ...) so drift in machine load hits all alike. Prints one JSON
+object (nothing else on stdout; the profiler's C++ log lines are kept off stderr) with the median
+step times, each mode's ratio to plain, images/s, and the share of a profiled step's CPU time
+spent in the SBN layers (robust to other load on the machine).
 
-    python benchmarks/train_step.py [--model resnet50] [--recipe resnet] [--batch 16]
-        [--size 128] [--repeats 20] [--device cpu|cuda] [--amp] [--channels-last] [--threads N]
+    python benchmarks/train_step.py [--model resnet50] [--recipe resnet] [--stats channel,frequency]
+        [--batch 16] [--size 128] [--repeats 20] [--device cpu|cuda] [--amp] [--channels-last]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -49,19 +53,49 @@ def _sbn_share(model: nn.Module, opt, x, y, amp: bool, device: torch.device):
     (e.g. the FFT path), whose ops the profiler cannot attribute."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _step(model, opt, x, y, amp, device)
-    events = prof.key_averages()
+    with _quiet_stderr():  # kineto logs to fd 2 from C++ (e.g. gpuGetDeviceCount on CPU hosts)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _step(model, opt, x, y, amp, device)
+        events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     sbn = sum(e.cpu_time_total for e in events
               if "SBN" in e.key and not e.key.startswith("autograd::engine"))
     return round(sbn / total, 4) if total and sbn else None
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the block (C++ log lines Python cannot filter)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _recipe_with_stats(recipe: str, stats: str):
+    """The recipe with every SBN it inserts switched to ``stats``."""
+    from sbn_surgery.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    rules = [rule.model_copy(update={"sbn": rule.sbn.model_copy(update={"stats": stats})})
+             if rule.sbn is not None and rule.sbn.stats is not None else rule for rule in r.rules]
+    return r.model_copy(update={"sbn": r.sbn.model_copy(update={"stats": stats}), "rules": rules})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--recipe", default="resnet")
+    ap.add_argument("--stats", default="channel,frequency",
+                    help="comma-separated SBN modes to time against the plain model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=128, help="H = W of the input")
     ap.add_argument("--repeats", type=int, default=20)
@@ -84,9 +118,12 @@ def main() -> None:
     size = (3, args.size, args.size)
     torch.manual_seed(0)
     plain = timm.create_model(args.model, pretrained=False, num_classes=1000)
-    torch.manual_seed(0)
-    sbn, plan = convert(args.model, args.recipe, num_classes=1000, input_size=size)
-    models = {"plain": plain, "sbn": sbn}
+    modes = [m.strip() for m in args.stats.split(",") if m.strip()]
+    models = {"plain": plain}
+    for mode in modes:
+        torch.manual_seed(0)
+        models[mode], _ = convert(args.model, _recipe_with_stats(args.recipe, mode),
+                                  num_classes=1000, input_size=size)
     opts = {}
     for name, m in models.items():
         m.to(device=device, memory_format=mem).train()
@@ -103,12 +140,10 @@ def main() -> None:
         for name, m in models.items():
             times[name].append(_step(m, opts[name], x, y, args.amp, device))
     med = {k: statistics.median(v) for k, v in times.items()}
-    share = _sbn_share(sbn, opts["sbn"], x, y, args.amp, device)
-    print(json.dumps({
+    out = {
         "benchmark": "train_step",
         "model": args.model,
         "recipe": args.recipe,
-        "sbn_layers": sum(isinstance(m, SpectralBatchNorm2d) for m in sbn.modules()),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -118,14 +153,20 @@ def main() -> None:
         "amp_bf16": args.amp,
         "channels_last": args.channels_last,
         "repeats": args.repeats,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "plain_median_ms": round(med["plain"] * 1e3, 2),
-        "sbn_median_ms": round(med["sbn"] * 1e3, 2),
-        "ratio": round(med["sbn"] / med["plain"], 4),
-        "ratio_of_minima": round(min(times["sbn"]) / min(times["plain"]), 4),
-        "sbn_share_of_step_cpu": share,
         "plain_images_per_s": round(args.batch / med["plain"], 1),
-        "sbn_images_per_s": round(args.batch / med["sbn"], 1),
-    }, indent=2))
+    }
+    for mode in modes:
+        out[mode] = {
+            "sbn_layers": sum(isinstance(m, SpectralBatchNorm2d) for m in models[mode].modules()),
+            "median_ms": round(med[mode] * 1e3, 2),
+            "ratio": round(med[mode] / med["plain"], 4),
+            "ratio_of_minima": round(min(times[mode]) / min(times["plain"]), 4),
+            "sbn_share_of_step_cpu": _sbn_share(models[mode], opts[mode], x, y, args.amp, device),
+            "images_per_s": round(args.batch / med[mode], 1),
+        }
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -141,7 +141,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
             f"checkpoint {source} does not fit model {type(model).__name__}: " + "; ".join(parts)
             + ". Check the model name, --model-kwargs and --num-classes match the checkpoint."
         )
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except ValueError as e:  # a layer refused its values (e.g. non-finite SBN statistics)
+        raise CheckpointError(f"checkpoint {source}: {e}") from None
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""An independent float64 numpy implementation of SBN as shared/SBN.md defines it.
+"""An independent float64 numpy implementation of SBN as docs/sbn.md defines it.
 
 It does not import the library. The DFT is written with real cosine/sine matrices so every step is
 a real-analytic expression: evaluated at x + i*h*v it gives directional derivatives by the complex

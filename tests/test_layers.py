@@ -14,8 +14,9 @@ from torch import nn
 from sbn_surgery import SpectralBatchNorm2d, spectral_batch_norm
 from sbn_reference import complex_step_grad, sbn as ref_sbn
 
-SHAPES = [(2, 3, 1, 1), (4, 2, 7, 7), (3, 3, 5, 6), (2, 2, 14, 15), (8, 2, 4, 4)]
-PATHS = [("channel", "fft"), ("channel", "closed"), ("frequency", "fft")]
+SHAPES = [(2, 3, 1, 1), (4, 2, 7, 7), (3, 3, 5, 6), (2, 2, 14, 15), (8, 2, 4, 4), (5, 2, 3, 5),
+          (3, 2, 28, 28)]
+PATHS = [("channel", "fft"), ("channel", "closed"), ("frequency", "fft"), ("frequency", "matmul")]
 EPS = 1e-5
 
 
@@ -278,6 +279,46 @@ def test_frequency_training_with_batch_one_is_an_error():
 def test_closed_impl_rejected_for_frequency_mode():
     with pytest.raises(ValueError, match="closed"):
         SpectralBatchNorm2d(3, stats="frequency", impl="closed")
+    with pytest.raises(ValueError, match="matmul"):
+        SpectralBatchNorm2d(3, stats="channel", impl="matmul")
+
+
+def test_auto_takes_the_matmul_dft_for_small_maps_only():
+    from sbn_surgery.layers.checks import AUTO_MATMUL_MAX_SIDE, _frequency_impl
+
+    side = AUTO_MATMUL_MAX_SIDE
+    assert _frequency_impl("auto", 7, 7) == "matmul"
+    assert _frequency_impl("auto", side, 1) == "matmul"
+    assert _frequency_impl("auto", 2, side + 1) == "fft"
+    assert _frequency_impl("auto", 56, 56) == "fft"
+    assert _frequency_impl("fft", 4, 4) == "fft"
+    assert _frequency_impl("matmul", 64, 64) == "matmul"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_matmul_path_equals_fft_path_at_odd_and_even_sizes(training):
+    # The separable form (maps over DENSE_MAX_PIXELS) and the dense one, against the reference
+    # path: values, gradients of x, gamma, beta and running statistics.
+    for shape in [(2, 3, 1, 1), (3, 2, 3, 5), (6, 2, 7, 7), (4, 2, 14, 15), (2, 2, 28, 28),
+                  (8, 1, 12, 9)]:
+        torch.manual_seed(shape[2] * 100 + shape[3])
+        x = torch.randn(*shape, dtype=torch.float64) * 2 + 0.7
+        gy = torch.randn(*shape, dtype=torch.float64)
+        got = {}
+        for impl in ("fft", "matmul"):
+            layer = _layer("frequency", impl, shape[1], spatial_size=shape[2:]).train(training)
+            with torch.no_grad():
+                layer.weight.uniform_(0.5, 2, generator=torch.Generator().manual_seed(0))
+                layer.bias.normal_(generator=torch.Generator().manual_seed(1))
+                layer.running_mean.normal_(generator=torch.Generator().manual_seed(2))
+                layer.running_var.uniform_(0.5, 2, generator=torch.Generator().manual_seed(3))
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            y.backward(gy)
+            got[impl] = [y.detach(), xi.grad, layer.weight.grad, layer.bias.grad,
+                         layer.running_mean, layer.running_var]
+        for a, b in zip(got["fft"], got["matmul"]):
+            assert torch.allclose(a, b, rtol=0, atol=1e-11), shape
 
 
 @pytest.mark.parametrize("stats", ["channel", "frequency"])
@@ -298,6 +339,7 @@ def test_deepcopy_pickle_state_dict_round_trip(stats):
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
+    # BatchNorm2d's keys: num_batches_skipped is not saved, so SBN state_dicts stay BN-shaped.
     assert set(sd) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
@@ -329,8 +371,9 @@ def test_torch_export_and_compile(stats, impl):
     assert torch.allclose(layer.running_var, ref_layer.running_var, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["fft", "matmul"])
 @pytest.mark.parametrize("training", [True, False])
-def test_float32_frequency_mode_keeps_precision_under_a_large_mean(training):
+def test_float32_frequency_mode_keeps_precision_under_a_large_mean(training, impl):
     # The mean is subtracted before the transform: differencing two large spectra instead
     # (rfft2(x) - rfft2(mean)) loses about 4x more digits at this offset.
     shape = (8, 4, 14, 15)
@@ -340,7 +383,7 @@ def test_float32_frequency_mode_keeps_precision_under_a_large_mean(training):
         x32 = x.astype(np.float32)
         ry, rmean, rvar = ref_sbn(x32.astype(np.float64), gamma.astype(np.float32),
                                   beta.astype(np.float32), EPS, "frequency")
-        layer = _layer("frequency", "fft", 4, dtype=torch.float32)
+        layer = _layer("frequency", impl, 4, dtype=torch.float32)
         _set_affine(layer, gamma.astype(np.float32), beta.astype(np.float32))
         if training:
             y = layer.train()(torch.from_numpy(x32))
@@ -357,3 +400,19 @@ def test_float32_frequency_mode_keeps_precision_under_a_large_mean(training):
 def test_float32_on_1x1_maps_keeps_precision_under_a_large_mean(stats, impl):
     # At 1x1 channel SBN is BatchNorm: E[x^2] - mu^2 would lose about 5 digits at this offset.
     assert _float32_train_rel_err((16, 4, 1, 1), stats, impl, seed=4, offset=100.0) <= 1e-5
+
+
+@pytest.mark.parametrize("stats,impl", PATHS)
+def test_output_can_be_modified_in_place_like_a_residual_add(stats, impl):
+    # timm's blocks do `x += shortcut` on the norm's output; a custom Function may not return a
+    # view for that.
+    torch.manual_seed(9)
+    layer = _layer(stats, impl, 3, dtype=torch.float32)
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    y = layer(x)
+    y += 1.0
+    y.square().sum().backward()
+    ref = _layer(stats, impl, 3, dtype=torch.float32)
+    xr = x.detach().clone().requires_grad_(True)
+    (ref(xr) + 1.0).square().sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)

@@ -1,7 +1,7 @@
 """Export forms of SpectralBatchNorm2d: eval-mode modules that compute the same map as the layer
 with its running statistics, written with ops that ONNX runtimes have.
 
-In eval mode SBN is a fixed linear map plus a constant (see shared/SBN.md):
+In eval mode SBN is a fixed linear map plus a constant (see docs/sbn.md):
 
 * channel mode: ``y = s * x + S * k`` at pixel (0, 0) only, with ``s = gamma / sqrt(var + eps)``,
   ``k = beta - s * mu`` and ``S = sqrt(H * W)``;

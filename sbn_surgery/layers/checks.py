@@ -11,7 +11,7 @@ __all__ = ["STATS_MODES", "IMPLS"]
 
 
 STATS_MODES = ("channel", "frequency")
-IMPLS = ("auto", "fft", "closed")
+IMPLS = ("auto", "fft", "closed", "matmul")
 
 
 def _check_input(x: Tensor, num_features: Optional[int]) -> None:
@@ -24,6 +24,11 @@ def _check_input(x: Tensor, num_features: Optional[int]) -> None:
         raise ValueError(
             f"SpectralBatchNorm2d expects a floating-point input; got dtype {x.dtype} with shape "
             f"{tuple(x.shape)}. Convert it with .float()."
+        )
+    if x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(
+            f"SpectralBatchNorm2d expects a non-empty spatial size (H, W >= 1); got shape "
+            f"{tuple(x.shape)}"
         )
     if num_features is not None and x.shape[1] != num_features:
         raise ValueError(
@@ -46,9 +51,56 @@ def _resolve_impl(stats: str, impl: str) -> str:
             "impl='closed' exists for stats='channel' only; frequency mode needs the FFT "
             "(use impl='fft' or 'auto')"
         )
-    if impl == "auto":
-        return "closed" if stats == "channel" else "fft"
-    return impl
+    if impl == "matmul" and stats != "frequency":
+        raise ValueError(
+            "impl='matmul' exists for stats='frequency' only; channel mode has the closed form "
+            "(use impl='closed' or 'auto')"
+        )
+    if impl == "auto" and stats == "channel":
+        return "closed"
+    return impl  # frequency mode: "auto" is settled per input size by _frequency_impl
+
+
+#: impl="auto" in frequency mode takes the matmul DFT for maps whose sides are at most this, the
+#: FFT above. Measured on CPU (2 shared cores, load average 10-12, 1 thread; median process CPU
+#: time of forward+backward over BatchNorm2d's, batch 8):
+#:   MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 python
+#:   benchmarks/layer.py --stats frequency --batch 8 --threads 1 --repeats 7 --sizes 4,7,10,14,20,28,56
+#: matmul / fft: 8.7 / 15.2 at 4x4, 6.4 / 10.8 at 7x7, 7.8 / 10.4 at 10x10 (dense form), then
+#: 7.7 / 8.4 at 14x14, 7.7 / 8.9 at 20x20, 9.3 / 9.9 at 28x28 (separable form), 12.3 / 10.1 at
+#: 56x56. On CUDA the products run on tensor cores; the same bound is used there unmeasured (no GPU
+#: here): benchmarks/gpu_check.sh reports both paths at 4..64.
+AUTO_MATMUL_MAX_SIDE = 32
+
+
+def _frequency_impl(impl: str, h: int, w: int) -> str:
+    """The frequency-mode path for an (H, W) input: "fft" or "matmul"."""
+    if impl != "auto":
+        return impl
+    return "matmul" if max(h, w) <= AUTO_MATMUL_MAX_SIDE else "fft"
+
+
+def _check_train_count(x: Tensor, stats: str) -> None:
+    n, _, h, w = x.shape
+    count = n * h * w if stats == "channel" else n
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per statistic when training, got input of shape "
+            f"{tuple(x.shape)} ({count} value(s) per "
+            f"{'channel' if stats == 'channel' else 'channel and frequency'}); use a larger "
+            f"batch or eval mode"
+        )
+
+
+def _check_momentum(momentum) -> None:
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+            or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"SpectralBatchNorm2d momentum must be None (cumulative average) or a number in "
+            f"[0, 1]; got {momentum!r}"
+        )
 
 
 def _per_channel(t: Optional[Tensor], c: int, like: Tensor, fill: float) -> Tensor:

@@ -7,8 +7,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import _check_input, _per_channel, _resolve_impl, _same_format, _stat_dtype
+from .checks import (_check_input, _check_train_count, _frequency_impl, _per_channel,
+                     _resolve_impl, _same_format, _stat_dtype)
 from .closed import _ChannelSBNTrain, _channel_closed_apply, _channel_train_1x1
+from .matmul import _frequency_matmul_eval, _frequency_matmul_train
 from .spectral import _channel_fft, _frequency_fft
 from .synced import _group, _sync_over, _synced_train
 
@@ -31,13 +33,22 @@ def spectral_batch_norm(
     """Spectral batch normalization, the counterpart of ``torch.nn.functional.batch_norm``.
 
     ``training=True`` uses batch statistics and, when running buffers are given, updates them in
-    place with factor ``momentum`` (unbiased variance, as ``batch_norm`` does). ``training=False``
-    uses ``running_mean``/``running_var``. Shapes of the buffers: (C,) in channel mode; (C, H, W)
+    place with factor ``momentum`` (unbiased variance, as ``batch_norm`` does), unless the batch
+    statistics are not finite: such a batch leaves them as they were. ``training=False`` uses
+    ``running_mean``/``running_var``. Shapes of the buffers: (C,) in channel mode; (C, H, W)
     in frequency mode, ``running_mean`` holding the spatial-domain mean (see module docstring).
 
     ``process_group`` (training only): pool the batch statistics over the ranks of that
     ``torch.distributed`` group (``"world"`` for the default group), as ``SyncBatchNorm`` does.
     """
+    return _sbn_forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                        stats, impl, process_group)[0]
+
+
+def _sbn_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, stats, impl,
+                 process_group):
+    """``spectral_batch_norm``, also returning whether the running statistics took this batch
+    (a 0-d bool tensor; None when nothing was to update). ``momentum`` may be a 0-d tensor."""
     _check_input(x, None)
     path = _resolve_impl(stats, impl)
     n, c, h, w = x.shape
@@ -50,37 +61,52 @@ def spectral_batch_norm(
             f"{tuple(x.shape)}). Evaluate at the calibrated size, or re-estimate the statistics at "
             f"this size."
         )
-    count = n * h * w if stats == "channel" else n
-    if training and count <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per statistic when training, got input of shape "
-            f"{tuple(x.shape)} ({count} value(s) per {'channel' if stats == 'channel' else 'channel and frequency'}); "
-            f"use a larger batch or eval mode"
-        )
+    if training:
+        _check_train_count(x, stats)
+    if stats == "frequency":
+        path = _frequency_impl(path, h, w)
     sd = _stat_dtype(x)
     weight = _per_channel(weight, c, x.new_empty(0, dtype=sd), 1.0)
     bias = _per_channel(bias, c, x.new_empty(0, dtype=sd), 0.0)
 
     if not training:
+        if x.numel() == 0:
+            return x.clone(), None  # an empty batch (N=0): torch.fft refuses empty transforms
         if path == "closed":
-            return _channel_closed_apply(x, running_mean, running_var, weight, bias, eps)
+            return _channel_closed_apply(x, running_mean, running_var, weight, bias, eps), None
+        if path == "matmul":
+            y = _frequency_matmul_eval(x, running_mean, running_var, weight, bias, eps)
+            return _same_format(y, x), None
         fn = _channel_fft if stats == "channel" else _frequency_fft
-        return _same_format(fn(x, running_mean, running_var, weight, bias, eps)[0], x)
+        return _same_format(fn(x, running_mean, running_var, weight, bias, eps)[0], x), None
 
+    count = n * h * w if stats == "channel" else n
     if _sync_over(process_group):
         y, mu, var_b, count = _synced_train(x, weight, bias, eps, stats, _group(process_group))
     elif path == "closed" and h * w == 1:
         y, mu, var_b = _channel_train_1x1(x, weight, bias, eps)
     elif path == "closed":
         y, mu, var_b = _ChannelSBNTrain.apply(x, weight, bias, eps)
+    elif path == "matmul":
+        y, mu, var_b = _frequency_matmul_train(x, weight, bias, eps)
     elif stats == "channel":
         y, mu, var_b = _channel_fft(x, None, None, weight, bias, eps)
     else:
         y, mu, var_b = _frequency_fft(x, None, None, weight, bias, eps)
     y = _same_format(y, x)
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            unbiased = var_b * (count / (count - 1))
-            running_mean.mul_(1.0 - momentum).add_(mu.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    return y
+    if running_mean is None or running_var is None:
+        return y, None
+    return y, _update_running(running_mean, running_var, mu, var_b, count, momentum)
+
+
+def _update_running(running_mean: Tensor, running_var: Tensor, mu: Tensor, var_b: Tensor,
+                    count: int, momentum) -> Tensor:
+    """BatchNorm's update, skipped (without a host sync) when the batch statistics are not
+    finite: one inf or NaN batch would otherwise poison the running statistics for good."""
+    with torch.no_grad():
+        unbiased = var_b * (count / (count - 1))
+        finite = torch.isfinite(mu).all() & torch.isfinite(unbiased).all()
+        for buf, new in ((running_mean, mu), (running_var, unbiased)):
+            upd = buf * (1.0 - momentum) + new.to(buf.dtype) * momentum
+            buf.copy_(torch.where(finite, upd.to(buf.dtype), buf))
+    return finite

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .checks import _check_input, _resolve_impl
-from .functional import spectral_batch_norm
+from .checks import _check_input, _check_momentum, _check_train_count, _resolve_impl
+from .functional import _sbn_forward
 
 __all__ = ["SpectralBatchNorm2d", "sync_sbn_stats"]
 
@@ -27,9 +28,15 @@ class SpectralBatchNorm2d(nn.Module):
         stats: ``"channel"`` or ``"frequency"``.
         eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d``
             (``momentum=None`` gives a cumulative moving average).
-        impl: ``"auto"``, ``"fft"`` (reference) or ``"closed"`` (channel mode only).
+        impl: ``"auto"``, ``"fft"`` (reference), ``"closed"`` (channel mode only) or
+            ``"matmul"`` (frequency mode only: the DFT as dense matrix products, which
+            ``"auto"`` picks for small maps).
         spatial_size: (H, W) of the frequency-mode statistics; if omitted they take the size of
             the first training batch.
+
+    A training batch whose statistics are not finite (an inf or NaN in the input) leaves the
+    running statistics and ``num_batches_tracked`` as they were and adds one to the buffer
+    ``num_batches_skipped``; its output is what the non-finite statistics give.
     """
 
     _version = 1
@@ -49,8 +56,13 @@ class SpectralBatchNorm2d(nn.Module):
     ) -> None:
         super().__init__()
         _resolve_impl(stats, impl)
+        _check_momentum(momentum)
         if num_features < 1:
             raise ValueError(f"num_features must be positive; got {num_features}")
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0; got {eps!r}")
+        if spatial_size is not None and (len(spatial_size) != 2 or min(spatial_size) < 1):
+            raise ValueError(f"spatial_size must be (H, W) with H, W >= 1; got {spatial_size!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = int(num_features)
         self.stats = stats
@@ -75,10 +87,19 @@ class SpectralBatchNorm2d(nn.Module):
                 "num_batches_tracked",
                 torch.tensor(0, dtype=torch.long, device=device),
             )
+            #: Training batches whose statistics were not finite and left the running ones alone.
+            #: Not saved: the state_dict keeps BatchNorm2d's keys, so an SBN that replaced a
+            #: BatchNorm still loads into the plain model, and older checkpoints load strictly.
+            self.register_buffer(
+                "num_batches_skipped",
+                torch.tensor(0, dtype=torch.long, device=device),
+                persistent=False,
+            )
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+            self.register_buffer("num_batches_skipped", None)
 
     def _stat_shape(self, spatial_size: Optional[tuple[int, int]]) -> tuple[int, ...]:
         if self.stats == "channel":
@@ -98,6 +119,7 @@ class SpectralBatchNorm2d(nn.Module):
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
+            self.num_batches_skipped.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -105,60 +127,69 @@ class SpectralBatchNorm2d(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _materialize_frequency_stats(self, h: int, w: int) -> None:
+    def _fresh_frequency_stats(self, h: int, w: int) -> tuple[Tensor, Tensor]:
         dev, dt = self.running_var.device, self.running_var.dtype
-        self.running_mean = torch.zeros(self.num_features, h, w, device=dev, dtype=dt)
-        self.running_var = torch.ones(self.num_features, h, w, device=dev, dtype=dt)
+        return (torch.zeros(self.num_features, h, w, device=dev, dtype=dt),
+                torch.ones(self.num_features, h, w, device=dev, dtype=dt))
+
+    def _running_for(self, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
+        """The running statistics this input uses: (mean, var, fresh). Frequency-mode statistics
+        not yet sized come fresh at the input's size and are kept only if the call succeeds."""
+        if not (self.stats == "frequency" and self.track_running_stats):
+            return self.running_mean, self.running_var, False
+        h, w = x.shape[-2:]
+        have = tuple(self.running_var.shape[-2:])
+        if self.running_var.numel() == 0:
+            if not self.training:
+                raise ValueError(
+                    f"frequency-mode SpectralBatchNorm2d has no running statistics yet (input "
+                    f"shape {tuple(x.shape)}); train or calibrate it first, or pass spatial_size"
+                )
+            return (*self._fresh_frequency_stats(h, w), True)
+        if have != (h, w):
+            raise ValueError(
+                f"frequency-mode running statistics belong to spatial size {have[0]}x{have[1]}; "
+                f"got input of spatial size {h}x{w} (shape {tuple(x.shape)}). Use inputs of "
+                f"{have[0]}x{have[1]} at this layer, or re-calibrate at {h}x{w}."
+            )
+        return self.running_mean, self.running_var, False
 
     def forward(self, x: Tensor) -> Tensor:
+        # Every check runs before the module changes: a call that raises leaves it as it was.
         _check_input(x, self.num_features)
-        h, w = x.shape[-2:]
-        if self.stats == "frequency" and self.track_running_stats:
-            have = tuple(self.running_var.shape[-2:])
-            if self.running_var.numel() == 0:
-                if not self.training:
-                    raise ValueError(
-                        f"frequency-mode SpectralBatchNorm2d has no running statistics yet (input "
-                        f"shape {tuple(x.shape)}); train or calibrate it first, or pass "
-                        f"spatial_size"
-                    )
-                self._materialize_frequency_stats(h, w)
-            elif have != (h, w):
-                raise ValueError(
-                    f"frequency-mode running statistics belong to spatial size {have[0]}x{have[1]}; "
-                    f"got input of spatial size {h}x{w} (shape {tuple(x.shape)}). Use inputs of "
-                    f"{have[0]}x{have[1]} at this layer, or re-calibrate at {h}x{w}."
-                )
-
+        _check_momentum(self.momentum)
         use_batch = self.training or not self.track_running_stats
+        if use_batch:
+            _check_train_count(x, self.stats)
+        mean, var, fresh = self._running_for(x)
+        update = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return spectral_batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            training=use_batch,
-            momentum=factor,
-            eps=self.eps,
-            stats=self.stats,
-            impl=self.impl,
-            process_group=self.process_group if self.training else None,
+        if update and self.momentum is None:
+            # Cumulative average over the batches taken so far, this one included; a tensor, so
+            # no host sync (num_batches_tracked counts only batches that updated the statistics).
+            factor = 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
+        y, took = _sbn_forward(
+            x, mean, var, self.weight, self.bias, use_batch, factor, self.eps, self.stats,
+            self.impl, self.process_group if self.training else None,
         )
+        if fresh:
+            self.running_mean, self.running_var = mean, var
+        if update and took is not None:
+            self.num_batches_tracked.add_(took.long())
+            self.num_batches_skipped.add_((~took).long())
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        if self.track_running_stats:
+            _check_loaded_stats(self, state_dict, prefix)
         # Frequency-mode statistics take the spatial size of the checkpoint they come from.
         if self.stats == "frequency" and self.track_running_stats:
             key = prefix + "running_var"
             if key in state_dict and state_dict[key].dim() == 3:
                 h, w = state_dict[key].shape[-2:]
                 if tuple(self.running_var.shape[-2:]) != (h, w):
-                    self._materialize_frequency_stats(h, w)
+                    self.running_mean, self.running_var = self._fresh_frequency_stats(h, w)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -182,3 +213,29 @@ def sync_sbn_stats(model: nn.Module, process_group: Optional[object] = None) -> 
     for m in layers:
         m.process_group = group
     return len(layers)
+
+
+def _check_loaded_stats(layer: SpectralBatchNorm2d, state_dict, prefix: str) -> None:
+    """Refuse running statistics of the wrong shape, or not finite, before anything is loaded."""
+    mean, var = state_dict.get(prefix + "running_mean"), state_dict.get(prefix + "running_var")
+    c = layer.num_features
+    for name, t in (("running_mean", mean), ("running_var", var)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not (t.is_floating_point() or t.dtype == torch.long):
+            raise ValueError(f"{prefix}{name}: expected a real tensor; got {type(t).__name__} "
+                             f"{getattr(t, 'dtype', '')}")
+        ok = (t.shape == (c,)) if layer.stats == "channel" else (t.dim() == 3 and t.shape[0] == c)
+        if not ok:
+            want = f"({c},)" if layer.stats == "channel" else f"({c}, H, W)"
+            raise ValueError(f"{prefix}{name} has shape {tuple(t.shape)}; this {layer.stats}-mode "
+                             f"SpectralBatchNorm2d({c}) needs {want}. Load a checkpoint of the "
+                             f"same model and SBN mode.")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{prefix}{name} holds non-finite values (inf or NaN); the running "
+                             f"statistics would turn every output into NaN. Re-calibrate them.")
+    if mean is not None and var is not None and mean.shape != var.shape:
+        raise ValueError(f"{prefix}running_mean has shape {tuple(mean.shape)} but running_var "
+                         f"{tuple(var.shape)}; they must match")
+    if var is not None and bool((var < 0).any()):
+        raise ValueError(f"{prefix}running_var holds negative values; a variance is >= 0")
