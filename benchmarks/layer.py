@@ -88,7 +88,7 @@ def main() -> None:
         for stats, impl in cases:
             layers[f"{stats}/{impl}"] = SpectralBatchNorm2d(c, stats=stats, impl=impl).to(args.device)
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in layers}
-        for name, layer in layers.items():
+        for layer in layers.values():
             for _ in range(args.warmup):
                 _step(layer, x, g, args.device)
         for _ in range(args.repeats):  # interleaved, so drift hits every case alike
