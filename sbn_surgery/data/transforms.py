@@ -97,7 +97,7 @@ def shift_flip(x: Tensor, gen: torch.Generator, hflip: bool) -> Tensor:
 def seed_of(*parts: int) -> int:
     """A 63-bit seed from integers, well mixed (numpy's SeedSequence)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2,
-               dtype=np.uint64)[0] >> 1)
+               dtype=np.uint64)[0]) >> 1  # shift the Python int: numpy 1.x refuses uint64 >> int
 
 
 class SeededFolder(torch.utils.data.Dataset):
