@@ -36,7 +36,7 @@ def test_quickstart_produces_a_trained_exported_model(result):
     assert result.val_top1 > 0.2  # digits after 2 short epochs: above chance (0.1)
     # the ONNX file computes what the best checkpoint computes, on real digits
     best = load_converted(result.checkpoint).eval()
-    x = calibration_batches("digits", data_config_for(best, (3, 64, 64)), 8, 1)[0]
+    x = calibration_batches("digits", data_config_for(best, (3, 32, 32)), 8, 1)[0]
     sess = ort.InferenceSession(result.onnx, providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
