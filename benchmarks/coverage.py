@@ -60,7 +60,10 @@ def _has_bn2d(model: torch.nn.Module) -> bool:
 def scan(names: list[str]) -> dict[str, dict]:
     """Per model, on the meta device: family, parameter count, whether it has a 2-D BatchNorm."""
     out = {}
-    for name in names:
+    for i, name in enumerate(names):
+        if i % 100 == 0:  # the scan takes minutes: say it is running (stderr; stdout is the JSON)
+            print(f"scanning timm models on the meta device: {i}/{len(names)}", file=sys.stderr,
+                  flush=True)
         info: dict = {"family": _family(name)}
         try:
             with torch.device("meta"):
