@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from .cmd_finetune import DATA_HELP
-from .common import err_console, out, parse_kv, print_json, progress_bar
+from .common import FORCE_HELP, err_console, out, parse_kv, print_json, progress_bar
 
 ORDER = 35
 
@@ -57,6 +57,7 @@ def study(
     workers: int = typer.Option(4, min=0, help="Data loader processes (ImageFolder only)."),
     output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Directory of the "
                                 "study: ARM/seedK/ runs, study.json, report.json, study.png."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: arms, "
                                   "differences, plot."),
 ) -> None:
@@ -86,7 +87,8 @@ def study(
         batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, input_size=input_size,
         subset=subset, augment=augment, train=train, amp=amp, channels_last=channels_last,
-        compile=compile, sync_stats=sync_stats, device=device, workers=workers)
+        compile=compile, sync_stats=sync_stats, device=device, workers=workers,
+        force=force or None)
     stopped = None
     with progress_bar(json_out, quiet=not main_rank) as progress:
         try:

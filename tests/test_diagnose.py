@@ -373,8 +373,9 @@ def test_cli_compare_table_json_and_plot(run_cli, tmp_path):
     assert [v["variant"] for v in data["variants"]] == ["bn", "bn+sbn", "no-bn", "no-bn+sbn"]
     assert all(LAYER_KEYS <= set(v["layers"][0]) for v in data["variants"])
     assert png.read_bytes()[:4] == b"\x89PNG"
-    # the table goes to stderr under --json
-    assert "growth" in result.stderr and "layer4.1" in result.stderr
+    # under --json, no table anywhere: the growth is in the object
+    assert "layer4.1" not in result.stderr and "growth" not in result.stderr
+    assert all("growth" in v for v in data["variants"])
 
 
 def test_cli_uses_the_given_weights(run_cli, tmp_path):

@@ -13,11 +13,12 @@ from sbn_surgery.study import parse_arm, parse_arms, study
 from sbn_surgery.study.stats import T975, paired_difference, t_quantile, verdict
 from sbn_surgery.train import TrainingInterrupted
 
-TINY = dict(subset=32, batch_size=16, input_size=(3, 16, 16), epochs=1, device="cpu")
+# test_resnet (timm's tiny ResNet) is named by no recipe's models: patterns, so recipes are forced
+TINY = dict(subset=32, batch_size=16, input_size=(3, 16, 16), epochs=1, device="cpu", force=True)
 ARGS = ("test_resnet", "synthetic")
 CLI_ARGS = ("test_resnet", "--data", "synthetic")
 CLI_TINY = ["--subset", "32", "--batch-size", "16", "--input-size", "3", "16", "16",
-            "--epochs", "1", "--device", "cpu"]
+            "--epochs", "1", "--device", "cpu", "--force"]
 
 
 class _Recorder:
@@ -214,8 +215,8 @@ def test_bad_arms_and_seeds_are_one_line_errors(run_cli, tmp_path, args, words):
 
 def test_output_conflicts_are_one_line_errors(base, run_cli, tmp_path):
     out, _, _ = base
-    other = run_cli("study", *CLI_ARGS, "--arms", "none,resnet", "--seeds", "2", *CLI_TINY[:-4],
-                    "--epochs", "2", "--device", "cpu", "-o", out)
+    other = run_cli("study", *CLI_ARGS, "--arms", "none,resnet", "--seeds", "2", *CLI_TINY[:-5],
+                    "--epochs", "2", "--device", "cpu", "--force", "-o", out)
     assert other.code == 2 and "other options" in other.stderr and "epochs 2" in other.stderr
     assert other.stderr.strip().count("\n") == 0
     busy = tmp_path / "busy"
@@ -235,7 +236,7 @@ def test_remove_bn_arms_keep_sbn_and_neutralize_every_batchnorm():
 
     calib = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))]
     kw = dict(seed=3, num_classes=10, checkpoint=None, model_kwargs=None, input_size=(3, 16, 16),
-              calibration=calib)
+              calibration=calib, force=True)
     models = {s: build_arm_model(parse_arm(s), "test_resnet", **kw)
               for s in ("resnet", "resnet+remove-bn", "none+remove-bn")}
     assert sbn_count(models["resnet+remove-bn"]) == sbn_count(models["resnet"]) > 0

@@ -144,7 +144,8 @@ def parse_arms(specs: Sequence[str]) -> list[Arm]:
 
 def build_arm_model(arm: Arm, model_name: str, *, seed: int, num_classes: int,
                     checkpoint: Optional[str], model_kwargs: Optional[dict],
-                    input_size: Sequence[int], calibration: list[torch.Tensor]) -> nn.Module:
+                    input_size: Sequence[int], calibration: list[torch.Tensor],
+                    force: bool = False) -> nn.Module:
     """The arm's model at initialization. ``torch.manual_seed(seed)`` right before timm builds it,
     so every arm of a seed starts from the same weights for every shared parameter (SBN layers
     are inserted after timm's init and draw no random numbers)."""
@@ -162,7 +163,8 @@ def build_arm_model(arm: Arm, model_name: str, *, seed: int, num_classes: int,
                         "recipe_name": "none", "input_size": list(size), "init": "none"}
     else:
         net, _ = convert(model_name, arm.recipe, checkpoint=checkpoint, num_classes=num_classes,
-                         model_kwargs=model_kwargs, calibration=calibration, input_size=size)
+                         model_kwargs=model_kwargs, calibration=calibration, input_size=size,
+                         force=force)
     if arm.remove_bn:
         remove_batchnorm(net)
         net.sbn_meta["variant"] = "remove-bn"

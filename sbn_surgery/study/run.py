@@ -14,7 +14,7 @@ from .arms import Arm, build_arm_model, describe, parse_arms
 #: Options that define the runs: a second invocation on the same --output must repeat them.
 RUN_OPTIONS = ("checkpoint", "num_classes", "model_kwargs", "epochs", "batch_size", "lr",
                "optimizer", "weight_decay", "warmup_epochs", "label_smoothing", "input_size",
-               "subset", "augment", "train")
+               "subset", "augment", "train", "force")
 #: Options that change how the runs execute, not what they compute; free to change.
 EXEC_OPTIONS = ("amp", "channels_last", "compile", "sync_stats", "device", "workers")
 
@@ -109,7 +109,7 @@ class _Setup:
         g = self.given
         return build_arm_model(arm, self.model, seed=seed, num_classes=n_cls,
                                checkpoint=g.get("checkpoint"), model_kwargs=g.get("model_kwargs"),
-                               input_size=size, calibration=calib)
+                               input_size=size, calibration=calib, force=bool(g.get("force")))
 
     def growth(self, net) -> Optional[float]:
         from ..diagnose import diagnose
@@ -137,7 +137,8 @@ def _run_one(setup: _Setup, arm: Arm, seed: int, out: Path, given: dict[str, Any
         if progress is not None:
             progress(f"{prefix} {desc}", done, total, info=info)
 
-    kwargs = {k: given.get(k) for k in RUN_OPTIONS if k not in ("checkpoint", "model_kwargs")}
+    kwargs = {k: given.get(k) for k in RUN_OPTIONS
+              if k not in ("checkpoint", "model_kwargs", "force")}
     kwargs.update({k: given[k] for k in EXEC_OPTIONS if k in given})
     kwargs["seed"] = seed
     result = finetune(net, setup.data, output=run_dir, resume=resume, overwrite=not resume,
