@@ -7,7 +7,9 @@
 #      channels_last), with images/s,
 #   3. times the frequency-mode layer (FFT, matmul DFT, auto) against BatchNorm2d at ResNet-50's
 #      stage shapes and at small maps, which checks the CUDA crossover in layers/checks.py,
-#   4. fine-tunes resnet18 on digits for one epoch on CUDA (AMP bf16 by default) as a smoke test.
+#   4. fine-tunes resnet18 on digits for one epoch on CUDA (AMP bf16 by default) as a smoke test,
+#      and one more epoch with timm's recipe parts: lamb, EMA, mixup/cutmix, --grad-accum-steps 2
+#      and gradient clipping.
 # Prints ONE JSON object on stdout; progress goes to stderr. Any failure stops it (exit != 0).
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
@@ -50,6 +52,10 @@ timeout 180 "$PY" benchmarks/layer.py --device cuda --stats frequency --repeats 
 log "finetune smoke: resnet18 on digits, 1 epoch"
 timeout 240 sbn-surgery finetune resnet18 --recipe resnet --data digits --epochs 1 \
     --device cuda -o "$TMP/ft" --json > "$TMP/finetune.json"
+log "finetune with EMA, mixup/cutmix, grad accumulation 2: resnet18 on digits, 1 epoch"
+timeout 240 sbn-surgery finetune resnet18 --recipe resnet --data digits --epochs 1 --opt lamb \
+    --model-ema --model-ema-warmup --mixup 0.2 --cutmix 1.0 --grad-accum-steps 2 \
+    --clip-grad 1.0 --device cuda -o "$TMP/ft_timm" --json > "$TMP/finetune_timm.json"
 
 "$PY" - "$TMP" <<'EOF'
 import json, sys, pathlib
@@ -73,6 +79,11 @@ for name in ("layer_stages", "layer_sizes"):
 ft = json.loads((tmp / "finetune.json").read_text())
 assert 0.0 <= ft["val_top1"] <= 1.0 and ft["epochs"] == 1, ft
 out["finetune_digits_1_epoch"] = {k: ft[k] for k in ("val_top1", "val_loss", "images_per_s")}
+ft = json.loads((tmp / "finetune_timm.json").read_text())
+row = json.loads((tmp / "ft_timm" / "metrics.jsonl").read_text().splitlines()[-1])
+assert ft["epochs"] == 1 and row["ema_top1"] is not None and (tmp / "ft_timm" / "ema.safetensors").is_file(), row
+out["finetune_digits_timm_recipe"] = {"val_top1": ft["val_top1"], "ema_top1": row["ema_top1"],
+                                      "images_per_s": ft["images_per_s"]}
 print(json.dumps(out, indent=2))
 EOF
 

@@ -4,62 +4,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from .cmd_finetune import DATA_HELP
-from .common import FORCE_HELP, err_console, out, parse_kv, print_json, progress_bar
+from sbn_surgery.errors import SbnSurgeryError
+
+from .common import err_console, out, print_json, progress_bar
+from .run_options import with_run_options
 
 ORDER = 35
 
 
+@with_run_options(exclude=("model", "recipe", "checkpoint_key", "seed"))
 def study(
     model: str = typer.Argument(..., help="A timm model name (each arm converts it)."),
-    data: str = typer.Option(..., "--data", "-d", help=DATA_HELP),
     arms: Optional[str] = typer.Option(None, "--arms", "-a", help="Comma-separated arms: none "
                                        "(no SBN), a recipe name or YAML path, NAME:frequency or "
                                        "NAME:channel (stats mode), NAME+remove-bn (no BatchNorm). "
                                        "[default: none and the model family's recipe]"),
     seeds: int = typer.Option(3, min=1, help="Runs per arm (seeds SEED..SEED+N-1); 2 or more."),
     seed: int = typer.Option(0, help="First seed."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
-                                             "for the model; without it, timm's random init."),
-    num_classes: Optional[int] = typer.Option(None, help="Classes of the model as built (e.g. "
-                                              "1000 for an ImageNet --checkpoint)."),
-    model_kwargs: Optional[list[str]] = typer.Option(None, "--model-kwargs", help="Extra timm "
-                                                     "create_model arguments, key=value; repeat."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per run. [default: 10]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=2,
-                                             help="Batch size per process. [default: 64]"),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: as finetune]"),
-    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw. [default: sgd]"),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay. [default: as "
-                                                 "finetune]"),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup epochs. "
-                                                  "[default: 1]"),
-    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing. [default: 0.1]"),
-    input_size: Optional[tuple[int, int, int]] = typer.Option(None, help="C H W of the images. "
-                                                              "[default: as finetune]"),
-    subset: Optional[int] = typer.Option(None, min=2, help="Train on a fixed N-image subset."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Training "
-                                           "augmentation. [default: as finetune]"),
-    train: Optional[str] = typer.Option(None, help="Which parameters train: all or norm. "
-                                        "[default: all]"),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bfloat16 autocast. "
-                                       "[default: on with CUDA]"),
-    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory "
-                                       "format."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile each run's model."),
-    sync_stats: bool = typer.Option(False, "--sync-stats", help="Under torchrun: batch "
-                                    "statistics over all ranks. CUDA only."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cuda or cpu."),
-    workers: int = typer.Option(4, min=0, help="Data loader processes (ImageFolder only)."),
     output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Directory of the "
                                 "study: ARM/seedK/ runs, study.json, report.json, study.png."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: arms, "
                                   "differences, plot."),
+    options: Optional[dict] = None,
 ) -> None:
     """Fine-tune MODEL once per arm and seed, and compare every arm with none.
 
@@ -81,14 +51,10 @@ def study(
     from sbn_surgery.train import TrainingInterrupted
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    options: dict[str, Any] = dict(
-        checkpoint=checkpoint, num_classes=num_classes,
-        model_kwargs=parse_kv(model_kwargs, "--model-kwargs") or None, epochs=epochs,
-        batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, input_size=input_size,
-        subset=subset, augment=augment, train=train, amp=amp, channels_last=channels_last,
-        compile=compile, sync_stats=sync_stats, device=device, workers=workers,
-        force=force or None)
+    options = dict(options or {})
+    data = options.pop("data", None)
+    if data is None:
+        raise SbnSurgeryError("study needs --data (e.g. --data digits)")
     stopped = None
     with progress_bar(json_out, quiet=not main_rank) as progress:
         try:

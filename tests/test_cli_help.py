@@ -54,12 +54,13 @@ def test_finetune_help_shows_the_library_defaults(run_cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     text = " ".join(run_cli("finetune", "--help").stdout.split())
     for option, key in [("--epochs N", "epochs"), ("--batch-size N", "batch_size"),
-                        ("--optimizer sgd|adamw", "optimizer"), ("--seed N", "seed"),
-                        ("--label-smoothing EPS", "label_smoothing")]:
+                        ("--optimizer NAME", "opt"), ("--seed N", "seed"),
+                        ("--label-smoothing, --smoothing EPS", "smoothing"),
+                        ("--sched cosine|step|multistep|plateau|poly|tanh", "sched")]:
         start = text.index(option)
         entry = text[start:text.index(" --", start + len(option))]
         assert f"[default: {DEFAULTS[key]}]" in entry, (option, entry)
     warmup = text[text.index("--warmup-epochs"):]
     assert f"[default: {DEFAULTS['warmup_epochs']:g}]" in warmup[:200]
     lr = text[text.index("--lr LR"):]
-    assert f"[default: {LR_PER_256['sgd']} (sgd)" in lr[:200]
+    assert f"{LR_PER_256['sgd']} for SGD-like" in lr[:300]

@@ -300,20 +300,21 @@ def test_absurd_class_count_in_a_child_process_stays_small(converted, tmp_path):
 # state.pt on --resume
 # ---------------------------------------------------------------------------------------------
 STATES = {
-    "wrong-structure": lambda p: torch.save({"format": 1, "options": {}}, p),
-    "wrong-type": lambda p: torch.save({"format": 1, "options": {}, "epoch": "3", "step": 0,
+    "wrong-structure": lambda p: torch.save({"format": 2, "options": {}}, p),
+    "wrong-type": lambda p: torch.save({"format": 2, "options": {}, "epoch": "3", "step": 0,
                                         "model": {}, "optimizer": {}, "scheduler": {},
-                                        "scaler": {}, "history": [], "best_top1": 0.0,
+                                        "history": [], "best_top1": 0.0,
                                         "best_epoch": 0, "ranks": []}, p),
     "mid-epoch-without-ranks": lambda p: torch.save(
-        {"format": 1, "options": {}, "epoch": 0, "step": 3, "model": {}, "optimizer": {},
-         "scheduler": {}, "scaler": {}, "history": [], "best_top1": 0.0, "best_epoch": 0,
+        {"format": 2, "options": {}, "epoch": 0, "step": 3, "model": {}, "optimizer": {},
+         "scheduler": {}, "history": [], "best_top1": 0.0, "best_epoch": 0,
          "ranks": [{}]}, p),
     "bad-optimizer": lambda p: torch.save(dict(_real_state(p), optimizer={"state": []}), p),
     "other-model": lambda p: torch.save(dict(_real_state(p), model={"fc.weight": torch.zeros(3)}), p),
+    "bad-ema": lambda p: torch.save(dict(_real_state(p), ema={"fc.weight": 3}), p),
     "not-torch": lambda p: p.write_text("epoch: 3\n"),
     "empty": lambda p: p.write_bytes(b""),
-    "truncated": lambda p: p.write_bytes(_pth_bytes(p, obj={"format": 1, "x": torch.zeros(9)})[:200]),
+    "truncated": lambda p: p.write_bytes(_pth_bytes(p, obj={"format": 2, "x": torch.zeros(9)})[:200]),
     "other-format": lambda p: torch.save([1, 2], p),
     "fifo": lambda p: os.mkfifo(p),
 }
@@ -321,14 +322,15 @@ def _real_state(path: Path) -> dict:
     """A well-formed state (weights from the run's last.safetensors beside it)."""
     from safetensors.torch import load_file
 
-    return {"format": 1, "options": {}, "epoch": 1, "step": 0,
+    return {"format": 2, "options": {}, "epoch": 1, "step": 0,
             "model": load_file(str(path.parent / "last.safetensors")),
-            "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "scaler": {},
+            "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
             "history": [], "best_top1": 0.5, "best_epoch": 1, "ranks": []}
 
 
 STATE_FRAGMENTS = {
     "bad-optimizer": "'optimizer' is not an optimizer state",
+    "bad-ema": "'ema' is not a state dict of tensors",
     "other-model": "its 'model' does not fit last.safetensors",
     "wrong-structure": "the key 'epoch' is missing", "wrong-type": "'epoch' is a str, not a int",
     "mid-epoch-without-ranks": "ranks[0] lacks", "not-torch": "cannot read",
@@ -356,5 +358,5 @@ def test_a_well_formed_state_passes(converted, tmp_path):
     from sbn_surgery.train import outputs as O
 
     (tmp_path / "last.safetensors").write_bytes(converted.read_bytes())
-    torch.save(dict(_real_state(tmp_path / "state.pt"), format=1), tmp_path / "state.pt")
+    torch.save(dict(_real_state(tmp_path / "state.pt"), format=O.STATE_FORMAT), tmp_path / "state.pt")
     assert O.load_state(tmp_path)["best_top1"] == 0.5

@@ -11,12 +11,16 @@ from . import store
 from ..progress import ProgressFn
 from .arms import Arm, build_arm_model, describe, parse_arms
 
-#: Options that define the runs: a second invocation on the same --output must repeat them.
-RUN_OPTIONS = ("checkpoint", "num_classes", "model_kwargs", "epochs", "batch_size", "lr",
-               "optimizer", "weight_decay", "warmup_epochs", "label_smoothing", "input_size",
-               "subset", "augment", "train", "force")
+from ..train.options import ALIASES, EXEC_KEYS, RUN_KEYS, canonical
+
+#: Options that define the runs (finetune's, less what the study sets per arm and seed): a
+#: second invocation on the same --output must repeat them.
+RUN_OPTIONS = tuple(k for k in RUN_KEYS
+                    if k not in ("model", "data", "recipe", "seed", "checkpoint_key"))
 #: Options that change how the runs execute, not what they compute; free to change.
-EXEC_OPTIONS = ("amp", "channels_last", "compile", "sync_stats", "device", "workers")
+EXEC_OPTIONS = EXEC_KEYS
+#: What each arm's model is built with (the rest goes to finetune).
+BUILD_OPTIONS = ("checkpoint", "model_kwargs", "force", "drop", "drop_path")
 
 
 @dataclass
@@ -92,10 +96,11 @@ class _Setup:
             from ..train.options import DEFAULTS
 
             g = self.given
-            ds = open_source(self.data)
+            ds = open_source(self.data, **{k: g[k] for k in ("dataset", "train_split",
+                                                             "val_split") if g.get(k)})
             in_chans = int((g.get("model_kwargs") or {}).get("in_chans", 3))
             n_cls = g.get("num_classes") or ds.num_classes
-            probe = create_model(self.model, num_classes=n_cls, model_kwargs=g.get("model_kwargs"))
+            probe = create_model(self.model, num_classes=n_cls, model_kwargs=self.kwargs())
             size = (tuple(int(v) for v in g["input_size"]) if g.get("input_size") else
                     default_input_size(ds, input_size_of(probe), in_chans))
             cfg = data_config_for(probe, size, in_chans)
@@ -104,11 +109,18 @@ class _Setup:
             self._ready = (n_cls, size, calib)
         return self._ready
 
+    def kwargs(self) -> dict[str, Any]:
+        """timm create_model arguments: --model-kwargs plus --drop/--drop-path."""
+        from ..train.model import model_kwargs_of
+
+        g = self.given
+        return model_kwargs_of(g.get("model_kwargs"), g.get("drop"), g.get("drop_path"))
+
     def build(self, arm: Arm, seed: int):
         n_cls, size, calib = self.get()
         g = self.given
         return build_arm_model(arm, self.model, seed=seed, num_classes=n_cls,
-                               checkpoint=g.get("checkpoint"), model_kwargs=g.get("model_kwargs"),
+                               checkpoint=g.get("checkpoint"), model_kwargs=self.kwargs(),
                                input_size=size, calibration=calib, force=bool(g.get("force")))
 
     def growth(self, net) -> Optional[float]:
@@ -137,8 +149,8 @@ def _run_one(setup: _Setup, arm: Arm, seed: int, out: Path, given: dict[str, Any
         if progress is not None:
             progress(f"{prefix} {desc}", done, total, info=info)
 
-    kwargs = {k: given.get(k) for k in RUN_OPTIONS
-              if k not in ("checkpoint", "model_kwargs", "force")}
+    kwargs = {k: given.get(k) for k in RUN_OPTIONS if k not in BUILD_OPTIONS}
+    kwargs.update({k: given.get(k) for k in ("drop", "drop_path")})  # recorded; built in
     kwargs.update({k: given[k] for k in EXEC_OPTIONS if k in given})
     kwargs["seed"] = seed
     result = finetune(net, setup.data, output=run_dir, resume=resume, overwrite=not resume,
@@ -164,9 +176,10 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
     from ..train import distributed as D
     from .report import summarize
 
-    unknown = sorted(set(options) - set(RUN_OPTIONS) - set(EXEC_OPTIONS))
+    unknown = sorted(set(options) - set(RUN_OPTIONS) - set(EXEC_OPTIONS) - set(ALIASES))
     if unknown:
         raise TypeError(f"study() got unexpected options: {', '.join(unknown)}")
+    options = canonical(options)
     parsed = parse_arms(list(arms) if arms else ["none", recipe_for_model(model)])
     _check(model, parsed, seeds, options)
     out = Path(output)

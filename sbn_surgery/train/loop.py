@@ -19,20 +19,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data import build_loaders, open_source
 from ..data.transforms import seed_of
 from ..errors import CheckpointError, SbnSurgeryError
 from . import distributed as D
 from . import outputs as O
-from .model import build_model, make_optimizer, make_scheduler, select_trainable
-from .options import RunOptions, check_workers, resolve
-from ..progress import ProgressFn
+from .optim import (clip_gradients, load_scheduler_state, make_criterion, make_mixup, make_optimizer, make_scheduler, scheduler_state,
+                    updates_on_steps)
+from .options import RunOptions
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -91,118 +90,25 @@ class _Interrupt(Exception):
     """Internal: every rank agreed to stop after the current batch."""
 
 
-def finetune(
-    model: Union[str, Path, nn.Module],
-    data: Union[str, Path],
-    *,
-    output: Union[str, Path] = "runs/finetune",
-    recipe: Optional[str] = None,
-    num_classes: Optional[int] = None,
-    checkpoint: Optional[str] = None,
-    checkpoint_key: Optional[str] = None,
-    model_kwargs: Optional[dict] = None,
-    epochs: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    optimizer: Optional[str] = None,
-    weight_decay: Optional[float] = None,
-    warmup_epochs: Optional[float] = None,
-    label_smoothing: Optional[float] = None,
-    input_size: Optional[tuple[int, int, int]] = None,
-    subset: Optional[int] = None,
-    augment: Optional[bool] = None,
-    train: Optional[str] = None,
-    seed: Optional[int] = None,
-    force: Optional[bool] = None,
-    amp: Optional[bool] = None,
-    channels_last: bool = False,
-    compile: bool = False,
-    sync_stats: bool = False,
-    device: Optional[str] = None,
-    workers: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: Optional[ProgressFn] = None,
-) -> FinetuneResult:
-    """Fine-tune a converted model (a timm name is converted with ``recipe`` first) on ``data``
-    and write checkpoints, state, metrics and curves into ``output``. Options left ``None`` take
-    their defaults (see ``train.options``), or on ``resume`` the stored run's values; every number
-    is checked (finite, in range) before any work. ``force`` applies a ``recipe`` whose ``models``
-    patterns do not name the model. A non-finite training loss (or model) stops the run with an
-    error naming the epoch and step; the files of the last finished epoch are kept.
-    Under torchrun this runs DistributedDataParallel; only rank 0 writes."""
-    out = Path(output)
-    ctx = D.setup(device)
-    try:
-        return _run(model, data, out, ctx, locals(), progress)
-    finally:
-        ctx.close()
+@dataclass
+class _Parts:
+    """The model as trained (``net``), as called (``runner``: DDP and/or compiled) and what
+    trains it."""
+
+    net: nn.Module
+    runner: nn.Module
+    amp: bool
+    mem: Any
+    ema: Optional[Any] = None
 
 
-def _run(spec, data, out: Path, ctx: D.DistContext, args: dict, progress) -> FinetuneResult:
-    given = RunOptions(
-        model=None if isinstance(spec, nn.Module) else str(spec), data=str(data),
-        **{k: args[k] for k in ("recipe", "num_classes", "checkpoint", "checkpoint_key", "model_kwargs", "epochs",
-                                "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
-                                "label_smoothing", "input_size", "subset", "augment", "train",
-                                "seed", "force")})
-    check_workers(args["workers"])
-    state = None
-    if args["resume"]:
-        state = O.load_state(out)
-        opts = resolve(given, state["options"], world=ctx.world)
-    else:
-        if (out / O.STATE_FILE).exists() and not args["overwrite"]:
-            raise CheckpointError(
-                f"{out} already holds a run ({O.STATE_FILE}); continue it with --resume, or "
-                f"choose another --output, or pass --overwrite to start over there"
-            )
-        opts = resolve(given, world=ctx.world)
-    if ctx.is_main:
-        _check_output_dir(out)
-    else:
-        progress = None
+def _fresh_partial() -> dict[str, float]:
+    return {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0, "lr_sum": 0.0,
+            "updates": 0.0}
 
-    torch.manual_seed(opts.seed)
-    np.random.seed(opts.seed % 2**32)
-    ds = open_source(opts.data)
-    if state is not None:
-        from ..checkpoint import load_converted
 
-        # a model given as a module is resumed as that module (e.g. a study's no-SBN or no-BN
-        # arm, which load_converted cannot rebuild); a name is rebuilt from last.safetensors
-        net = spec if isinstance(spec, nn.Module) else load_converted(out / O.LAST_FILE)
-        net.load_state_dict(state["model"])
-        net, data_config = build_model(net, opts, ds, progress)
-    else:
-        net, data_config = build_model(spec, opts, ds, progress)
-    train_loader, val_loader, _ = build_loaders(
-        ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
-        workers=args["workers"], distributed=ctx.distributed, augment=opts.augment)
-
-    dev = ctx.device
-    amp = args["amp"] if args["amp"] is not None else dev.type == "cuda"
-    mem = torch.channels_last if args["channels_last"] else torch.contiguous_format
-    net = net.to(device=dev, memory_format=mem)
-    if args["sync_stats"] and ctx.distributed:
-        net = D.to_sync_batchnorm(net, dev)
-    select_trainable(net, opts.train)
-    optim = make_optimizer(net, opts)
-    sched = make_scheduler(optim, opts, len(train_loader))
-    scaler = torch.amp.GradScaler(dev.type, enabled=False)  # bf16 needs no loss scaling
-    runner: nn.Module = net
-    if ctx.distributed:
-        runner = nn.parallel.DistributedDataParallel(
-            net, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
-    if args["compile"]:
-        runner = torch.compile(runner)
-
-    run = _Run(opts, ctx, out, net, runner, optim, sched, scaler, train_loader, val_loader,
-               amp, mem, progress)
-    if state is not None:
-        run.load(state)
-    run.loop()
-    return run.result()
+def _cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
 def _all_finite(net: nn.Module) -> bool:
@@ -212,42 +118,35 @@ def _all_finite(net: nn.Module) -> bool:
     return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
-def _check_output_dir(out: Path) -> None:
-    """Create --output now and prove it takes a file: not after minutes of model building."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sbn-surgery-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise CheckpointError(
-            f"--output {out} cannot hold the run's files ({exc.strerror or exc}); give a "
-            "directory you can write to"
-        ) from None
-
-
 class _Run:
-    def __init__(self, opts: RunOptions, ctx: D.DistContext, out: Path, net: nn.Module,
-                 runner: nn.Module, optim, sched, scaler, train_loader, val_loader, amp: bool,
-                 mem, progress) -> None:
+    def __init__(self, opts: RunOptions, ctx: D.DistContext, out: Path, parts: _Parts,
+                 train_loader, val_loader, progress) -> None:
         self.opts, self.ctx, self.out = opts, ctx, out
-        self.net, self.runner = net, runner
-        self.optim, self.sched, self.scaler = optim, sched, scaler
+        self.net, self.runner, self.ema = parts.net, parts.runner, parts.ema
+        self.amp, self.mem, self.progress = parts.amp, parts.mem, progress
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.amp, self.mem, self.progress = amp, mem, progress
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
+        self.accum = opts.grad_accum_steps
+        self.updates_per_epoch = max(1, math.ceil(len(train_loader) / self.accum))
+        self.optim = make_optimizer(self.net, opts)
+        self.sched, self.total_epochs = make_scheduler(self.optim, opts, self.updates_per_epoch)
+        classes = int(getattr(self.net, "num_classes", 0) or train_loader.dataset.num_classes)
+        self.mixup = make_mixup(opts, classes)
+        self.criterion = make_criterion(opts, self.mixup)
         self.epoch, self.step = 0, 0
-        self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+        self.partial = _fresh_partial()
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch = -1.0, 0
         self.rng: Optional[dict] = None
         self.stop: Optional[_StopFlag] = None
 
     # ------------------------------------------------------------------ state
-    def load(self, state: dict[str, Any]) -> None:
+    def load(self, state: dict[str, Any], extended: bool = False) -> None:
+        """Continue ``state``. The optimizer holds the learning rate of the next step; a timm
+        schedule is a function of the update count (plateau's counters are restored)."""
         self.optim.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scheduler_state(self.sched, state.get("scheduler") or {})
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
@@ -259,9 +158,11 @@ class _Run:
                 f"{self.ctx.world}; resume it with the same number of processes (the learning-"
                 "rate schedule and each process's share of the data depend on it)"
             )
+        if extended:  # the lr of the next step follows the recomputed schedule
+            self._schedule_update(self.epoch * self.updates_per_epoch)
         if self.step > 0:
             mine = ranks[self.ctx.rank]
-            self.partial = dict(mine["partial"])
+            self.partial = {**_fresh_partial(), **mine["partial"]}
             self.rng = mine["rng"]
             if mine.get("buffers") is not None:  # this rank's own running statistics
                 with torch.no_grad():
@@ -272,9 +173,9 @@ class _Run:
         return {
             "options": self.opts.to_dict(), "world": self.ctx.world,
             "epoch": self.epoch, "step": self.step,
-            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "model": _cpu_state(self.net),
+            "ema": None if self.ema is None else _cpu_state(self.ema.module),
+            "optimizer": self.optim.state_dict(), "scheduler": scheduler_state(self.sched),
             "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "ranks": ranks,
         }
@@ -302,7 +203,7 @@ class _Run:
         with _StopFlag() as stop:
             self.stop = stop
             try:
-                while self.epoch < self.opts.epochs:
+                while self.epoch < self.total_epochs:
                     self._train_epoch(stop)
                     self._end_epoch()
             except _Interrupt:
@@ -321,34 +222,33 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
 
-    def _train_epoch(self, stop: _StopFlag) -> None:
-        e, loader = self.epoch, self.train_loader
+    def _begin_epoch(self) -> None:
+        e = self.epoch
         if self.step == 0:
             torch.manual_seed(seed_of(self.opts.seed, e, self.ctx.rank))
-            self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+            np.random.seed(seed_of(self.opts.seed, e, self.ctx.rank) % 2**32)  # timm's Mixup
+            self.partial = _fresh_partial()
         elif self.rng is not None:
             O.restore_rng(self.rng)
             self.rng = None
         self.runner.train()
-        total = len(loader)
-        desc = f"epoch {e + 1}/{self.opts.epochs}"
-        dev = self.ctx.device
+
+    def _train_epoch(self, stop: _StopFlag) -> None:
+        self._begin_epoch()
+        loader, total, dev = self.train_loader, len(self.train_loader), self.ctx.device
+        desc = f"epoch {self.epoch + 1}/{self.total_epochs}"
         p = self.partial
         if self.progress:
             self.progress(desc, self.step, total, info=self._info())
+        bad = None
         t0 = time.perf_counter()  # images/s counts loading and the step, not the progress bar
-        for x, y in loader.iter_epoch(e, start=self.step):
+        for x, y in loader.iter_epoch(self.epoch, start=self.step):
             x = x.to(dev, non_blocking=True).contiguous(memory_format=self.mem)
             y = y.to(dev, non_blocking=True)
-            with self._autocast():
-                logits = self.runner(x)
-                loss = self.criterion(logits.float(), y)
-            self.optim.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optim)
-            self.scaler.update()
-            self.sched.step()
-            value = loss.item()  # read for the metrics anyway: the finiteness check costs no sync
+            update = (self.step + 1) % self.accum == 0 or self.step + 1 == total
+            logits, y, value = self._forward_backward(x, y, update, total)
+            if update:
+                self._optimizer_step()
             p["loss_sum"] += value * y.numel()
             p["correct"] += (logits.argmax(1) == y).sum().item()
             p["seen"] += y.numel()
@@ -356,13 +256,49 @@ class _Run:
             self.step += 1
             if self.progress:
                 self.progress(desc, self.step, total, info=self._info())
-            bad = not math.isfinite(value)
-            if D.any_rank(stop.set or bad, self.ctx):  # one agreement a step, as before
-                if D.any_rank(bad, self.ctx):
-                    raise self._diverged(f"the training loss is {value} at step {self.step} of "
-                                         f"{total}")
+            if not math.isfinite(value) and bad is None:
+                bad = f"the training loss is {value} at step {self.step} of {total}"
+            # ranks agree once an optimizer step: stop (or fail) only between updates
+            if update and D.any_rank(stop.set or bad is not None, self.ctx):
+                if D.any_rank(bad is not None, self.ctx):
+                    raise self._diverged(bad or "the training loss is not finite on another "
+                                         "process")
                 raise _Interrupt
             t0 = time.perf_counter()
+
+    def _forward_backward(self, x, y, update: bool, total: int):
+        """One batch's loss and gradients (added up over --grad-accum-steps batches). With
+        mixup, a batch of odd size leaves out its last image (timm's Mixup pairs images)."""
+        if self.mixup is not None:
+            if len(x) % 2:
+                x, y = x[:-1], y[:-1]
+            x, target = self.mixup(x, y)
+        else:
+            target = y
+        group = self.step // self.accum
+        size = min(self.accum, total - group * self.accum)  # the last group may be shorter
+        sync = update or not isinstance(self.runner, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else self.runner.no_sync():
+            with self._autocast():
+                logits = self.runner(x)
+                loss = self.criterion(logits.float(), target)
+            (loss / size).backward()
+        return logits.detach(), y, loss.item()
+
+    def _optimizer_step(self) -> None:
+        clip_gradients([q for q in self.net.parameters() if q.requires_grad], self.opts)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        updates = self.epoch * self.updates_per_epoch + math.ceil((self.step + 1) / self.accum)
+        if self.ema is not None:
+            self.ema.update(self.net, step=updates)
+        self.partial["lr_sum"] += self.optim.param_groups[0]["lr"]
+        self.partial["updates"] += 1
+        self._schedule_update(updates)
+
+    def _schedule_update(self, updates: int) -> None:
+        if updates_on_steps(self.opts):
+            self.sched.step_update(num_updates=updates)
 
     def _diverged(self, what: str) -> SbnSurgeryError:
         """The error that stops a run whose model went non-finite. Nothing of this epoch is
@@ -388,16 +324,33 @@ class _Run:
                                                    self.ctx)
         train_time = max(D.all_reduce_sum([p["time"]], self.ctx)[0] / self.ctx.world, 1e-9)
         D.average_running_stats(self.net, self.ctx)
+        if self.ema is not None:
+            D.average_running_stats(self.ema.module, self.ctx)
         if not _all_finite(self.net):  # one sync an epoch: never validate or save a NaN model
             raise self._diverged("the weights or running statistics are no longer finite")
-        val_loss, top1, top5 = self._evaluate()
         row = {"epoch": self.epoch + 1, "loss": loss_sum / max(seen, 1),
-               "train_top1": correct / max(seen, 1), "val_loss": val_loss, "top1": top1,
-               "top5": top5, "images_per_s": seen / train_time, "lr": self.optim.param_groups[0]["lr"],
-               "images": int(seen), "train_time_s": train_time}
+               "train_top1": correct / max(seen, 1)}
+        row["val_loss"], row["top1"], row["top5"] = self._evaluate(self.net)
+        if self.ema is not None:
+            row["ema_val_loss"], row["ema_top1"], row["ema_top5"] = self._evaluate(
+                self.ema.module, "ema val")
+        row.update({"images_per_s": seen / train_time,
+                    "lr": p["lr_sum"] / max(p["updates"], 1), "images": int(seen),
+                    "train_time_s": train_time, "schedule_epochs": self.total_epochs})
+        self._finish_epoch(row)
+
+    def _finish_epoch(self, row: dict[str, Any]) -> None:
+        by_ema = self.opts.best_by == "ema"
+        top1 = row["ema_top1"] if by_ema else row["top1"]
         improved = top1 > self.best_top1
-        if improved and self.ctx.is_main:
-            O.save_checkpoint(self.net, self.out / O.BEST_FILE)
+        if self.ctx.is_main:
+            if self.ema is not None:
+                O.save_checkpoint(self.ema.module, self.out / O.EMA_FILE)
+            if improved:
+                O.save_checkpoint(self.ema.module if by_ema else self.net,
+                                  self.out / O.BEST_FILE)
+        if self.opts.sched == "plateau" or not updates_on_steps(self.opts):
+            self.sched.step(self.epoch + 1, top1)
         # The epoch counts as done only from here: a second Ctrl-C above leaves the state at the
         # end of its training, so resume validates it again and best.safetensors matches.
         self.history.append(row)
@@ -408,22 +361,23 @@ class _Run:
         if self.ctx.is_main:
             self.save([])
             O.write_metrics(self.out / O.METRICS_FILE, self.history)
+            O.write_summary(self.out / O.SUMMARY_FILE, self.history)
             O.plot_curves(self.out / O.CURVES_FILE, self.history, self._title())
 
     def _title(self) -> str:
         meta = getattr(self.net, "sbn_meta", {}) or {}
         return f"{meta.get('model_name', 'model')} + SBN ({meta.get('recipe_name', '?')}) on {self.opts.data}"
 
-    def _evaluate(self) -> tuple[float, float, Optional[float]]:
+    def _evaluate(self, net: nn.Module, what: str = "val") -> tuple[float, float, Optional[float]]:
         """Validation loss, top-1 and top-5 (None with 5 classes or fewer, where it is 1)."""
-        net, loader, dev = self.net, self.val_loader, self.ctx.device
+        loader, dev = self.val_loader, self.ctx.device
         was = net.training
         net.eval()
         classes = int(getattr(net, "num_classes", 0) or 0)
         k = 5 if classes > 5 else 1
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, top1, top5, count
         total = len(loader)
-        desc = f"val {self.epoch + 1}/{self.opts.epochs}"
+        desc = f"{what} {self.epoch + 1}/{self.total_epochs}"
         try:
             with torch.no_grad():
                 for i, (x, y) in enumerate(loader.iter_epoch(0)):

@@ -5,18 +5,15 @@
   The classifier is reset (timm ``reset_classifier``) when its class count differs from the data.
 * ``--train all|norm|sbn``: which parameters train. The classifier always trains: after a head
   reset it is random, and a frozen random head cannot learn anything.
-* Optimizer SGD (momentum 0.9, Nesterov) or AdamW; weight decay only on weights of rank >= 2
-  (never on biases and norm parameters, as timm does). Learning rate per step: linear warmup from
-  0, then cosine decay to 0 at the last step.
+* ``--drop``/``--drop-path`` are timm's ``drop_rate``/``drop_path_rate``, given to
+  ``create_model`` when a timm name is built (and stored with the converted model's arguments).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
 from torch import nn
 
 from ..data import Dataset, calibration_batches, data_config_for, default_input_size
@@ -56,6 +53,20 @@ def _input_size(opts: RunOptions, ds: Dataset, model: nn.Module, in_chans: int,
     return default_input_size(ds, input_size_of(model), in_chans)
 
 
+def model_kwargs_of(model_kwargs: Optional[dict], drop: Optional[float],
+                    drop_path: Optional[float]) -> dict[str, Any]:
+    """timm create_model arguments: --model-kwargs plus --drop and --drop-path."""
+    kwargs = dict(model_kwargs or {})
+    for name, key, value in (("drop", "drop_rate", drop), ("drop_path", "drop_path_rate",
+                                                           drop_path)):
+        if value is not None:
+            if key in kwargs and kwargs[key] != value:
+                raise SbnSurgeryError(f"--model-kwargs {key}={kwargs[key]} and --"
+                                      f"{name.replace('_', '-')} {value} disagree; give one")
+            kwargs[key] = value
+    return kwargs
+
+
 def is_checkpoint_path(spec: Union[str, Path]) -> bool:
     s = str(spec)
     return s.endswith(".safetensors") or Path(s).is_file()
@@ -86,7 +97,9 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         given = [name for name, value in (("--recipe", opts.recipe),
                                           ("--checkpoint", opts.checkpoint),
                                           ("--checkpoint-key", opts.checkpoint_key),
-                                          ("--model-kwargs", opts.model_kwargs)) if value]
+                                          ("--model-kwargs", opts.model_kwargs),
+                                          ("--drop", opts.drop),
+                                          ("--drop-path", opts.drop_path)) if value]
         if given:
             raise SbnSurgeryError(f"{spec} is already converted: {', '.join(given)} appl"
                                   f"{'ies' if len(given) == 1 else 'y'} to a timm model name "
@@ -96,7 +109,7 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         in_chans = _in_chans(meta.get("model_kwargs"))
         size = _input_size(opts, ds, model, in_chans, meta)
     else:
-        kwargs = dict(opts.model_kwargs or {})
+        kwargs = model_kwargs_of(opts.model_kwargs, opts.drop, opts.drop_path)
         in_chans = _in_chans(kwargs)
         n_cls = opts.num_classes or ds.num_classes
         probe = create_model(str(spec), num_classes=n_cls, model_kwargs=kwargs)
@@ -159,33 +172,6 @@ def select_trainable(model: nn.Module, mode: str) -> int:
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def make_optimizer(model: nn.Module, opts: RunOptions) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": opts.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if opts.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=opts.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=opts.lr)
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, opts: RunOptions,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    total = opts.epochs * steps_per_epoch
-    warmup = int(round(opts.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

@@ -1,10 +1,14 @@
 """What a fine-tuning run writes into its output directory, always atomically.
 
 * ``last.safetensors`` / ``best.safetensors``: converted checkpoints (``save_converted``).
-* ``state.pt``: what ``--resume`` needs besides the weights: optimizer, scheduler, scaler, epoch
+* ``state.pt``: what ``--resume`` needs besides the weights: optimizer, scheduler, EMA, epoch
   and batch, RNG states, history, best metric and the run's options. Only tensors, containers
   and primitives, so ``torch.load(weights_only=True)`` reads it.
 * ``metrics.jsonl``: one JSON line per finished epoch.
+* ``summary.csv``: the same epochs in the columns timm's ``train.py`` writes (``epoch`` from 0,
+  ``train_loss``, ``eval_loss``, ``eval_top1``, ``eval_top5`` in percent, ``lr``: the epoch's
+  mean), so tools that read timm runs read these.
+* ``args.yaml``: the run's fully resolved options; ``finetune --config args.yaml`` repeats it.
 * ``curves.png``: loss and accuracy against epoch.
 
 Every file is written to a temporary file in the same directory and moved into place with
@@ -32,8 +36,11 @@ STATE_FILE = "state.pt"
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.csv"
+ARGS_FILE = "args.yaml"
+EMA_FILE = "ema.safetensors"
 CURVES_FILE = "curves.png"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: timm optimizer and scheduler, EMA; no AMP scaler
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
@@ -84,7 +91,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 #: written before it was kept).
 _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "options": (dict,), "epoch": (int,), "step": (int,), "model": (dict,), "optimizer": (dict,),
-    "scheduler": (dict,), "scaler": (dict,), "history": (list,), "best_top1": (float, int),
+    "scheduler": (dict,), "history": (list,), "best_top1": (float, int),
     "best_epoch": (int,), "ranks": (list,),
 }
 
@@ -101,8 +108,13 @@ def _state_problem(state: dict[str, Any]) -> Optional[str]:
         return f"'world' is a {type(state['world']).__name__}, not an int"
     if state["epoch"] < 0 or state["step"] < 0:
         return f"epoch {state['epoch']} and step {state['step']} must not be negative"
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
-        return "'model' is not a state dict of tensors"
+    for key in ("model", "ema"):
+        weights = state.get(key)
+        if key == "ema" and weights is None:
+            continue
+        if not isinstance(weights, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+            return f"{key!r} is not a state dict of tensors"
     if not all(isinstance(row, dict) for row in state["history"]):
         return "'history' is not a list of epoch records"
     for i, rank in enumerate(state["ranks"]):
@@ -169,6 +181,41 @@ def load_state(out_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(row, sort_keys=False) + "\n" for row in history)
+    atomic_write_bytes(path, text.encode())
+
+
+#: timm train.py's summary.csv columns, and the metrics.jsonl key (and scale) of each.
+SUMMARY_COLUMNS = (("epoch", "epoch", 1), ("train_loss", "loss", 1),
+                   ("eval_loss", "val_loss", 1), ("eval_top1", "top1", 100),
+                   ("eval_top5", "top5", 100), ("lr", "lr", 1))
+
+
+def write_summary(path: Path, history: list[dict[str, Any]]) -> None:
+    """summary.csv in timm's columns: epochs from 0, accuracies in percent. With 5 classes or
+    fewer top-5 is top-all, 100 (as timm's ``accuracy`` with ``topk=(1, min(5, classes))``)."""
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([name for name, _, _ in SUMMARY_COLUMNS])
+    for row in history:
+        values = []
+        for name, key, scale in SUMMARY_COLUMNS:
+            value = row.get(key)
+            if name == "epoch":
+                value = int(value) - 1
+            elif name == "eval_top5" and value is None:
+                value = 1.0
+            values.append(value * scale if name != "epoch" else value)
+        writer.writerow(values)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_args(path: Path, options: dict[str, Any]) -> None:
+    """args.yaml: every option of the run, resolved (``finetune --config`` reads it back)."""
+    import yaml
+
+    text = yaml.safe_dump(options, sort_keys=False, default_flow_style=None)
     atomic_write_bytes(path, text.encode())
 
 

@@ -1,0 +1,184 @@
+"""Setting a run up: options resolved, the model, data and its parts built, then the loop.
+
+``finetune`` is the one entry point (the CLI's ``finetune`` and ``study`` call it); what happens
+epoch by epoch is :mod:`.loop`'s.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import build_loaders, open_source
+from ..errors import CheckpointError, SbnSurgeryError
+from ..progress import ProgressFn
+from . import distributed as D
+from . import outputs as O
+from .loop import FinetuneResult, _Parts, _Run
+from .model import build_model, select_trainable
+from .optim import make_ema
+from .options import RunOptions, read_config, resolve
+
+
+def finetune(
+    model: Union[str, Path, nn.Module, None] = None,
+    data: Union[str, Path, None] = None,
+    *,
+    output: Union[str, Path] = "runs/finetune",
+    config: Union[str, Path, None] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Optional[ProgressFn] = None,
+    notify: Optional[Callable[[str], None]] = None,
+    **options: Any,
+) -> FinetuneResult:
+    """Fine-tune a converted model (a timm name is converted with ``recipe`` first) on ``data``
+    and write checkpoints, state, metrics, ``summary.csv``, ``args.yaml`` and curves into
+    ``output``. ``options``: the fields of :class:`~sbn_surgery.train.options.RunOptions` (timm
+    train.py's names: ``opt``, ``sched``, ``model_ema``, ``mixup``, ``aa``, ...). Options left
+    out take, in this order, the stored run's values on ``resume``, ``config``'s (a YAML file,
+    e.g. an earlier run's ``args.yaml``), or their defaults; every value is checked before any
+    work. ``resume`` with a larger ``epochs`` extends a finished run (the schedule is recomputed
+    for the new total; ``notify`` gets one line saying so). A non-finite training loss (or
+    model) stops the run with an error naming the epoch and step; the files of the last
+    finished epoch are kept. Under torchrun this runs DistributedDataParallel; only rank 0
+    writes."""
+    from .options import ALIASES, FIELDS
+
+    unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
+    if unknown:
+        raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
+    out = Path(output)
+    ctx = D.setup(options.get("device") or _config_device(config))
+    try:
+        return _run(model, data, out, ctx, options, config,
+                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=notify))
+    finally:
+        ctx.close()
+
+
+def _config_device(config: Union[str, Path, None]) -> Optional[str]:
+    return read_config(config).get("device") if config else None
+
+
+def _signature() -> inspect.Signature:
+    """finetune's signature with every option as a keyword (for help() and editors)."""
+    from .options import FIELDS
+
+    base = inspect.signature(finetune)
+    params = [p for p in base.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=f.annotation)
+               for name, f in FIELDS.items() if name not in ("model", "data")]
+    return base.replace(parameters=params)
+
+
+finetune.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+def _resolve(spec, data, out: Path, ctx: D.DistContext, options: dict, config, how: dict):
+    """(options, stored state or None, whether --epochs extends the stored run)."""
+    given = dict(options)
+    if spec is not None and not isinstance(spec, nn.Module):
+        given["model"] = str(spec)
+    if data is not None:
+        given["data"] = str(data)
+    cfg = read_config(config) if config else None
+    state, extended = None, False
+    if how["resume"]:
+        state = O.load_state(out)
+        opts = resolve(given, state["options"], world=ctx.world, config=cfg)
+        extended = opts.epochs > int(state["options"].get("epochs") or opts.epochs)
+    else:
+        if (out / O.STATE_FILE).exists() and not how["overwrite"]:
+            raise CheckpointError(
+                f"{out} already holds a run ({O.STATE_FILE}); continue it with --resume, or "
+                f"choose another --output, or pass --overwrite to start over there"
+            )
+        opts = resolve(given, world=ctx.world, config=cfg)
+    if opts.data is None:
+        raise SbnSurgeryError("no --data: give the data source (e.g. --data digits), or a "
+                              "--config file that names it")
+    if opts.model is None and not isinstance(spec, nn.Module):
+        raise SbnSurgeryError("no MODEL: give a timm model name or a converted checkpoint, or a "
+                              "--config file that names it")
+    return opts, state, extended
+
+
+def _data_kwargs(opts: RunOptions) -> dict[str, Any]:
+    """The --dataset/--train-split/--val-split given (only those: the defaults are the data
+    layer's)."""
+    return {k: getattr(opts, k) for k in ("dataset", "train_split", "val_split")
+            if getattr(opts, k) is not None}
+
+
+def _run(spec, data, out: Path, ctx: D.DistContext, options: dict, config,
+         how: dict) -> FinetuneResult:
+    opts, state, extended = _resolve(spec, data, out, ctx, options, config, how)
+    progress = how["progress"] if ctx.is_main else None
+    if ctx.is_main:
+        _check_output_dir(out)
+        if extended and how["notify"] is not None:
+            how["notify"](f"extending the run in {out} from {state['options']['epochs']} to "
+                          f"{opts.epochs} epochs: the learning-rate schedule is recomputed for "
+                          f"the new total (recorded as schedule_epochs in {O.METRICS_FILE})")
+    torch.manual_seed(opts.seed)
+    np.random.seed(opts.seed % 2**32)
+    ds = open_source(opts.data, **_data_kwargs(opts))
+    net = spec if isinstance(spec, nn.Module) else opts.model
+    if state is not None:
+        from ..checkpoint import load_converted
+
+        # a model given as a module is resumed as that module (e.g. a study's no-SBN or no-BN
+        # arm, which load_converted cannot rebuild); a name is rebuilt from last.safetensors
+        net = net if isinstance(net, nn.Module) else load_converted(out / O.LAST_FILE)
+        net.load_state_dict(state["model"])
+    net, data_config = build_model(net, opts, ds, progress)
+    extra = {k: v for k, v in (("aa", opts.aa), ("reprob", opts.reprob)) if v}
+    train_loader, val_loader, _ = build_loaders(
+        ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
+        workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, **extra)
+    run = _Run(opts, ctx, out, _prepare(net, opts, ctx), train_loader, val_loader, progress)
+    if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
+        O.write_args(out / O.ARGS_FILE, opts.to_dict())
+    if state is not None:
+        run.load(state, extended)
+    run.loop()
+    return run.result()
+
+
+def _prepare(net: nn.Module, opts: RunOptions, ctx: D.DistContext) -> _Parts:
+    dev = ctx.device
+    amp = opts.amp if opts.amp is not None else dev.type == "cuda"
+    mem = torch.channels_last if opts.channels_last else torch.contiguous_format
+    net = net.to(device=dev, memory_format=mem)
+    if opts.sync_stats and ctx.distributed:
+        net = D.to_sync_batchnorm(net, dev)
+    select_trainable(net, opts.train)
+    ema = make_ema(net, opts)
+    runner: nn.Module = net
+    if ctx.distributed:
+        runner = nn.parallel.DistributedDataParallel(
+            net, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
+    if opts.compile:
+        runner = torch.compile(runner)
+    return _Parts(net, runner, amp, mem, ema)
+
+
+def _check_output_dir(out: Path) -> None:
+    """Create --output now and prove it takes a file: not after minutes of model building."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sbn-surgery-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"--output {out} cannot hold the run's files ({exc.strerror or exc}); give a "
+            "directory you can write to"
+        ) from None

@@ -1,0 +1,240 @@
+"""finetune in timm train.py's terms: optimizers, schedulers, EMA, mixup, accumulation,
+clipping, --config/args.yaml, extending a finished run, summary.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sbn_surgery.errors import SbnSurgeryError
+from sbn_surgery.train import TrainingInterrupted, finetune
+from sbn_surgery.train.options import read_config, resolve
+
+TINY = dict(subset=64, batch_size=16, input_size=(3, 32, 32), recipe="resnet", workers=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _stop_at(description: str, step: int):
+    def progress(desc, completed, total, info=""):
+        if desc == description and completed == step:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def _rows(result, keys=("loss", "val_loss", "top1", "lr", "ema_val_loss", "ema_top1")):
+    return [[r.get(k) for k in keys] for r in result.history]
+
+
+def _same_run(a, b) -> None:
+    for ra, rb in zip(_rows(a), _rows(b), strict=True):
+        for x, y in zip(ra, rb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x == pytest.approx(y, rel=1e-5, abs=1e-7)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+CASES = {
+    "sgd-cosine": dict(opt="sgd", sched="cosine"),
+    "adamw-cosine-ema": dict(opt="adamw", sched="cosine", model_ema=True, model_ema_decay=0.5),
+    "lamb-mixup-accum-clip": dict(opt="lamb", sched="cosine", mixup=0.4, cutmix=1.0,
+                                  grad_accum_steps=2, clip_grad=1.0),
+    "lion-cosine": dict(opt="lion", sched="cosine"),
+    "sgd-step": dict(opt="sgd", sched="step", decay_epochs=1, decay_rate=0.5),
+    "sgd-plateau": dict(opt="sgd", sched="plateau", patience_epochs=1, decay_rate=0.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_timm_optimizers_and_schedules_train_and_resume_exactly(tmp_path, case):
+    opts = dict(TINY, epochs=2, **CASES[case])
+    ref = finetune("resnet10t", "synthetic", output=tmp_path / "ref", **opts)
+    assert len(ref.history) == 2 and all(math.isfinite(r["loss"]) for r in ref.history)
+    with pytest.raises(TrainingInterrupted):
+        finetune("resnet10t", "synthetic", output=tmp_path / "cut", progress=_stop_at(
+            "epoch 1/2", 2), **opts)
+    resumed = finetune("resnet10t", "synthetic", output=tmp_path / "cut", resume=True)
+    _same_run(resumed, ref)
+
+
+def test_step_schedule_is_timms(tmp_path):
+    """--sched step --decay-epochs 1 --decay-rate 0.5, per epoch: the lr of epoch 2 is half of
+    epoch 1's (no warmup), as timm's StepLRScheduler sets it."""
+    r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, sched="step",
+                 decay_epochs=1, decay_rate=0.5, warmup_epochs=0, sched_on_updates=False,
+                 lr=0.02, **TINY)
+    assert [row["lr"] for row in r.history] == pytest.approx([0.02, 0.01], rel=1e-12)
+
+
+def test_weight_decay_skips_norm_bias_and_sbn_parameters():
+    from sbn_surgery import SpectralBatchNorm2d, convert
+    from sbn_surgery.train.optim import make_optimizer
+
+    net, _ = convert("resnet10t", "resnet", num_classes=4, input_size=(3, 32, 32))
+    opts = resolve(dict(data="synthetic", opt="adamw", weight_decay=0.1))
+    groups = make_optimizer(net, opts).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed and all(g["weight_decay"] in (0.0, 0.1) for g in groups)
+    sbn = 0
+    for mod in net.modules():
+        for p in mod.parameters(recurse=False):
+            norm = isinstance(mod, (torch.nn.BatchNorm2d, SpectralBatchNorm2d))
+            sbn += isinstance(mod, SpectralBatchNorm2d)
+            assert (id(p) in decayed) == (p.ndim >= 2 and not norm), type(mod).__name__
+    assert sbn >= 4  # gamma and beta of at least two SBN layers were looked at
+
+
+def test_ema_is_evaluated_saved_and_can_pick_the_best(tmp_path):
+    from sbn_surgery.checkpoint import load_converted
+
+    r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, model_ema=True,
+                 model_ema_decay=0.9, **TINY)
+    for row in r.history:
+        assert row["ema_val_loss"] != pytest.approx(row["val_loss"], rel=1e-4)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    ema = load_converted(tmp_path / "ema.safetensors").state_dict()
+    last = load_converted(tmp_path / "last.safetensors").state_dict()
+    assert all(torch.equal(ema[k], state["ema"][k]) for k in ema)
+    assert any(not torch.equal(ema[k], last[k]) for k in ema if ema[k].is_floating_point())
+    # EMA is the default --best-by with --model-ema: best.safetensors holds the EMA weights
+    best_epoch = max(range(2), key=lambda i: r.history[i]["ema_top1"])
+    assert r.best_top1 == r.history[best_epoch]["ema_top1"]
+    if best_epoch == 1:
+        best = load_converted(tmp_path / "best.safetensors").state_dict()
+        assert all(torch.equal(best[k], ema[k]) for k in ema)
+
+
+def test_mixup_and_cutmix_make_soft_targets():
+    from sbn_surgery.train.optim import make_criterion, make_mixup
+
+    opts = resolve(dict(data="synthetic", mixup=0.8, cutmix=1.0, smoothing=0.1))
+    mix = make_mixup(opts, num_classes=10)
+    np.random.seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.arange(8)
+    mixed, target = mix(x.clone(), y)
+    assert target.shape == (8, 10) and torch.allclose(target.sum(1), torch.ones(8))
+    assert not torch.equal(mixed, x)
+    hard = torch.nn.functional.one_hot(y, 10).float()
+    assert (target - hard).abs().max() > 0.1  # more than the smoothing's 0.1 / 10
+    assert type(make_criterion(opts, mix)).__name__ == "SoftTargetCrossEntropy"
+    assert make_mixup(resolve(dict(data="synthetic")), 10) is None
+
+
+def test_grad_accumulation_counts_optimizer_steps(tmp_path):
+    finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, opt="adamw",
+             grad_accum_steps=3, **TINY)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    batches = 64 // 16  # --subset 64: 64 training images, 16 a batch
+    assert steps == {math.ceil(batches / 3)} == {2}
+
+
+def test_clip_grad_bounds_the_norm():
+    from sbn_surgery.train.optim import clip_gradients
+
+    w = torch.nn.Parameter(torch.ones(10))
+    w.grad = torch.full((10,), 5.0)
+    clip_gradients([w], resolve(dict(data="synthetic", clip_grad=1.0)))
+    assert float(w.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+    w.grad = torch.full((10,), 5.0)
+    clip_gradients([w], resolve(dict(data="synthetic", clip_grad=0.5, clip_mode="value")))
+    assert float(w.grad.max()) == pytest.approx(0.5)
+
+
+def test_drop_path_reaches_the_model_and_its_checkpoint(tmp_path):
+    from timm.layers import DropPath
+
+    from sbn_surgery.checkpoint import load_converted
+
+    r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, drop_path=0.2, drop=0.3,
+                 **TINY)
+    probs = [m.drop_prob for m in r.model.modules() if isinstance(m, DropPath)]
+    assert probs and max(probs) == pytest.approx(0.2)
+    again = load_converted(tmp_path / "last.safetensors")
+    assert any(isinstance(m, DropPath) for m in again.modules())
+    assert again.drop_rate == pytest.approx(0.3)
+    with pytest.raises(SbnSurgeryError, match="--drop-path applies to a timm model name only"):
+        finetune(tmp_path / "last.safetensors", "synthetic", output=tmp_path / "x",
+                 drop_path=0.1, **{k: v for k, v in TINY.items() if k != "recipe"})
+
+
+def test_args_yaml_round_trips_and_repeats_the_run(tmp_path, run_cli):
+    out = tmp_path / "a"
+    res = run_cli("finetune", "resnet10t", "-d", "synthetic", "-o", out, "--epochs", "1",
+                  "--subset", "64", "-b", "16", "--input-size", "3", "32", "32", "--opt",
+                  "adamw", "--opt-betas", "0.9,0.99", "--model-ema", "--workers", "0", "--json")
+    assert res.code == 0, res.stderr
+    args = read_config(out / "args.yaml")
+    assert args["opt"] == "adamw" and args["opt_betas"] == [0.9, 0.99] and args["model_ema"]
+    assert args["model"] == "resnet10t" and args["lr"] == pytest.approx(4e-3 * 16 / 256)
+    again_resolved = resolve({}, config=args).to_dict()  # fully resolved: nothing left to fill
+    assert {k: v for k, v in again_resolved.items() if v is not None} == args
+    again = tmp_path / "b"
+    res = run_cli("finetune", "--config", out / "args.yaml", "-o", again, "--json")
+    assert res.code == 0, res.stderr
+    first, second = (json.loads((d / "metrics.jsonl").read_text().splitlines()[0])
+                     for d in (out, again))
+    assert first["val_loss"] == pytest.approx(second["val_loss"], rel=1e-6)
+    assert read_config(again / "args.yaml") == args
+    # a flag given on the command line wins over the file
+    res = run_cli("finetune", "--config", out / "args.yaml", "-o", tmp_path / "c", "--epochs",
+                  "2", "--json")
+    assert res.code == 0 and json.loads(res.stdout)["epochs"] == 2
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("opt: adamw\nlr: fast\n")
+    with pytest.raises(SbnSurgeryError, match="run.yaml: --lr must be a number"):
+        read_config(bad)
+    bad.write_text("optt: adamw\n")
+    with pytest.raises(SbnSurgeryError, match="run.yaml: unknown option 'optt'"):
+        read_config(bad)
+    bad.write_text("lr: 1e-3\n")  # YAML 1.1 reads this as text: taken as the number
+    assert read_config(bad) == {"lr": 1e-3}
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(SbnSurgeryError, match="must map option names"):
+        read_config(bad)
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
+    done = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, **TINY)
+    notes = []
+    more = finetune("resnet10t", "synthetic", output=tmp_path, resume=True, epochs=3,
+                    notify=notes.append)
+    assert len(more.history) == 3 and len(notes) == 1 and "from 2 to 3 epochs" in notes[0]
+    assert _rows(more)[:2] == _rows(done)  # the finished epochs are kept as they were
+    rows = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["schedule_epochs"] for r in rows] == [2, 2, 3]
+    assert read_config(tmp_path / "args.yaml")["epochs"] == 3
+    with pytest.raises(SbnSurgeryError, match="epochs 2 \\(stored: 3\\)"):
+        finetune("resnet10t", "synthetic", output=tmp_path, resume=True, epochs=2)
+
+
+def test_summary_csv_has_timms_columns(tmp_path):
+    r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, **TINY)
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    for i, (row, rec) in enumerate(zip(rows, r.history, strict=True)):
+        assert int(row["epoch"]) == i
+        assert float(row["eval_top1"]) == pytest.approx(100 * rec["top1"])
+        assert float(row["eval_loss"]) == pytest.approx(rec["val_loss"])
+        assert float(row["train_loss"]) == pytest.approx(rec["loss"])
+        assert float(row["lr"]) == pytest.approx(rec["lr"])
