@@ -157,21 +157,28 @@ def test_clip_grad_bounds_the_norm():
     assert float(w.grad.max()) == pytest.approx(0.5)
 
 
-def test_drop_path_reaches_the_model_and_its_checkpoint(tmp_path):
+def test_drop_path_reaches_the_model_and_its_checkpoint_and_misplaced_options_are_said(
+        tmp_path):
     from timm.layers import DropPath
 
     from sbn_surgery.checkpoint import load_converted
 
+    notes = []
     r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, drop_path=0.2, drop=0.3,
-                 **TINY)
+                 sync_stats=True, notify=notes.append, **TINY)
+    assert len(notes) == 1 and "--sync-stats" in notes[0] and "one process" in notes[0]
     probs = [m.drop_prob for m in r.model.modules() if isinstance(m, DropPath)]
     assert probs and max(probs) == pytest.approx(0.2)
     again = load_converted(tmp_path / "last.safetensors")
     assert any(isinstance(m, DropPath) for m in again.modules())
     assert again.drop_rate == pytest.approx(0.3)
+    plain = {k: v for k, v in TINY.items() if k != "recipe"}
     with pytest.raises(SbnSurgeryError, match="--drop-path applies to a timm model name only"):
         finetune(tmp_path / "last.safetensors", "synthetic", output=tmp_path / "x",
-                 drop_path=0.1, **{k: v for k, v in TINY.items() if k != "recipe"})
+                 drop_path=0.1, **plain)
+    with pytest.raises(SbnSurgeryError, match="--num-classes applies to a timm model name"):
+        finetune(tmp_path / "last.safetensors", "synthetic", output=tmp_path / "x",
+                 num_classes=10, **plain)
 
 
 def test_args_yaml_round_trips_and_repeats_the_run(tmp_path, run_cli):

@@ -97,6 +97,7 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         given = [name for name, value in (("--recipe", opts.recipe),
                                           ("--checkpoint", opts.checkpoint),
                                           ("--checkpoint-key", opts.checkpoint_key),
+                                          ("--num-classes", opts.num_classes),
                                           ("--model-kwargs", opts.model_kwargs),
                                           ("--drop", opts.drop),
                                           ("--drop-path", opts.drop_path)) if value]

@@ -123,6 +123,9 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict, config,
     progress = how["progress"] if ctx.is_main else None
     if ctx.is_main:
         _check_output_dir(out)
+        if opts.sync_stats and not ctx.distributed and how["notify"] is not None:
+            how["notify"]("--sync-stats synchronizes batch statistics across torchrun's "
+                          "processes; this run has one process, so it changes nothing")
         if extended and how["notify"] is not None:
             how["notify"](f"extending the run in {out} from {state['options']['epochs']} to "
                           f"{opts.epochs} epochs: the learning-rate schedule is recomputed for "
