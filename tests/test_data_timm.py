@@ -369,3 +369,20 @@ def test_labels_out_of_range_and_missing_packages(data, tmp_path, monkeypatch):
         open_source(root, dataset="wds/digits")
     with pytest.raises(DataError, match=r"sbn-surgery\[hfds\]"):
         open_source(data["root"] / "hf", dataset="hfds/parquet")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["wds", "tar", "hfds-parquet"])
+def test_loader_workers_change_nothing(data, kind, monkeypatch):
+    """Workers decode and transform only: the batches (augmented ones too) and a resume from the
+    middle do not depend on their number."""
+    from sbn_surgery.data import loaders
+
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)  # 2 workers also on a 1-CPU runner
+    ds = _open(data, kind)
+    one = build_loaders(ds, CFG, 32, seed=5, aa="rand-m9-mstd0.5")[0]
+    two = build_loaders(ds, CFG, 32, seed=5, aa="rand-m9-mstd0.5", workers=2)[0]
+    assert two.workers == 2
+    a, b = _epoch(one, 1), _epoch(two, 1, start=3)
+    assert len(b) == len(a) - 3
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a[3:], b))
