@@ -24,7 +24,11 @@ The stream of one rank in one epoch, as :func:`epoch_stream` makes it:
 The main process reads the shards (raw bytes, no decoding); the loader workers only decode and
 transform. So the stream does not depend on the number of workers, an epoch replays exactly, and
 a resume in the middle of an epoch skips the first ``start`` batches of raw samples without
-decoding them and then yields exactly the batches the full epoch would have.
+decoding them (it reads them again: cheap next to decoding, but not free) and then yields exactly
+the batches the full epoch would have. What stays exact: any number of loader workers. What does
+not: a resume with another number of ranks, another shuffle buffer size (``WDS_SHUFFLE_SIZE``,
+``WDS_INITIAL_SIZE``) or changed shards; then the epoch's order differs (each sample is still read
+as often as the new setup says).
 """
 
 from __future__ import annotations

@@ -59,6 +59,21 @@ def _quiet(*loggers: str) -> Iterator[None]:
             log.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets draws progress bars on stderr while it prepares a split: off for the block."""
+    import datasets
+
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        with _quiet("datasets"):
+            yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+
+
 def _require(module: str, what: str, install: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise DataError(f"--dataset {what} needs the {module} package, which is not installed; "
@@ -162,7 +177,7 @@ def _hf_split(path: Path, split: str, saved: Any):
         from timm.data import create_dataset
 
         try:
-            with _quiet("datasets"):
+            with _no_progress_bars():
                 reader = create_dataset(f"hfds/{path}", root=None, split=split).reader
         except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
             raise DataError(f"cannot load split {split!r} of the Hugging Face dataset at {path}: "
