@@ -44,7 +44,7 @@ from typing import Iterator, Optional
 
 from ..errors import DataError
 
-__all__ = ["WdsSplit", "RawSample", "epoch_stream", "rank_count", "decode_raw", "scan_labels"]
+__all__ = ["WdsSplit", "RawSample", "RawReader", "epoch_stream", "rank_count", "scan_labels"]
 
 #: Image members of a sample, in the order they are looked for (timm reads jpg;png;webp).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
@@ -249,10 +249,6 @@ class RawReader:
 
         where, data, _, label = item
         return decode_image(io.BytesIO(data), where, self.channels), label
-
-
-def decode_raw(item: RawSample, channels: int):
-    return RawReader(channels)(item)
 
 
 def is_local(url: str) -> bool:
