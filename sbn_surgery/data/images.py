@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["scan_folder", "has_images", "load_image", "MAX_ASPECT", "MAX_PIXELS"]
+__all__ = ["scan_folder", "has_images", "load_image", "decode_image", "MAX_ASPECT", "MAX_PIXELS"]
 
 #: The largest image decoded (PIL warns from here and refuses twice this as a bomb).
 MAX_PIXELS = 89_478_485
@@ -84,30 +84,39 @@ def load_image(path: str, channels: int):
     """A PIL image of ``path`` in mode L (``channels == 1``) or RGB, 8 bits over the full range.
     Every failure (not an image, truncated, a bomb, 1xN) is a :class:`DataError` naming the file.
     """
+    try:
+        with open(path, "rb") as f:
+            return decode_image(f, path, channels)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+
+
+def decode_image(fileobj, name: str, channels: int):
+    """:func:`load_image` for an open binary file (a tar member, bytes in a WebDataset shard, a
+    Hugging Face dataset cell); ``name`` says where it came from in error messages."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             # PIL warns from MAX_PIXELS (refused below, with the size) and raises from twice that
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise DataError(f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP), more than "
-                                    f"{MAX_PIXELS / 1e6:.0f} MP; downscale it or remove it")
-                if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
-                    raise DataError(f"image {path} is {w}x{h}: sides more than {MAX_ASPECT}:1 "
-                                    "apart; crop it or remove it")
-                img.load()
-                img = _to_8bit(img)
-                return img.convert("L" if channels == 1 else "RGB")
+            img = Image.open(fileobj)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise DataError(f"image {name} is {w}x{h} ({w * h / 1e6:.0f} MP), more than "
+                                f"{MAX_PIXELS / 1e6:.0f} MP; downscale it or remove it")
+            if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+                raise DataError(f"image {name} is {w}x{h}: sides more than {MAX_ASPECT}:1 "
+                                "apart; crop it or remove it")
+            img.load()
+            img = _to_8bit(img)
+            return img.convert("L" if channels == 1 else "RGB")
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DataError(f"image {path} is a decompression bomb ({exc}); remove it") from None
+        raise DataError(f"image {name} is a decompression bomb ({exc}); remove it") from None
     except (OSError, ValueError, SyntaxError, MemoryError) as exc:  # UnidentifiedImageError is OSError
-        raise DataError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+        raise DataError(f"cannot read image {name}: {exc}; remove or replace the file") from None
 
 
 def has_images(folder: Path, extensions: tuple[str, ...]) -> bool:

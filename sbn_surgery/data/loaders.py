@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -9,8 +10,11 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .sources import Dataset, TensorSplit, _apply_subset, _split_generator, is_builtin, open_source
-from .transforms import SeededFolder, fit_channels, prepare_batch, seed_of
+from .augment import TensorAugment, check_aa, check_reprob
+from .shards import RawReader, epoch_stream, rank_count
+from .sources import (SPLIT_SEED, Dataset, TensorSplit, _apply_subset, _split_generator,
+                      is_builtin, open_source)
+from .transforms import IndexedReader, SeededImages, fit_channels, prepare_batch, seed_of
 
 #: Default input size (H = W) for the built-in sources, whose native images are 8x8 to 32x32:
 #: big enough for a ResNet's five stride-2 stages, small enough for a CPU.
@@ -24,14 +28,18 @@ class Loader:
 
     Training loaders shuffle with ``DistributedSampler`` (seed + epoch; with several processes
     each rank gets its shard, padded so every rank runs the same number of batches) and, if
-    ``augment``, augment.
+    ``augment``, augment; WebDataset shards are streamed instead (:mod:`.shards`), with the same
+    number of batches on every rank.
     Validation loaders keep the order and split it between ranks without padding.
+    ``aa`` and ``reprob`` (training with augmentation only) are timm's auto-augment and random
+    erasing (:mod:`.augment`).
     ``set_epoch`` + ``iter`` gives the DataLoader-style interface.
     """
 
     def __init__(self, ds: Dataset, split: Any, cfg: dict, batch_size: int, *, train: bool,
                  seed: int = 0, rank: int = 0, world: int = 1, workers: int = 0,
-                 augment: Optional[bool] = None) -> None:
+                 augment: Optional[bool] = None, aa: Optional[str] = None,
+                 reprob: float = 0.0) -> None:
         if batch_size < 1:
             raise DataError(f"--batch-size must be at least 1; got {batch_size}")
         self.dataset = ds
@@ -40,24 +48,38 @@ class Loader:
         self.batch_size = int(batch_size)
         self.train = train
         self.augment = train and (default_augment(ds) if augment is None else bool(augment))
+        self.aa = check_aa(aa) if self.augment else None
+        self.reprob = check_reprob(reprob) if self.augment else 0.0
         self.seed = int(seed)
         self.rank, self.world = int(rank), int(world)
         self.workers = min(int(workers), usable_cpus())  # more only oversubscribe the cores
         self.epoch = 0
         self.classes = ds.classes
-        self._folder = None
-        if ds.kind == "folder":
-            self._folder = SeededFolder(split, self._folder_transform(), int(cfg["input_size"][0]))
+        self._images = None  # per-image path: (SeededImages, reader of one item)
+        self._extra = None  # in-memory path: auto-augment and random erasing
+        if ds.kind == "tensor":
+            extra = TensorAugment(self.aa, self.reprob, cfg)
+            self._extra = extra if extra.active else None
+        else:
+            channels = int(cfg["input_size"][0])
+            read = RawReader(channels) if ds.kind == "wds" else IndexedReader(split, channels)
+            self._images = SeededImages(read, self._image_transform())
 
-    def _folder_transform(self):
+    def _image_transform(self):
         from timm.data import create_transform
 
         cfg = self.data_config
+        extra = dict(auto_augment=self.aa, re_prob=self.reprob) if self.augment else {}
         return create_transform(
             cfg["input_size"], is_training=self.augment, interpolation=cfg["interpolation"],
             mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct"),
-            crop_mode=cfg.get("crop_mode"),
+            crop_mode=cfg.get("crop_mode"), **extra,
         )
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the split is read as a stream (WebDataset shards), not by index."""
+        return self.dataset.kind == "wds"
 
     @property
     def total_samples(self) -> int:
@@ -65,7 +87,7 @@ class Loader:
         return len(self.split)
 
     def indices(self, epoch: int) -> list[int]:
-        """This rank's sample order for ``epoch``."""
+        """This rank's sample order for ``epoch`` (splits read by index)."""
         n = len(self.split)
         if self.train:
             from torch.utils.data import DistributedSampler
@@ -77,7 +99,11 @@ class Loader:
         return list(range(self.rank, n, self.world))
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        order = self.indices(epoch)
+        """This rank's batches of ``epoch``: sample indices, or positions in the stream."""
+        if self.streamed:
+            order = list(range(rank_count(self.split, self.rank, self.world, self.train)))
+        else:
+            order = self.indices(epoch)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.train and batches and len(batches[-1]) < 2 and len(batches) > 1:
             batches.pop()  # a batch of one has no batch statistics
@@ -99,8 +125,13 @@ class Loader:
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches ``start``, ``start + 1``, ... of ``epoch``; the same batches every time."""
         batches = self._batches(epoch)
-        if self._folder is not None:
-            yield from self._iter_folder(batches, epoch, start)
+        if self.streamed:
+            yield from self._run(self._stream_keys(batches, epoch, start))
+            return
+        if self._images is not None:
+            keyed = [[(i, self._seed(epoch, b, j)) for j, i in enumerate(batches[b])]
+                     for b in range(start, len(batches))]
+            yield from self._run(keyed)
             return
         split: TensorSplit = self.split
         for b in range(start, len(batches)):
@@ -108,17 +139,30 @@ class Loader:
             gen = None
             if self.augment:
                 gen = torch.Generator().manual_seed(seed_of(self.seed, epoch, self.rank, b))
-            x = prepare_batch(split.images[idx], self.data_config, gen, self.dataset.hflip)
+            x = prepare_batch(split.images[idx], self.data_config, gen, self.dataset.hflip,
+                              self._extra, seed_of(self.seed, epoch, self.rank, b, 1))
             yield x, split.labels[idx]
 
-    def _iter_folder(self, batches, epoch, start):
-        keyed = []
+    def _seed(self, epoch: int, b: int, j: int) -> Optional[int]:
+        return seed_of(self.seed, epoch, self.rank, b, j) if self.augment else None
+
+    def _stream_keys(self, batches: list[list[int]], epoch: int, start: int):
+        """Keys (raw sample, seed) of batches ``start``, ... of this rank's stream; the first
+        ``start`` batches are read and skipped without decoding."""
+        stream = epoch_stream(self.split, seed=self.seed, epoch=epoch, rank=self.rank,
+                              world=self.world, train=self.train)
+        skip = sum(len(b) for b in batches[:start])
+        for _ in zip(range(skip), stream):
+            pass
         for b in range(start, len(batches)):
-            keyed.append([(i, seed_of(self.seed, epoch, self.rank, b, j) if self.augment else None)
-                          for j, i in enumerate(batches[b])])
-        if not keyed:
+            yield [(item, self._seed(epoch, b, j))
+                   for j, item in zip(range(len(batches[b])), stream)]
+
+    def _run(self, keyed):
+        """Decode and transform the keyed batches, in ``workers`` processes if asked for."""
+        if isinstance(keyed, list) and not keyed:
             return
-        loader = torch.utils.data.DataLoader(self._folder, batch_sampler=keyed,
+        loader = torch.utils.data.DataLoader(self._images, batch_sampler=keyed,
                                              num_workers=self.workers,
                                              persistent_workers=False)
         try:
@@ -150,27 +194,38 @@ def _dist_info(distributed: bool) -> tuple[int, int]:
 
 
 def default_augment(ds: Dataset) -> bool:
-    """Training augmentation by default: on for an ImageFolder (timm's training transform), off
-    for the built-in in-memory sources, whose small centered images are learnt fastest as they
-    are in the few epochs one runs on them (resnet18, fashion-mnist, 5000 images, 3 epochs:
-    88 % val top-1 without, 80 % with shifts and flips)."""
-    return ds.kind == "folder"
+    """Training augmentation by default: on for images read from files (an ImageFolder, timm's
+    data sets: timm's training transform), off for the built-in in-memory sources, whose small
+    centered images are learnt fastest as they are in the few epochs one runs on them (resnet18,
+    fashion-mnist, 5000 images, 3 epochs: 88 % val top-1 without, 80 % with shifts and flips)."""
+    return ds.kind != "tensor"
 
 
 def build_loaders(source: Union[str, Path, Dataset], data_config: dict, batch_size: int, *,
                   subset: Optional[int] = None, seed: int = 0, workers: int = 0,
-                  distributed: bool = False,
-                  augment: Optional[bool] = None) -> tuple[Loader, Loader, int]:
+                  distributed: bool = False, augment: Optional[bool] = None,
+                  aa: Optional[str] = None,
+                  reprob: float = 0.0) -> tuple[Loader, Loader, int]:
     """(train loader, val loader, number of classes) for ``source`` preprocessed per
     ``data_config`` (timm's: input_size, interpolation, mean, std, crop_pct). ``augment``
-    (training only): None for :func:`default_augment`; ImageFolder images get timm's training
-    transform, in-memory ones a random shift of up to 1/8 and, where label-preserving, a flip."""
+    (training only): None for :func:`default_augment`; images read from files get timm's
+    training transform, in-memory ones a random shift of up to 1/8 and, where label-preserving,
+    a flip. ``aa`` (timm's auto-augment string, e.g. ``rand-m9-mstd0.5``) and ``reprob``
+    (random erasing probability) apply to training only and turn augmentation on."""
+    aa = check_aa(aa)
+    reprob = check_reprob(reprob)
+    if (aa or reprob) and augment is False:
+        raise DataError("--aa and --reprob augment the training images; they cannot be used "
+                        "with augmentation turned off")
+    if aa or reprob:
+        augment = True
     ds = source if isinstance(source, Dataset) else open_source(source)
     ds = _apply_subset(ds, subset)
     cfg = fit_channels(data_config)
     rank, world = _dist_info(distributed)
     common = dict(seed=seed, rank=rank, world=world, workers=workers)
-    train = Loader(ds, ds.train, cfg, batch_size, train=True, augment=augment, **common)
+    train = Loader(ds, ds.train, cfg, batch_size, train=True, augment=augment, aa=aa,
+                   reprob=reprob, **common)
     val = Loader(ds, ds.val, cfg, batch_size, train=False, **common)
     if len(ds.train) < 2:
         raise DataError(f"the training split of {ds.name} has {len(ds.train)} image(s); need 2+")
@@ -180,15 +235,21 @@ def build_loaders(source: Union[str, Path, Dataset], data_config: dict, batch_si
 def calibration_batches(source: Union[str, Path, Dataset], data_config: dict, batch_size: int,
                         num_batches: int) -> list[Tensor]:
     """``num_batches`` batches of preprocessed training images (eval preprocessing, a fixed
-    shuffle), e.g. to calibrate SBN statistics on real data."""
+    shuffle), e.g. to calibrate SBN statistics on real data. WebDataset shards give the first
+    batches of a shuffled pass over the training split."""
     ds = source if isinstance(source, Dataset) else open_source(source)
-    order = torch.randperm(len(ds.train), generator=_split_generator())
-    order = order[: batch_size * max(0, int(num_batches))]
+    cfg = fit_channels(data_config)
+    count = batch_size * max(0, int(num_batches))
+    if ds.kind == "wds":
+        loader = Loader(ds, ds.train, cfg, batch_size, train=True, augment=False,
+                        seed=SPLIT_SEED)
+        return [x for x, _ in islice(loader.iter_epoch(0), max(0, int(num_batches)))]
+    order = torch.randperm(len(ds.train), generator=_split_generator())[:count]
     if ds.kind == "tensor":
         picked = ds.train.take(order)
     else:
         picked = torch.utils.data.Subset(ds.train, order.tolist())
-    loader = Loader(ds, picked, fit_channels(data_config), batch_size, train=False)
+    loader = Loader(ds, picked, cfg, batch_size, train=False)
     return [x for x, _ in loader.iter_epoch(0)]
 
 

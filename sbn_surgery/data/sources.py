@@ -1,7 +1,10 @@
-"""Data sources: the built-in sets (digits, Fashion-MNIST, synthetic) and ImageFolder dirs.
+"""Data sources: the built-in sets (digits, Fashion-MNIST, synthetic), ImageFolder dirs, and
+timm's named data sets (WebDataset shards, tar archives, local Hugging Face datasets; see
+:mod:`.timm_sources`).
 
 Each is opened into a :class:`Dataset` with train and val splits: uint8 tensors at native size
-for the built-ins, torchvision ``ImageFolder`` datasets for a directory. The digits split and
+for the built-ins, torchvision ``ImageFolder`` datasets for a directory, random-access readers
+for tar archives and Hugging Face datasets, shard lists for WebDataset. The digits split and
 ``--subset`` use a fixed seed, so they are the same for every training seed.
 """
 
@@ -53,10 +56,11 @@ class TensorSplit:
 
 @dataclass
 class Dataset:
-    """An opened data source: train and val splits (tensors, or ImageFolder datasets)."""
+    """An opened data source: train and val splits (tensors, ImageFolder datasets, timm readers
+    or WebDataset shard lists)."""
 
     name: str
-    kind: str  # "tensor" | "folder"
+    kind: str  # "tensor" | "folder" | "timm" (random access) | "wds" (shards, streamed)
     classes: list[str]
     train: Any
     val: Any
@@ -239,8 +243,22 @@ def _load_folder(root: Path) -> Dataset:
                    splits["val"], hflip=True)
 
 
-def open_source(source: Union[str, Path]) -> Dataset:
-    """Open a data source: ``digits``, ``fashion-mnist``, ``synthetic`` or an ImageFolder dir."""
+def open_source(source: Union[str, Path], *, dataset: Optional[str] = None,
+                train_split: Optional[str] = None, val_split: Optional[str] = None) -> Dataset:
+    """Open a data source: ``digits``, ``fashion-mnist``, ``synthetic`` or an ImageFolder dir;
+    with ``dataset`` (timm's ``--dataset`` names: ``wds/NAME``, ``hfds/NAME``, ``tar``,
+    ``folder``, ``imagefolder``), ``source`` is its root and the splits are timm's
+    (default ``train`` and ``validation``), see :mod:`.timm_sources`."""
+    if dataset is not None and str(dataset).strip():
+        from .timm_sources import open_timm
+
+        parts = open_timm(str(source), str(dataset).strip(), train_split, val_split)
+        return Dataset(parts["name"], parts["kind"], parts["classes"], parts["train"],
+                       parts["val"], hflip=True)
+    if train_split is not None or val_split is not None:
+        raise DataError("--train-split/--val-split name the splits of a --dataset (e.g. "
+                        "--dataset wds/imagenet); the built-in sources and an ImageFolder "
+                        "directory have their own train/val splits")
     name = str(source)
     if name == "digits":
         return _load_digits()
@@ -280,10 +298,13 @@ def _apply_subset(ds: Dataset, subset: Optional[int]) -> Dataset:
             return split
         if isinstance(split, TensorSplit):
             return split.take(idx)
+        if hasattr(split, "take_first"):  # shards are streamed: the first k in file order
+            return split.take_first(k)
         return torch.utils.data.Subset(split, idx.tolist())
 
     return Dataset(ds.name, ds.kind, ds.classes, cut(ds.train, subset, "train"),
                    cut(ds.val, n_val, "val"), ds.hflip)
+
 
 def is_builtin(source: Union[str, Path]) -> bool:
     return str(source) in ("digits", "fashion-mnist", "fashion_mnist", "fashionmnist", "synthetic")

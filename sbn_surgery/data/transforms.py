@@ -1,13 +1,13 @@
 """Preprocessing per timm's data config, batch augmentation, and per-sample seeding.
 
 The built-in sources are preprocessed a batch of uint8 tensors at a time (one interpolate, one
-normalize); ImageFolder images go through timm's transforms, each under its own seed so that any
-image of any epoch can be reproduced (what an exact ``--resume`` needs).
+normalize); every other image (ImageFolder, timm's readers, WebDataset samples) goes through
+timm's transforms, each under its own seed so that any image of any epoch can be reproduced (what
+an exact ``--resume`` needs).
 """
 
 from __future__ import annotations
 
-import random
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from .augment import seeded
 from .images import load_image
 
 # --------------------------------------------------------------------------------------------
@@ -54,9 +55,11 @@ def fit_channels(cfg: dict) -> dict:
 
 
 def prepare_batch(images: Tensor, cfg: dict, gen: Optional[torch.Generator] = None,
-             hflip: bool = False) -> Tensor:
+                  hflip: bool = False, extra: Any = None, seed: int = 0) -> Tensor:
     """uint8 (B, c, h, w) -> normalized float (B, C, H, W) at the config's size; with ``gen``,
-    a random shift of up to 1/8 of the size (zero fill) and, if ``hflip``, a random flip."""
+    a random shift of up to 1/8 of the size (zero fill) and, if ``hflip``, a random flip; with
+    ``extra`` (a :class:`~.augment.TensorAugment`), its auto-augment after the shift and its
+    random erasing after the normalization, both under ``seed``."""
     c, h, w = (int(v) for v in cfg["input_size"])
     x = images.float().div_(255.0)
     if tuple(x.shape[-2:]) != (h, w):
@@ -65,6 +68,8 @@ def prepare_batch(images: Tensor, cfg: dict, gen: Optional[torch.Generator] = No
         x = x.clamp_(0.0, 1.0)
     if gen is not None:
         x = shift_flip(x, gen, hflip)
+    if extra is not None:
+        x = extra.images(x, seed)
     if x.shape[1] != c:
         if x.shape[1] == 1:
             x = x.expand(-1, c, -1, -1)
@@ -74,7 +79,8 @@ def prepare_batch(images: Tensor, cfg: dict, gen: Optional[torch.Generator] = No
             raise DataError(f"images have {x.shape[1]} channels, the model expects {c}")
     mean = torch.tensor(cfg["mean"], dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"], dtype=x.dtype).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()
+    x = ((x - mean) / std).contiguous()
+    return x if extra is None else extra.erase(x, seed)
 
 
 def shift_flip(x: Tensor, gen: torch.Generator, hflip: bool) -> Tensor:
@@ -100,32 +106,38 @@ def seed_of(*parts: int) -> int:
                dtype=np.uint64)[0]) >> 1  # shift the Python int: numpy 1.x refuses uint64 >> int
 
 
-class SeededFolder(torch.utils.data.Dataset):
-    """ImageFolder samples keyed by (index, seed): the transform's randomness comes from the seed
-    (python ``random`` and torch, saved and restored around it), so any image is reproducible."""
+class IndexedReader:
+    """(PIL image, label) of sample ``index`` of a random-access split: an ImageFolder, a split
+    with a ``load(index, channels)`` method (timm's readers, Hugging Face datasets), or a
+    ``Subset`` of either. Picklable, so loader workers get their own."""
 
-    def __init__(self, folder: Any, transform: Any, channels: int) -> None:
-        self.folder = folder
-        self.transform = transform
+    def __init__(self, split: Any, channels: int) -> None:
+        self.split = split
         self.channels = channels
 
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, key: tuple[int, Optional[int]]):
-        idx, seed = key
-        base = self.folder
+    def __call__(self, index: int):
+        base = self.split
         if isinstance(base, torch.utils.data.Subset):
-            idx, base = base.indices[idx], base.dataset
-        path, label = base.samples[idx]
-        img = load_image(path, self.channels)  # any failure: a DataError naming the file
+            index, base = base.indices[index], base.dataset
+        if hasattr(base, "load"):
+            return base.load(index, self.channels)
+        path, label = base.samples[index]
+        return load_image(path, self.channels), label  # any failure: a DataError naming the file
+
+
+class SeededImages(torch.utils.data.Dataset):
+    """Samples keyed by (item, seed): ``read(item)`` gives (PIL image, label) and the
+    transform's randomness comes from the seed (python ``random`` and torch, saved and restored
+    around it), so any image is reproducible."""
+
+    def __init__(self, read: Any, transform: Any) -> None:
+        self.read = read
+        self.transform = transform
+
+    def __getitem__(self, key: tuple[Any, Optional[int]]):
+        item, seed = key
+        img, label = self.read(item)
         if seed is None:
             return self.transform(img), label
-        t_state, p_state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
+        with seeded(seed):
             return self.transform(img), label
-        finally:
-            torch.set_rng_state(t_state)
-            random.setstate(p_state)
