@@ -423,6 +423,8 @@ BAD_OPTIONS = {
     "--clip-mode foo": (["--clip-mode", "foo"], "--clip-mode 'foo' is not one of norm"),
     "--best-by ema alone": (["--best-by", "ema"], "--best-by ema needs --model-ema"),
     "--train-split alone": (["--train-split", "x"], "give --dataset too"),
+    "--aa bad": (["--aa", "foo"], "--aa 'foo' is not an augmentation timm knows"),
+    "--dataset bad": (["--dataset", "xyz"], "--dataset 'xyz' is not one this tool reads"),
     "--config missing": (["--config", "/nonexistent/run.yaml"], "--config /nonexistent/run.yaml cannot be read"),
     "--input-size 3 0 0": (["--input-size", "3", "0", "0"], "--input-size expects C H W"),
     "--input-size 3 100000 100000": (["--input-size", "3", "100000", "100000"], "<= 4096"),

@@ -96,8 +96,8 @@ class _Setup:
             from ..train.options import DEFAULTS
 
             g = self.given
-            ds = open_source(self.data, **{k: g[k] for k in ("dataset", "train_split",
-                                                             "val_split") if g.get(k)})
+            ds = open_source(self.data, **{k: g.get(k) for k in ("dataset", "train_split",
+                                                                 "val_split")})
             in_chans = int((g.get("model_kwargs") or {}).get("in_chans", 3))
             n_cls = g.get("num_classes") or ds.num_classes
             probe = create_model(self.model, num_classes=n_cls, model_kwargs=self.kwargs())

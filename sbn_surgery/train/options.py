@@ -446,6 +446,10 @@ def _check_together(o: RunOptions) -> None:
         raise SbnSurgeryError(f"--opt {o.opt!r} is not a timm optimizer; e.g. sgd, momentum, "
                               "adamw, lamb, lion, adan (timm.optim.list_optimizers() lists all)")
     _try_optimizer(o)
+    if o.aa:
+        from ..data import check_aa
+
+        check_aa(o.aa)  # timm's own parser: a bad policy is refused before any work
     if o.warmup_epochs > o.epochs:  # == epochs: warmup only, the lr never decays
         raise SbnSurgeryError(f"--warmup-epochs must be in [0, --epochs={o.epochs}]; got "
                               f"{o.warmup_epochs:g}")

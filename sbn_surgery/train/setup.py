@@ -111,16 +111,16 @@ def _resolve(spec, data, out: Path, ctx: D.DistContext, options: dict, config, h
 
 
 def _data_kwargs(opts: RunOptions) -> dict[str, Any]:
-    """The --dataset/--train-split/--val-split given (only those: the defaults are the data
-    layer's)."""
-    return {k: getattr(opts, k) for k in ("dataset", "train_split", "val_split")
-            if getattr(opts, k) is not None}
+    return {k: getattr(opts, k) for k in ("dataset", "train_split", "val_split")}
 
 
 def _run(spec, data, out: Path, ctx: D.DistContext, options: dict, config,
          how: dict) -> FinetuneResult:
     opts, state, extended = _resolve(spec, data, out, ctx, options, config, how)
     progress = how["progress"] if ctx.is_main else None
+    torch.manual_seed(opts.seed)
+    np.random.seed(opts.seed % 2**32)
+    ds = open_source(opts.data, **_data_kwargs(opts))  # a bad --data fails before --output exists
     if ctx.is_main:
         _check_output_dir(out)
         if opts.sync_stats and not ctx.distributed and how["notify"] is not None:
@@ -130,9 +130,6 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict, config,
             how["notify"](f"extending the run in {out} from {state['options']['epochs']} to "
                           f"{opts.epochs} epochs: the learning-rate schedule is recomputed for "
                           f"the new total (recorded as schedule_epochs in {O.METRICS_FILE})")
-    torch.manual_seed(opts.seed)
-    np.random.seed(opts.seed % 2**32)
-    ds = open_source(opts.data, **_data_kwargs(opts))
     net = spec if isinstance(spec, nn.Module) else opts.model
     if state is not None:
         from ..checkpoint import load_converted
@@ -142,10 +139,10 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict, config,
         net = net if isinstance(net, nn.Module) else load_converted(out / O.LAST_FILE)
         net.load_state_dict(state["model"])
     net, data_config = build_model(net, opts, ds, progress)
-    extra = {k: v for k, v in (("aa", opts.aa), ("reprob", opts.reprob)) if v}
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
-        workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, **extra)
+        workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
+        reprob=opts.reprob)
     run = _Run(opts, ctx, out, _prepare(net, opts, ctx), train_loader, val_loader, progress)
     if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
         O.write_args(out / O.ARGS_FILE, opts.to_dict())
