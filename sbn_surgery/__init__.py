@@ -19,7 +19,7 @@ from .convert import convert
 from .diagnose import diagnose
 
 #: Heavier entry points (onnx, the training loop), imported on first use.
-_LAZY = {"export_onnx": ".export", "finetune": ".train", "FinetuneResult": ".train",
+_LAZY = {"export_onnx": ".deploy", "finetune": ".train", "FinetuneResult": ".train",
          "study": ".study"}
 
 __all__ = [

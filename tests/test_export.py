@@ -15,7 +15,8 @@ import torch
 
 from sbn_surgery import apply_recipe, calibrate
 from sbn_surgery.errors import ExportError
-from sbn_surgery.export import NODE_PREFIX, export_onnx, read_metadata
+from sbn_surgery import export_onnx
+from sbn_surgery.export import NODE_PREFIX, read_metadata
 from sbn_surgery.parity import check_parity, session
 from sbn_surgery.recipe import Recipe
 

@@ -11,7 +11,8 @@ import torch
 
 from sbn_surgery import convert, save_converted
 from sbn_surgery.errors import ParityError
-from sbn_surgery.export import export_onnx, read_metadata
+from sbn_surgery import export_onnx
+from sbn_surgery.export import read_metadata
 from sbn_surgery.parity import ParityFailed, bench, check_parity, default_rtol
 from sbn_surgery.recipe import Recipe
 

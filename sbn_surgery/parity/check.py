@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ParityError
-from ..export import graph
+from ..onnx_io import load_onnx, read_onnx_metadata, with_extra_outputs
 from .reports import LayerParity, ParityCase, ParityReport
 from .runtime import check_numel, image_input_dims, input_chw, session
 
@@ -132,8 +132,8 @@ def check_parity(
     divisibility), so a graph that only works at its export size is caught; sizes PyTorch cannot
     run are skipped with a note. The model's train/eval flags are restored afterwards."""
     check_tolerances(rtol, min_top1)
-    proto = graph.load(onnx_path)
-    meta = graph.read_metadata(proto)
+    proto = load_onnx(onnx_path)
+    meta = read_onnx_metadata(proto)
     dims = image_input_dims(proto, onnx_path)
     size = input_chw(dims, meta, input_size, onnx_path)
     sites = meta.get("sites") or []
@@ -213,7 +213,7 @@ def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name
             "sbn-surgery metadata (was it written by `sbn-surgery export`?)"
         )
     wanted = [o for s in sites for o in [s.get("output"), *(s.get("inputs") or [])] if o]
-    extra = graph.with_extra_outputs(proto, wanted)
+    extra = with_extra_outputs(proto, wanted)
     sess = session(extra.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
     captured: dict[str, tuple[Tensor, Tensor]] = {}
@@ -250,8 +250,6 @@ def _rel(a: Tensor, b: Tensor, scale: Tensor) -> tuple[float, float]:
 
 def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tensor]],
                   results: dict, tol: float) -> LayerParity:
-    from ..export.forms import channel_constants
-
     row = LayerParity(site["module"], site["stats"], site["form"], site.get("output"),
                       None, None, None, None, None)
     out = results.get(site.get("output") or "")
@@ -265,7 +263,7 @@ def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tens
     # the scale was folded into the BatchNorm in front, that tensor is the input times the scale
     scale = None
     if site.get("folded_into"):
-        scale = channel_constants(layer)[0].view(1, -1, 1, 1)
+        scale = layer.channel_constants()[0].view(1, -1, 1, 1)
     for name in site.get("inputs") or []:
         got_in = results.get(name)
         if got_in is None or tuple(got_in.shape) != tuple(torch_in.shape):
