@@ -120,6 +120,53 @@ def test_later_rule_wins_and_positions():
     assert list(model.state_dict()) == list(original)
 
 
+def _recorder(seen, key):
+    """A forward hook or pre-hook that stores the tensor it sees (returns None: changes nothing)."""
+    def hook(mod, args, out=None):
+        seen[key] = (args[0] if out is None else out).clone()
+    return hook
+
+
+def _record_sbn(seen, layer):
+    layer.register_forward_pre_hook(_recorder(seen, "sbn_in"))
+    layer.register_forward_hook(_recorder(seen, "sbn_out"))
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_hooks_a_user_registered_before_conversion_see_the_sbn_output(position):
+    # SBN hooks go first (prepend), as torch.ao's observers do: a forward hook on the host sees
+    # the SBN's output, a forward pre-hook sees the SBN's output as its input.
+    model = _model("resnet18", zero_init_last=False)  # bn2 outputs more than zeros
+    host = model.layer4[1].bn2
+    seen = {}
+    if position == "after":
+        host.register_forward_hook(_recorder(seen, "user"))
+    else:
+        host.register_forward_pre_hook(_recorder(seen, "user"))
+    recipe = Recipe.from_yaml_text(
+        f"name: t\nrules:\n  - {{paths: ['layer4.1.bn2'], position: {position}}}\n")
+    sbn.apply_recipe(model, recipe, input_size=SIZE)
+    _record_sbn(seen, host.sbn)
+    model.train()(torch.randn(4, *SIZE))
+    assert not torch.allclose(seen["sbn_in"], seen["sbn_out"], atol=1e-3)  # SBN changed it
+    assert torch.equal(seen["user"], seen["sbn_out"])
+
+
+def test_a_user_hook_on_the_drop_of_a_norm_act_layer_sees_the_sbn_output():
+    model = _model("efficientnet_b0")
+    target = "blocks.6.0.bn3"
+    drop = model.get_submodule(target).drop
+    seen = {}
+    drop.register_forward_pre_hook(_recorder(seen, "user"))
+    recipe = Recipe.from_yaml_text(f"name: t\nrules:\n  - {{paths: ['{target}']}}\n")
+    plan = sbn.apply_recipe(model, recipe, input_size=SIZE)
+    assert plan.sites[0].module == target + ".drop.sbn"
+    _record_sbn(seen, drop.sbn)
+    model.train()(torch.randn(4, *SIZE))
+    assert not torch.allclose(seen["sbn_in"], seen["sbn_out"], atol=1e-3)
+    assert torch.equal(seen["user"], seen["sbn_out"])
+
+
 def test_norm_act_after_means_between_norm_and_activation():
     model = _model("efficientnet_b0")
     plan = sbn.apply_recipe(model, "default", input_size=SIZE)

@@ -6,7 +6,9 @@ import copy
 import os
 from typing import Any, Optional, Sequence, Union
 
+from timm.layers.norm_act import FrozenBatchNormAct2d
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..errors import CheckpointError, SbnSurgeryError, SurgeryError
 from ..layers import SpectralBatchNorm2d
@@ -27,10 +29,9 @@ def _is_batchnorm(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    # timm's FrozenBatchNorm2d / FrozenBatchNormAct2d and torchvision's FrozenBatchNorm2d
-    # are not _BatchNorm subclasses but normalize the same way.
-    name = type(module).__name__
-    return "BatchNorm" in name and hasattr(module, "running_mean")
+    # frozen batch norms (torchvision's, which timm uses, and timm's FrozenBatchNormAct2d) are
+    # not _BatchNorm subclasses but normalize the same way.
+    return isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d))
 
 
 def _no_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
