@@ -118,13 +118,13 @@ def load_model(model: str, *, checkpoint: Optional[Union[str, os.PathLike]] = No
     """The model to diagnose: a converted checkpoint (``model`` is a .safetensors path, or
     ``checkpoint`` is one written by convert/finetune) with its SBN layers, else the timm model
     ``model`` with ``checkpoint``'s weights, or at initialization without one."""
-    from ..checkpoint import is_converted, load_converted, read_metadata
+    from ..checkpoint import is_converted, load_converted, read_checkpoint_metadata
     from ..models import create_model
 
     if os.path.isfile(model) or str(model).endswith(".safetensors"):
         return load_converted(model)
     if checkpoint is not None and is_converted(checkpoint):  # else plain weights
-        meta = read_metadata(checkpoint)
+        meta = read_checkpoint_metadata(checkpoint)
         if meta is not None:
             name = str(meta.get("model_name", ""))
             if name and name != model:

@@ -151,40 +151,11 @@ def check_parity(
         runs += [("other-size", torch.randn(batch, size[0], *hw, generator=g)) for hw in extra]
 
     flags = {m: m.training for m in model.modules()}
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    cases, notes = [], []
+    device, dtype = _device_dtype(model)
+    layers = first_bad = None
     try:
         model.eval()
-        for source, x in runs:
-            shape = tuple(x.shape)
-            try:
-                with torch.no_grad():
-                    ref = _outputs(model, x.to(device=device, dtype=dtype))
-            except Exception as exc:  # noqa: BLE001 - a size the model itself cannot take
-                if source != "other-size":
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    raise ParityError(
-                        f"the PyTorch model does not run on input {'x'.join(map(str, shape))} "
-                        f"({first[:200]}); check --input-size against the size it was "
-                        "converted and exported at"
-                    ) from None
-                notes.append(f"PyTorch cannot run the model at {'x'.join(map(str, shape))} "
-                             f"({type(exc).__name__}); that size was not checked")
-                continue
-            ref_np = ref.detach().float().cpu().numpy()
-            try:
-                got = sess.run(None, {name: x.numpy()})[0]
-                if got.shape != ref_np.shape:
-                    raise ValueError(f"output shape {got.shape}, PyTorch's {ref_np.shape}")
-            except Exception as exc:  # noqa: BLE001 - record it as a failed run
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                cases.append(ParityCase(source, shape, math.inf, math.inf, 0.0, error=first[:300]))
-                continue
-            abs_err, rel, agree = _compare(ref_np, got)
-            cases.append(ParityCase(source, shape, abs_err, rel, agree / x.shape[0]))
-        layers = first_bad = None
+        cases, notes = _run_cases(sess, name, model, runs, device, dtype)
         if per_layer:
             big = max((x for s, x in runs if s == "random"), key=lambda t: t.shape[0])
             layers = _per_layer(proto, model, sites, big, name, tol, device)
@@ -200,6 +171,48 @@ def check_parity(
     return ParityReport(max_abs_err=abs_max, max_rel_err=rel_max, top1_agreement=top1,
                         passed=passed, rtol=tol, min_top1=min_top1, cases=cases, layers=layers,
                         first_bad_layer=first_bad, notes=notes)
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+def _run_cases(sess, input_name: str, model: nn.Module, runs: list[tuple[str, Tensor]], device,
+               dtype) -> tuple[list[ParityCase], list[str]]:
+    """Run the file and the model (in eval mode) on each input: one :class:`ParityCase` per run,
+    and notes on the second sizes PyTorch itself cannot run."""
+    cases, notes = [], []
+    for source, x in runs:
+        shape = tuple(x.shape)
+        try:
+            with torch.no_grad():
+                ref = _outputs(model, x.to(device=device, dtype=dtype))
+        except Exception as exc:  # noqa: BLE001 - a size the model itself cannot take
+            if source != "other-size":
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ParityError(
+                    f"the PyTorch model does not run on input {'x'.join(map(str, shape))} "
+                    f"({first[:200]}); check --input-size against the size it was "
+                    "converted and exported at"
+                ) from None
+            notes.append(f"PyTorch cannot run the model at {'x'.join(map(str, shape))} "
+                         f"({type(exc).__name__}); that size was not checked")
+            continue
+        ref_np = ref.detach().float().cpu().numpy()
+        try:
+            got = sess.run(None, {input_name: x.numpy()})[0]
+            if got.shape != ref_np.shape:
+                raise ValueError(f"output shape {got.shape}, PyTorch's {ref_np.shape}")
+        except Exception as exc:  # noqa: BLE001 - record it as a failed run
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            cases.append(ParityCase(source, shape, math.inf, math.inf, 0.0, error=first[:300]))
+            continue
+        abs_err, rel, agree = _compare(ref_np, got)
+        cases.append(ParityCase(source, shape, abs_err, rel, agree / x.shape[0]))
+    return cases, notes
 
 
 def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name: str, tol: float,
