@@ -14,25 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 import sbn_surgery as sbn
 from sbn_surgery.errors import RecipeError, SurgeryError
 
 CLI = str(Path(sys.executable).with_name("sbn-surgery"))
 SMALL = ["--input-size", "3", "32", "32"]
-
-
-def one_line_error(result, *fragments: str) -> str:
-    """Exit 2, exactly one non-empty stderr line starting with 'error:', no traceback."""
-    code = getattr(result, "code", None)
-    code = result.returncode if code is None else code
-    assert code == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and "Traceback" not in result.stderr
-    for frag in fragments:
-        assert frag in lines[0], lines[0]
-    return lines[0]
 
 
 def run_bounded(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
