@@ -264,6 +264,7 @@ def test_absurd_sizes_are_refused_before_allocating(run_cli, converted, guarded,
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_absurd_class_count_in_a_child_process_stays_small(converted, tmp_path):
     """The same through the installed command, under a 4 GiB address-space limit, measuring
     the child's peak resident memory."""

@@ -118,6 +118,7 @@ CATASTROPHIC = r"re:((.|..|...)+)+[0-9]"  # exponential backtracking on a path n
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("where", ["paths", "exclude", "models"])
+@pytest.mark.slow
 def test_catastrophic_regex_cannot_hang_a_command(tmp_path, where):
     path = tmp_path / "c.yaml"
     if where == "models":
@@ -269,6 +270,7 @@ def test_symlink_loops_are_followed_once(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_symlink_loop_scan_is_bounded_from_the_cli(tmp_path):
     root = _eight_images(tmp_path / "d")
     for split in ("train", "val"):
@@ -618,6 +620,7 @@ def sbn_parity():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_failing_export_keeps_the_good_file_and_the_failing_one_beside_it(run_cli, tmp_path,
                                                                          small_checkpoint):
     import onnx
