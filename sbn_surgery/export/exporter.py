@@ -26,14 +26,13 @@ from ..progress import ProgressFn
 from . import graph
 from .prepare import MODES, SiteExport, export_sites, prepare_export_model
 
-__all__ = ["write_onnx", "check_export_options", "ExportResult", "SiteExport", "MODES",
+__all__ = ["write_onnx", "check_export_options", "ExportPlan", "ExportResult", "SiteExport", "MODES",
            "DEFAULT_OPSET", "MIN_OPSET", "EXPORT_STEPS", "WRITE_STEPS", "prepare_export_model"]
-
 
 
 @dataclass
 class ExportResult:
-    """What :func:`export_onnx` wrote and how parity came out."""
+    """What :func:`write_onnx` wrote, and how parity came out where the caller checked it."""
 
     path: Path
     mode: str
@@ -165,8 +164,8 @@ WRITE_STEPS = 3
 
 
 @dataclass
-class _Plan:
-    """The checked options of one export."""
+class ExportPlan:
+    """The checked options of one export (from :func:`check_export_options`)."""
 
     path: Path
     mode: str
@@ -180,7 +179,7 @@ class _Plan:
 
 def check_export_options(model: nn.Module, path: Union[str, Path], mode: str, opset: int,
                          input_size: Optional[tuple[int, int, int]], dynamic_batch: bool,
-                         dynamic_size: Optional[bool], batch_size: int) -> _Plan:
+                         dynamic_size: Optional[bool], batch_size: int) -> ExportPlan:
     """Refuse options that cannot work before the slow copy, probe and trace; the input size
     resolved (``input_size``, else ``model.sbn_meta``, else timm's)."""
     if mode not in MODES:
@@ -200,11 +199,11 @@ def check_export_options(model: nn.Module, path: Union[str, Path], mode: str, op
                           f"{path / 'model.onnx'}")
     if path.suffix.lower() != ".onnx":
         raise ExportError(f"output file {path} should end in .onnx")
-    return _Plan(path, mode, int(opset), _resolve_input_size(model, input_size), dynamic_batch,
+    return ExportPlan(path, mode, int(opset), _resolve_input_size(model, input_size), dynamic_batch,
                  dynamic_size, int(batch_size), _frequency_sites(model))
 
 
-def _trace(work: nn.Module, plan: _Plan, dyn_size: bool) -> Any:
+def _trace(work: nn.Module, plan: ExportPlan, dyn_size: bool) -> Any:
     """The exported ModelProto of the export-ready copy, at the opset asked for."""
     from torch.export import Dim
 
@@ -225,7 +224,7 @@ def _trace(work: nn.Module, plan: _Plan, dyn_size: bool) -> Any:
     return proto
 
 
-def _finalize(proto: Any, model: nn.Module, plan: _Plan, records: list[SiteExport]) -> bool:
+def _finalize(proto: Any, model: nn.Module, plan: ExportPlan, records: list[SiteExport]) -> bool:
     """Name the symbolic dims and the SBN nodes, record each site's graph tensors, write the
     metadata. Returns whether the file has a symbolic spatial size."""
     graph.drop_inferred_shapes(proto)
@@ -249,7 +248,7 @@ def _finalize(proto: Any, model: nn.Module, plan: _Plan, records: list[SiteExpor
     return dyn_size
 
 
-def write_onnx(model: nn.Module, plan: _Plan, target: Union[str, Path], *, layout: str = "auto",
+def write_onnx(model: nn.Module, plan: ExportPlan, target: Union[str, Path], *, layout: str = "auto",
                progress: Optional[ProgressFn] = None) -> ExportResult:
     """Trace the export-ready copy of ``model`` for ``plan`` (from :func:`check_export_options`)
     and write it to ``target`` (atomically); ``result.path`` is ``plan.path``. The caller's model
