@@ -112,6 +112,7 @@ def test_wrong_checkpoint_key_lists_the_keys(run_cli, tmp_path, timm_train_check
 
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module.",
                                     "module.module."])
+@pytest.mark.slow
 def test_wrapper_prefixes_are_removed(run_cli, tmp_path, models, prefix):
     ckpt = tmp_path / "wrapped.pth"
     torch.save({prefix + k: v for k, v in models["plain"].state_dict().items()}, ckpt)

@@ -465,6 +465,7 @@ def _nan_after(monkeypatch, calls: int) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_files(run_cli, tmp_path,
                                                                      monkeypatch):
     import torch

@@ -127,6 +127,7 @@ def test_float32_within_relative_tolerance(stats, impl):
 
 
 @pytest.mark.parametrize("stats,impl", PATHS)
+@pytest.mark.slow
 def test_gradcheck(stats, impl):
     torch.manual_seed(0)
     x = torch.randn(3, 2, 5, 6, dtype=torch.float64, requires_grad=True)

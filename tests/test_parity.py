@@ -183,6 +183,7 @@ def test_cli_export_parity_bench_json(run_cli, checkpoint, tmp_path):
     assert data["batch"] == 2 and data["ratio"] > 0 and data["clock"] == "cpu"
 
 
+@pytest.mark.slow
 def test_cli_human_output_and_real_images(run_cli, checkpoint, tmp_path):
     onnx_path = tmp_path / "r10.onnx"
     res = run_cli("export", checkpoint, "-o", onnx_path, "--data", "synthetic", "--data-images", "4")
