@@ -70,7 +70,7 @@ def main() -> None:
 
     import onnxruntime
 
-    from sbn_surgery.export import export_onnx
+    from sbn_surgery import export_onnx
     from sbn_surgery.parity import bench
 
     size = (3, args.size, args.size)

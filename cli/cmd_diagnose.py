@@ -142,20 +142,13 @@ def diagnose(
 
       sbn-surgery diagnose r50-sbn.safetensors --data digits --norm-stats running
     """
-    import torch
-
-    from sbn_surgery.diagnose import compare as run_compare
-    from sbn_surgery.diagnose import diagnose_variant, load_model, plot_rms
     from sbn_surgery.errors import SbnSurgeryError
     from sbn_surgery.models import input_size_of
 
     if norm_stats not in ("batch", "running"):
         raise SbnSurgeryError(f"--norm-stats must be 'batch' or 'running'; got {norm_stats!r}")
     con = out(json_out)
-    torch.manual_seed(seed)  # the initialization, when no weights are given
-    net = load_model(model, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
-                     num_classes=num_classes,
-                     model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
+    net = _load(model, checkpoint, checkpoint_key, num_classes, model_kwargs, seed)
     meta = getattr(net, "sbn_meta", None) or {}
     name = str(meta.get("model_name") or model)
     if input_size is None:
@@ -163,20 +156,45 @@ def diagnose(
     images = _load_images(net, data, input_size, batch_size, batches, seed)
     if compare and remove_bn:
         con.print("[yellow]--remove-bn is implied by --compare, which shows both settings.[/]")
+    reports = _measure(net, images, compare, dict(
+        recipe=recipe, norm_stats=norm_stats, input_size=input_size, model_name=name,
+        force=force), remove_bn, json_out)
+    if plot is not None:
+        _plot(reports, plot, checkpoint, bool(meta))
+    _render(reports, con, name, compare, json_out, plot)
+
+
+def _plot(reports: list, plot: Path, checkpoint: Optional[Path], converted: bool) -> None:
+    from sbn_surgery.diagnose import plot_rms
+
+    weights = f"(weights {checkpoint.name})" if checkpoint is not None else \
+        ("(converted checkpoint)" if converted else "at initialization")
+    plot_rms(reports, plot, weights=weights)
+
+
+def _load(model: str, checkpoint, checkpoint_key, num_classes, model_kwargs, seed: int):
+    import torch
+
+    from sbn_surgery.diagnose import load_model
+
+    torch.manual_seed(seed)  # the initialization, when no weights are given
+    return load_model(model, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+                      num_classes=num_classes, model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
+
+
+def _measure(net, images, compare: bool, options: dict, remove_bn: bool, json_out: bool) -> list:
+    """The reports of the four variants (``compare``) or of the one asked for."""
+    from sbn_surgery.diagnose import compare as run_compare
+    from sbn_surgery.diagnose import diagnose_variant
 
     with progress_bar(json_out) as progress:
         if compare:
-            reports = run_compare(net, images, recipe=recipe, norm_stats=norm_stats,
-                                  input_size=input_size, progress=progress, model_name=name,
-                                  force=force)
-        else:
-            reports = [diagnose_variant(net, images, recipe=recipe, remove_bn=remove_bn,
-                                        norm_stats=norm_stats, input_size=input_size,
-                                        progress=progress, model_name=name, force=force)]
-    if plot is not None:
-        weights = f"(weights {checkpoint.name})" if checkpoint is not None else \
-            ("(converted checkpoint)" if meta else "at initialization")
-        plot_rms(reports, plot, weights=weights)
+            return run_compare(net, images, progress=progress, **options)
+        return [diagnose_variant(net, images, remove_bn=remove_bn, progress=progress, **options)]
+
+
+def _render(reports: list, con, name: str, compare: bool, json_out: bool,
+            plot: Optional[Path]) -> None:
     if json_out:  # one object on stdout, and no table on stderr either (notes are in it)
         if compare:
             print_json({"model": name, "variants": [r.to_json() for r in reports]})

@@ -8,6 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from sbn_surgery.onnx_io import DEFAULT_OPSET, MIN_OPSET
+
 from .common import out, print_json, progress_bar
 
 ORDER = 40
@@ -99,7 +101,8 @@ def export(
                                       "`sbn-surgery convert` or `finetune`."),
     output: Path = typer.Option(..., "--output", "-o", help="The ONNX file to write (.onnx)."),
     mode: str = typer.Option("fold", "--mode", "-m", help=MODE_HELP),
-    opset: int = typer.Option(20, help="ONNX opset, 18 or later (torch.onnx writes 18+; DFT exists from 17)."),
+    opset: int = typer.Option(DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} or later (torch.onnx "
+                              f"writes {MIN_OPSET}+; DFT exists from 17)."),
     input_size: Optional[tuple[int, int, int]] = typer.Option(
         None, help="C H W of the exported input. Default: the size the checkpoint was converted "
         "at. Frequency-mode SBN and matmul mode are fixed to the spatial size this gives."),
@@ -133,7 +136,7 @@ def export(
       sbn-surgery export r18-sbn.safetensors -o r18-dft.onnx --mode dft --json
     """
     from sbn_surgery.checkpoint import load_converted
-    from sbn_surgery.export import export_onnx
+    from sbn_surgery import export_onnx
     from sbn_surgery.parity import ParityFailed
 
     model = load_converted(checkpoint)
@@ -190,11 +193,11 @@ def parity(
       sbn-surgery parity r18-dft.onnx r18-sbn.safetensors --per-layer --json
     """
     from sbn_surgery.checkpoint import load_converted
-    from sbn_surgery.export import read_metadata
+    from sbn_surgery.onnx_io import read_onnx_metadata
     from sbn_surgery.parity import ParityFailed, check_parity
 
     model = load_converted(checkpoint)
-    size = input_size or tuple(read_metadata(onnx_file).get("input_size") or ()) or None
+    size = input_size or tuple(read_onnx_metadata(onnx_file).get("input_size") or ()) or None
     images = _images(data, model, size, data_images)
     report = check_parity(onnx_file, model, images=images, input_size=size, rtol=rtol,
                           min_top1=min_top1, per_layer=per_layer)

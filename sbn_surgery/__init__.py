@@ -14,13 +14,13 @@ from .recipe import Recipe, load_recipe
 from .surgery import Plan, Site, apply_recipe, calibrate, find_sbn, init_identity, strip_sbn
 from .checkpoint import load_converted, save_converted
 from .convert import convert
-# Bound here, so sbn_surgery.diagnose(...) is the function (the package stays importable with
-# ``from sbn_surgery.diagnose import ...``).
-from .diagnose import diagnose
+# The subpackage, callable as its function: sbn_surgery.diagnose(...) runs diagnose() and
+# ``import sbn_surgery.diagnose as d`` is the package (see _callable); study is the same.
+from . import diagnose
 
-#: Heavier entry points (onnx, the training loop), imported on first use.
-_LAZY = {"export_onnx": ".export", "finetune": ".train", "FinetuneResult": ".train",
-         "study": ".study"}
+#: Heavier entry points (onnx, the training loop), imported on first use; None: the subpackage.
+_LAZY = {"export_onnx": ".deploy", "finetune": ".train", "FinetuneResult": ".train",
+         "study": None}
 
 __all__ = [
     "__version__", "SbnSurgeryError", "SpectralBatchNorm2d", "spectral_batch_norm", "Recipe",
@@ -34,7 +34,10 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        source = _LAZY[name]
+        value = importlib.import_module(f".{name}" if source is None else source, __name__)
+        if source is not None:
+            value = getattr(value, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'sbn_surgery' has no attribute {name!r}")

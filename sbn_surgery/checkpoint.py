@@ -24,7 +24,8 @@ from .recipe import Recipe
 from .surgery import apply_recipe
 from .weights import load_safetensors, safetensors_shapes
 
-__all__ = ["save_converted", "load_converted", "read_metadata", "is_converted", "atomic_write",
+__all__ = ["save_converted", "load_converted", "read_checkpoint_metadata", "read_metadata",
+           "is_converted", "atomic_write",
            "ConvertedMeta", "FORMAT"]
 
 FORMAT = "sbn-surgery/converted-v1"
@@ -158,9 +159,13 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]
     return checked.model_dump(exclude_none=True), shapes
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a converted checkpoint (JSON fields decoded, validated)."""
     return _read(path)[0]
+
+
+#: The name this function had first; an ONNX file's metadata is ``read_onnx_metadata``.
+read_metadata = read_checkpoint_metadata
 
 
 def _build(meta: dict[str, Any], recipe: Recipe) -> nn.Module:

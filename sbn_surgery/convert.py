@@ -10,8 +10,9 @@ from torch import nn
 
 from .models import create_model, input_size_of
 from .recipe import Recipe, check_fits, load_recipe
-from .surgery import (Plan, ProgressFn, apply_recipe, calibrate, carry_zero_init,
-                      init_identity, synthetic_batches)
+from .progress import ProgressFn
+from .surgery import (Plan, apply_recipe, calibrate, carry_zero_init, init_identity,
+                      synthetic_batches)
 
 __all__ = ["convert", "resolve_init"]
 

@@ -64,7 +64,7 @@ def quickstart(output: Union[str, Path] = "runs/quickstart", *, model: str = MOD
     ``subset`` trains on that many images only (for tests)."""
     from .checkpoint import load_converted
     from .data import calibration_batches, data_config_for
-    from .export import export_onnx
+    from .deploy import export_onnx
     from .layers import SpectralBatchNorm2d
     from .recipe import recipe_for_model
     from .train import finetune

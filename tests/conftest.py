@@ -1,9 +1,12 @@
-"""Shared fixtures."""
+"""Shared fixtures, and helpers more than one test file uses (imported as
+``from conftest import ...``)."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 
 import pytest
 
@@ -52,3 +55,90 @@ def run_cli(capsys, monkeypatch):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """Exit 2, exactly one non-empty stderr line starting with 'error:' and holding every
+    fragment, no traceback anywhere. ``result``: a :class:`CliResult` or a CompletedProcess.
+    Returns the line."""
+    code = getattr(result, "code", None)
+    code = result.returncode if code is None else code
+    assert code == 2, (code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in (result.stdout or "")
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+    return lines[0]
+
+
+def randomize_norms(model, g) -> None:
+    """Random BatchNorm affine parameters and running statistics from the generator ``g``, as a
+    trained model has: identity init and export are then not tested on norms that are nearly
+    the identity (or zero: timm zero-initializes the last norm of residual blocks)."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0.0, 0.2, generator=g)
+                m.running_mean.normal_(0.0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+
+
+#: Converted models for export and parity: name -> (input size, rules, model kwargs, another
+#: input size). Each model has a channel-mode and a frequency-mode site at odd feature maps, and
+#: together they cover each way SBN sits: after a BatchNorm2d (channel mode folds into it),
+#: replacing one, between a BatchNormAct2d's norm and its activation (MobileNetV3 class; folds
+#: into it), and before a norm (no fold).
+ARCHS = {
+    "resnet10t": ((3, 56, 60), [{"paths": ["layer1.0.bn2"], "sbn": {"stats": "channel"}},  # 14x15
+                                {"paths": ["layer2.0.bn2"], "position": "replace",  # 7x8
+                                 "sbn": {"stats": "frequency"}}], {}, (88, 72)),
+    "lcnet_035": ((3, 112, 112), [{"paths": ["blocks.3.0.bn2"], "sbn": {"stats": "frequency"}},  # 7x7
+                                  {"paths": ["blocks.3.1.bn2"], "sbn": {"stats": "channel"}}],  # 7x7
+                  {}, (96, 128)),
+    "regnetx_002": ((3, 112, 120), [{"paths": ["s2.b1.conv2.bn"], "sbn": {"stats": "frequency"}},  # 14x15
+                                    {"paths": ["s3.b1.conv3.bn"], "sbn": {"stats": "channel"}}],  # 7x8
+                    {}, (128, 96)),
+    # a small classifier MLP (mlp_ratio) keeps the test fast; the features are VGG-11's
+    "vgg11_bn": ((3, 56, 60), [{"paths": ["features.9"], "sbn": {"stats": "frequency"}},  # 14x15
+                               {"paths": ["features.16"], "position": "before",  # 7x7
+                                "sbn": {"stats": "channel"}}],
+                 {"mlp_ratio": 0.01}, (64, 80)),
+}
+
+
+@lru_cache(maxsize=None)
+def _converted(name: str, stats, seed: int):
+    import timm
+    import torch
+
+    from sbn_surgery import apply_recipe, calibrate
+    from sbn_surgery.recipe import Recipe
+
+    size, rules, kwargs, _ = ARCHS[name]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    randomize_norms(model, g)
+    if stats is not None:
+        rules = [{**r, "sbn": {"stats": stats}} for r in rules]
+    plan = apply_recipe(model, Recipe(name="test", rules=rules), input_size=size)
+    calibrate(model, [torch.randn(4, *size, generator=g) for _ in range(2)])
+    with torch.no_grad():
+        for site in plan.sites:
+            sbn = model.get_submodule(site.module)
+            sbn.weight.uniform_(0.5, 1.5, generator=g)
+            sbn.bias.normal_(0.0, 0.3, generator=g)
+    return model.eval(), plan, size
+
+
+def converted(name: str, stats=None, seed: int = 0):
+    """A timm model of ARCHS (random init, random norms) with SBN at its sites, in the modes
+    given there (or all in ``stats``), statistics calibrated on random images and random
+    gamma/beta, so no SBN is close to the identity. A fresh copy each call."""
+    model, plan, size = _converted(name, stats, seed)
+    return copy.deepcopy(model), plan, size

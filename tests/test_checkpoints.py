@@ -10,6 +10,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import one_line_error
 from safetensors.torch import save_file
 from torch import nn
 
@@ -55,16 +56,6 @@ def _convert_cli(run_cli, tmp_path, ckpt, *extra):
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["init"] == "identity"
     return sbn.load_converted(out)
-
-
-def _one_line_error(result, *fragments):
-    assert result.code == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    text = " ".join(ln.strip() for ln in lines)
-    assert text.startswith("error:"), text
-    for frag in fragments:
-        assert frag in text, text
 
 
 class _DDPLike(nn.Module):
@@ -114,13 +105,14 @@ def test_wrong_checkpoint_key_lists_the_keys(run_cli, tmp_path, timm_train_check
                           ("metric", "does not hold a state dict")):
         result = run_cli("convert", NAME, "--checkpoint", timm_train_checkpoint, "-o", out,
                          "--checkpoint-key", key, *SMALL)
-        _one_line_error(result, f"--checkpoint-key {key!r}", fragment, "state_dict_ema",
+        one_line_error(result, f"--checkpoint-key {key!r}", fragment, "state_dict_ema",
                         "optimizer", "args")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module.",
                                     "module.module."])
+@pytest.mark.slow
 def test_wrapper_prefixes_are_removed(run_cli, tmp_path, models, prefix):
     ckpt = tmp_path / "wrapped.pth"
     torch.save({prefix + k: v for k, v in models["plain"].state_dict().items()}, ckpt)
@@ -152,9 +144,10 @@ def test_snapshot_of_another_architecture_is_refused(run_cli, tmp_path, models):
     snap = _snapshot(tmp_path / "snap", models["plain"], "model.safetensors",
                      {"architecture": "resnet18.a1_in1k", "num_classes": 10})
     result = run_cli("convert", NAME, "--checkpoint", snap, "-o", tmp_path / "x.safetensors", *SMALL)
-    _one_line_error(result, "is a resnet18.a1_in1k", "give the model name resnet18")
+    one_line_error(result, "is a resnet18.a1_in1k", "give the model name resnet18")
 
 
+@pytest.mark.slow
 def test_python_api_takes_every_layout(tmp_path, models, timm_train_checkpoint):
     snap = _snapshot(tmp_path / "snap", models["plain"], "model.safetensors",
                      {"architecture": NAME, "num_classes": 10})
@@ -168,6 +161,7 @@ def test_python_api_takes_every_layout(tmp_path, models, timm_train_checkpoint):
         sbn.convert(NAME, "resnet", checkpoint_key="state_dict_ema", input_size=(3, 32, 32))
 
 
+@pytest.mark.slow
 def test_finetune_builds_from_the_key_asked(tmp_path, models, timm_train_checkpoint):
     from sbn_surgery.data import open_source
     from sbn_surgery.train import finetune
@@ -197,7 +191,7 @@ def test_diagnose_reads_the_key_asked(run_cli, models, timm_train_checkpoint):
                      "--checkpoint-key", "state_dict_ema", "--json", "--batch-size", "2", *SMALL)
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)
-    _one_line_error(run_cli("diagnose", NAME, "--checkpoint", timm_train_checkpoint,
+    one_line_error(run_cli("diagnose", NAME, "--checkpoint", timm_train_checkpoint,
                             "--checkpoint-key", "model_ema", *SMALL), "'model_ema' is not in")
 
 
@@ -207,4 +201,8 @@ def test_model_kwargs_that_read_files_are_refused():
     for key in ("pretrained", "checkpoint_path", "pretrained_cfg_overlay", "cache_dir"):
         with pytest.raises(ModelError, match=f"{key!r} is refused"):
             create_model(NAME, model_kwargs={key: "x"})
-    assert create_model(NAME, model_kwargs={"drop_path_rate": 0.1}) is not None
+    from timm.layers import DropPath
+
+    model = create_model(NAME, model_kwargs={"drop_path_rate": 0.1})
+    probs = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert probs and max(probs) == pytest.approx(0.1)  # the argument reached timm

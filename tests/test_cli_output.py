@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 
+@pytest.mark.slow
 def test_recipe_printed_into_a_pipe_is_the_file_byte_for_byte(tmp_path):
     """`sbn-surgery recipes resnet > my.yaml` at 80 columns: the file back, and it loads."""
     env = {**os.environ, "COLUMNS": "80"}

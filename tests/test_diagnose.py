@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import one_line_error
 from torch import nn
 
 import sbn_surgery as sbn
@@ -234,6 +235,7 @@ def test_remove_batchnorm_keeps_sbn_hosted_by_batchnorms():
     assert int(s1.num_batches_tracked) == 1 and int(s2.num_batches_tracked) == 1
 
 
+@pytest.mark.slow
 def test_diagnose_records_sbn_output_after_remove_bn():
     # the hook-run SBN still normalizes: block outputs of the converted, BN-free model differ
     # from those of the BN-free model without SBN
@@ -258,6 +260,7 @@ def resnet34_at_init():
     return _model("resnet34", seed=0), synthetic_batches(SIZE, 8, 1, seed=0)
 
 
+@pytest.mark.slow
 def test_without_bn_feature_maps_explode_and_sbn_stops_it(resnet34_at_init):
     model, x = resnet34_at_init
     no_bn = diagnose_variant(model, x, remove_bn=True, input_size=SIZE)
@@ -284,6 +287,7 @@ rules:
 FREQUENCY_EVERY_BLOCK = EVERY_BLOCK.replace("stats: channel", "stats: frequency")
 
 
+@pytest.mark.slow
 def test_frequency_sbn_raises_spectral_entropy_on_the_same_input(resnet34_at_init):
     model, x = resnet34_at_init
     base = make_variant(model, remove_bn=True)
@@ -311,6 +315,7 @@ def resnet18_compared():
     return model, compare(model, synthetic_batches(SIZE, 4, 1), input_size=SIZE)
 
 
+@pytest.mark.slow
 def test_compare_runs_the_four_variants(resnet18_compared):
     model, reports = resnet18_compared
     assert [r.variant for r in reports] == [v[0] for v in VARIANTS]
@@ -330,6 +335,7 @@ def test_compare_runs_the_four_variants(resnet18_compared):
         compare(converted, synthetic_batches(SIZE, 4, 1), recipe="resnet")
 
 
+@pytest.mark.slow
 def test_plot_has_log_rms_axis_labels_and_a_legend(resnet18_compared, tmp_path):
     _, reports = resnet18_compared
     fig = rms_figure(reports, weights="at initialization")
@@ -351,6 +357,7 @@ def test_plot_has_log_rms_axis_labels_and_a_legend(resnet18_compared, tmp_path):
 LAYER_KEYS = {"module", "depth", "rms", "max_abs", "top_freq_share", "spectral_entropy"}
 
 
+@pytest.mark.slow
 def test_cli_json_single_variant(run_cli):
     result = run_cli("diagnose", "resnet18", *SMALL, "--json")
     assert result.code == 0, result.stderr
@@ -364,6 +371,7 @@ def test_cli_json_single_variant(run_cli):
     assert "RMS grows \u00d7" in human.stdout
 
 
+@pytest.mark.slow
 def test_cli_compare_table_json_and_plot(run_cli, tmp_path):
     png = tmp_path / "cmp.png"
     result = run_cli("diagnose", "resnet18", *SMALL, "--compare", "--plot", png, "--json")
@@ -378,6 +386,7 @@ def test_cli_compare_table_json_and_plot(run_cli, tmp_path):
     assert all("growth" in v for v in data["variants"])
 
 
+@pytest.mark.slow
 def test_cli_uses_the_given_weights(run_cli, tmp_path):
     model = _model("resnet18", seed=3)
     with torch.no_grad():
@@ -398,8 +407,6 @@ def test_cli_uses_the_given_weights(run_cli, tmp_path):
 
 
 def test_cli_errors_are_one_line(run_cli):
-    result = run_cli("diagnose", "resnet_does_not_exist", "--json")
-    assert result.code == 2 and result.stderr.strip().startswith("error:")
-    assert "Traceback" not in result.stderr
-    bad = run_cli("diagnose", "resnet18", *SMALL, "--norm-stats", "sometimes")
-    assert bad.code == 2 and "--norm-stats" in bad.stderr
+    one_line_error(run_cli("diagnose", "resnet_does_not_exist", "--json"), "resnet_does_not_exist")
+    one_line_error(run_cli("diagnose", "resnet18", *SMALL, "--norm-stats", "sometimes"),
+                   "--norm-stats")

@@ -5,40 +5,18 @@ float32, for the output and for every SBN layer's own output."""
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
 
 import numpy as np
 import onnx
 import pytest
-import timm
 import torch
+from conftest import ARCHS, converted
 
-from sbn_surgery import apply_recipe, calibrate
+from sbn_surgery import export_onnx
 from sbn_surgery.errors import ExportError
-from sbn_surgery.export import NODE_PREFIX, export_onnx, read_metadata
+from sbn_surgery.export import NODE_PREFIX, read_metadata
 from sbn_surgery.parity import check_parity, session
-from sbn_surgery.recipe import Recipe
 
-#: name -> (input size, rules, model kwargs, another input size). Each model has a channel-mode
-#: and a frequency-mode site at odd feature maps, and together they cover each way SBN sits:
-#: after a BatchNorm2d (channel mode folds into it), replacing one, between a BatchNormAct2d's
-#: norm and its activation (MobileNetV3 class; folds into it), and before a norm (no fold).
-ARCHS = {
-    "resnet10t": ((3, 56, 60), [{"paths": ["layer1.0.bn2"], "sbn": {"stats": "channel"}},  # 14x15
-                                {"paths": ["layer2.0.bn2"], "position": "replace",  # 7x8
-                                 "sbn": {"stats": "frequency"}}], {}, (88, 72)),
-    "lcnet_035": ((3, 112, 112), [{"paths": ["blocks.3.0.bn2"], "sbn": {"stats": "frequency"}},  # 7x7
-                                  {"paths": ["blocks.3.1.bn2"], "sbn": {"stats": "channel"}}],  # 7x7
-                  {}, (96, 128)),
-    "regnetx_002": ((3, 112, 120), [{"paths": ["s2.b1.conv2.bn"], "sbn": {"stats": "frequency"}},  # 14x15
-                                    {"paths": ["s3.b1.conv3.bn"], "sbn": {"stats": "channel"}}],  # 7x8
-                    {}, (128, 96)),
-    # a small classifier MLP (mlp_ratio) keeps the test fast; the features are VGG-11's
-    "vgg11_bn": ((3, 56, 60), [{"paths": ["features.9"], "sbn": {"stats": "frequency"}},  # 14x15
-                               {"paths": ["features.16"], "position": "before",  # 7x7
-                                "sbn": {"stats": "channel"}}],
-                 {"mlp_ratio": 0.01}, (64, 80)),
-}
 EXPECTED_SIZES = {
     "resnet10t": {(14, 15), (7, 8)}, "lcnet_035": {(7, 7)},
     "regnetx_002": {(14, 15), (7, 8)}, "vgg11_bn": {(14, 15), (7, 7)},
@@ -46,47 +24,9 @@ EXPECTED_SIZES = {
 TOL = {"dft": 1e-4, "matmul": 1e-5, "fold": 1e-5}
 
 
-def randomize_norms(model: torch.nn.Module, g: torch.Generator) -> None:
-    """Random BatchNorm affine parameters and running statistics, as a trained model has (timm
-    zero-initializes the last norm of residual blocks, which would feed SBN all zeros)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0.0, 0.2, generator=g)
-                m.running_mean.normal_(0.0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-
-
-@lru_cache(maxsize=None)
-def _converted(name: str, stats, seed: int):
-    size, rules, kwargs, _ = ARCHS[name]
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    randomize_norms(model, g)
-    if stats is not None:
-        rules = [{**r, "sbn": {"stats": stats}} for r in rules]
-    plan = apply_recipe(model, Recipe(name="test", rules=rules), input_size=size)
-    calibrate(model, [torch.randn(4, *size, generator=g) for _ in range(2)])
-    with torch.no_grad():
-        for site in plan.sites:
-            sbn = model.get_submodule(site.module)
-            sbn.weight.uniform_(0.5, 1.5, generator=g)
-            sbn.bias.normal_(0.0, 0.3, generator=g)
-    return model.eval(), plan, size
-
-
-def converted(name: str, stats=None, seed: int = 0):
-    """A timm model (random init, random norms) with SBN at the sites of ARCHS, in the modes
-    given there (or all in ``stats``), statistics calibrated on random images and random
-    gamma/beta, so no SBN is close to the identity. A fresh copy each call."""
-    model, plan, size = _converted(name, stats, seed)
-    return copy.deepcopy(model), plan, size
-
-
 @pytest.mark.parametrize("mode", ["fold", "matmul", "dft"])
 @pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.slow
 def test_parity(tmp_path, arch, mode):
     model, plan, size = converted(arch)
     assert {s.spatial_size for s in plan.sites} == EXPECTED_SIZES[arch]
@@ -117,6 +57,7 @@ def test_parity(tmp_path, arch, mode):
 
 
 @pytest.mark.parametrize("arch", ["lcnet_035", "vgg11_bn"])  # resnet10t: see test_graph_...
+@pytest.mark.slow
 def test_channel_fold_file_serves_other_sizes(tmp_path, arch):
     """With channel-mode SBN only, a fold-mode file has a symbolic spatial size and matches
     PyTorch at a size other than the one it was exported at. VGG's classifier pools adaptively
@@ -154,6 +95,7 @@ def _sbn_ops(path) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("mode", ["fold", "matmul", "dft"])
+@pytest.mark.slow
 def test_graph_names_ops_and_metadata(tmp_path, mode):
     """Channel-mode resnet10t: SBN node names, op types per mode, metadata, one file; the
     caller's model untouched; fold and dft files with a symbolic size, run at a second size."""
@@ -221,6 +163,7 @@ def test_frequency_mode_at_the_wrong_size_is_an_error(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", input_size=(3, 64, 64))
 
 
+@pytest.mark.slow
 def test_static_batch(tmp_path):
     model, _, size = converted("resnet10t", "channel")
     path = tmp_path / "m.onnx"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sbn_surgery import SpectralBatchNorm2d, apply_recipe, calibrate
-from sbn_surgery.export import export_onnx
+from sbn_surgery import export_onnx
 from sbn_surgery.export.forms import (CornerForm, DftForm, MatmulForm, build_form,
                                       dense_dft_matrices, separable_dft_matrices)
 from sbn_surgery.recipe import Recipe

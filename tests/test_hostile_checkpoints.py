@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import one_line_error
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -33,17 +34,6 @@ def _files(folder: Path) -> dict[str, bytes]:
         else:
             out[str(p)] = p.read_bytes()
     return out
-
-
-def _one_line(result, *fragments) -> str:
-    assert result.code == 2, (result.code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    text = lines[0]
-    for frag in fragments:
-        assert frag in text, text
-    return text
 
 
 @contextmanager
@@ -123,7 +113,7 @@ def test_damaged_checkpoint_is_one_line(run_cli, tmp_path, name):
     path = tmp_path / name
     path.write_bytes(BROKEN[name](tmp_path / f"src-{name}"))
     before = _files(tmp_path)
-    _one_line(_convert(run_cli, tmp_path, path), str(path))
+    one_line_error(_convert(run_cli, tmp_path, path), str(path))
     assert _files(tmp_path) == before and not (tmp_path / "out.safetensors").exists()
 
 
@@ -140,9 +130,9 @@ def test_pickle_payload_is_refused_and_never_runs(run_cli, guarded):
     marker = guarded / "PWNED"
     path = guarded / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Payload(marker)}, path)
-    _one_line(_convert(run_cli, guarded, path), f"refused to load {path}", "system")
+    one_line_error(_convert(run_cli, guarded, path), f"refused to load {path}", "system")
     assert not marker.exists()
-    _one_line(_checked(run_cli, guarded, "diagnose", NAME, "--checkpoint", path, *SMALL),
+    one_line_error(_checked(run_cli, guarded, "diagnose", NAME, "--checkpoint", path, *SMALL),
               "refused to load")
     assert not marker.exists()
 
@@ -156,14 +146,14 @@ def test_non_regular_files_are_refused_without_reading(run_cli, guarded, kind, s
         os.mkfifo(path)
     else:
         path.symlink_to("/dev/zero")
-    _one_line(_convert(run_cli, guarded, path), "not a regular file")
+    one_line_error(_convert(run_cli, guarded, path), "not a regular file")
 
 
 @pytest.mark.timeout(60)
 def test_directory_without_weights(run_cli, guarded):
     (guarded / "snap").mkdir()
     (guarded / "snap" / "config.json").write_text('{"architecture": "resnet10t"}')
-    _one_line(_convert(run_cli, guarded, guarded / "snap"), "holds no model.safetensors or "
+    one_line_error(_convert(run_cli, guarded, guarded / "snap"), "holds no model.safetensors or "
               "pytorch_model.bin")
 
 
@@ -179,14 +169,14 @@ def test_hostile_snapshot_config(run_cli, guarded, config, fragment):
     snap.mkdir()
     _good_safetensors(snap / "model.safetensors")
     (snap / "config.json").write_text(config)
-    _one_line(_convert(run_cli, guarded, snap), fragment)
+    one_line_error(_convert(run_cli, guarded, snap), fragment)
 
 
 @pytest.mark.timeout(60)
 def test_checkpoint_of_another_architecture_names_the_keys(run_cli, guarded):
     path = guarded / "r18.pth"
     torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), path)
-    _one_line(_convert(run_cli, guarded, path, "--num-classes", "10"), "does not fit model ResNet",
+    one_line_error(_convert(run_cli, guarded, path, "--num-classes", "10"), "does not fit model ResNet",
               "missing key(s): conv1.0.weight")
 
 
@@ -197,7 +187,7 @@ def test_a_prefix_on_some_keys_only_is_not_merged(run_cli, guarded):
     state["module.fc.weight"] = torch.zeros_like(state["fc.weight"])
     path = guarded / "dup.pth"
     torch.save(state, path)
-    _one_line(_convert(run_cli, guarded, path, "--num-classes", "10"),
+    one_line_error(_convert(run_cli, guarded, path, "--num-classes", "10"),
               "1 unexpected key(s): module.fc.weight")
 
 
@@ -238,15 +228,15 @@ EDITS = [
 @pytest.mark.parametrize("change, fragment", EDITS, ids=[str(i) for i in range(len(EDITS))])
 def test_edited_metadata_is_one_line(run_cli, converted, guarded, change, fragment):
     path = _edited(converted, guarded / "edited.safetensors", **change)
-    _one_line(_checked(run_cli, guarded, "diagnose", path, "--json"), fragment)
-    _one_line(_checked(run_cli, guarded, "export", path, "-o", guarded / "out.safetensors"),
+    one_line_error(_checked(run_cli, guarded, "diagnose", path, "--json"), fragment)
+    one_line_error(_checked(run_cli, guarded, "export", path, "-o", guarded / "out.safetensors"),
               fragment)
 
 
 @pytest.mark.timeout(60)
 def test_missing_model_name(run_cli, converted, guarded):
     path = _edited(converted, guarded / "edited.safetensors", drop=("model_name",))
-    _one_line(_checked(run_cli, guarded, "diagnose", path), "'model_name' is invalid: Field required")
+    one_line_error(_checked(run_cli, guarded, "diagnose", path), "'model_name' is invalid: Field required")
 
 
 @pytest.mark.timeout(60)
@@ -256,7 +246,7 @@ def test_recipe_alias_bomb_is_refused_quickly(run_cli, converted, guarded):
     path = _edited(converted, guarded / "bomb.safetensors",
                    recipe=bomb + "name: b\nmodels: [*l8]\nrules: [*l8]\n")
     start = time.monotonic()
-    _one_line(_checked(run_cli, guarded, "diagnose", path), "embedded recipe")
+    one_line_error(_checked(run_cli, guarded, "diagnose", path), "embedded recipe")
     assert time.monotonic() - start < 30
 
 
@@ -269,11 +259,12 @@ def test_absurd_sizes_are_refused_before_allocating(run_cli, converted, guarded,
     path = _edited(converted, guarded / "huge.safetensors", **change)
     with _bounded_memory():
         result = _checked(run_cli, guarded, "diagnose", path)
-    text = _one_line(result, "does not fit its tensors")
+    text = one_line_error(result, "does not fit its tensors")
     assert "MemoryError" not in text and "allocate" not in text
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_absurd_class_count_in_a_child_process_stays_small(converted, tmp_path):
     """The same through the installed command, under a 4 GiB address-space limit, measuring
     the child's peak resident memory."""
@@ -348,7 +339,7 @@ def test_bad_state_file_on_resume(run_cli, converted, tmp_path, kind):
     STATES[kind](run / "state.pt")
     before = _files(tmp_path)
     result = run_cli("finetune", NAME, "--data", "synthetic", "-o", run, "--resume")
-    _one_line(result, str(run / "state.pt"), STATE_FRAGMENTS[kind])
+    one_line_error(result, str(run / "state.pt"), STATE_FRAGMENTS[kind])
     assert _files(tmp_path) == before
 
 

@@ -14,25 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 import sbn_surgery as sbn
 from sbn_surgery.errors import RecipeError, SurgeryError
 
 CLI = str(Path(sys.executable).with_name("sbn-surgery"))
 SMALL = ["--input-size", "3", "32", "32"]
-
-
-def one_line_error(result, *fragments: str) -> str:
-    """Exit 2, exactly one non-empty stderr line starting with 'error:', no traceback."""
-    code = getattr(result, "code", None)
-    code = result.returncode if code is None else code
-    assert code == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and "Traceback" not in result.stderr
-    for frag in fragments:
-        assert frag in lines[0], lines[0]
-    return lines[0]
 
 
 def run_bounded(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -130,6 +118,7 @@ CATASTROPHIC = r"re:((.|..|...)+)+[0-9]"  # exponential backtracking on a path n
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("where", ["paths", "exclude", "models"])
+@pytest.mark.slow
 def test_catastrophic_regex_cannot_hang_a_command(tmp_path, where):
     path = tmp_path / "c.yaml"
     if where == "models":
@@ -281,6 +270,7 @@ def test_symlink_loops_are_followed_once(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_symlink_loop_scan_is_bounded_from_the_cli(tmp_path):
     root = _eight_images(tmp_path / "d")
     for split in ("train", "val"):
@@ -490,6 +480,7 @@ def _nan_after(monkeypatch, calls: int) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_files(run_cli, tmp_path,
                                                                      monkeypatch):
     import torch
@@ -645,6 +636,7 @@ def sbn_parity():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_failing_export_keeps_the_good_file_and_the_failing_one_beside_it(run_cli, tmp_path,
                                                                          small_checkpoint):
     import onnx

@@ -8,14 +8,14 @@ import math
 
 import pytest
 import torch
+from conftest import converted, one_line_error
 
-from sbn_surgery import convert, save_converted
+from sbn_surgery import convert, export_onnx, save_converted
 from sbn_surgery.errors import ParityError
-from sbn_surgery.export import export_onnx, read_metadata
+from sbn_surgery.export import read_metadata
 from sbn_surgery.parity import ParityFailed, bench, check_parity, default_rtol
 from sbn_surgery.recipe import Recipe
 
-from test_export import converted
 
 SIZE = (3, 56, 60)
 
@@ -40,6 +40,7 @@ def test_per_layer_parity_of_a_good_file(exported):
         assert layer.input_rel_err <= 1e-5, layer
 
 
+@pytest.mark.slow
 def test_per_layer_parity_of_layers_with_a_zero_scale(tmp_path):
     # A fresh standard init carries timm's zero-init into the SBN (gamma 0), and fold mode folds
     # that 0 into the BatchNorm in front: the file cannot show the layer's input, only its output.
@@ -86,6 +87,7 @@ def test_parity_with_real_images_and_restored_flags(exported):
         check_parity(path, model, images=torch.rand(2, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_export_keeps_a_failing_file_and_raises(tmp_path):
     model, _, size = converted("resnet10t", "channel")
     path = tmp_path / "m.onnx"
@@ -154,6 +156,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_export_parity_bench_json(run_cli, checkpoint, tmp_path):
     onnx_path = tmp_path / "r10.onnx"
     res = run_cli("export", checkpoint, "-o", onnx_path, "--mode", "matmul", "--json")
@@ -180,6 +183,7 @@ def test_cli_export_parity_bench_json(run_cli, checkpoint, tmp_path):
     assert data["batch"] == 2 and data["ratio"] > 0 and data["clock"] == "cpu"
 
 
+@pytest.mark.slow
 def test_cli_human_output_and_real_images(run_cli, checkpoint, tmp_path):
     onnx_path = tmp_path / "r10.onnx"
     res = run_cli("export", checkpoint, "-o", onnx_path, "--data", "synthetic", "--data-images", "4")
@@ -192,6 +196,7 @@ def test_cli_human_output_and_real_images(run_cli, checkpoint, tmp_path):
     assert row.rstrip(" │").endswith("ok")  # each layer's verdict fits in 80 columns
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
     onnx_path = tmp_path / "r10.onnx"
     res = run_cli("export", checkpoint, "-o", onnx_path, "--dynamic-size")
@@ -214,17 +219,10 @@ def test_cli_errors_are_one_line_and_exit_2(run_cli, checkpoint, tmp_path):
     res = run_cli("parity", onnx_path, checkpoint, "--rtol", "1e-12", "--json")
     assert res.code == 2 and json.loads(res.stdout)["passed"] is False
     res = run_cli("parity", onnx_path, checkpoint, "--input-size", "3", "64", "64")  # freq. SBN
-    assert res.code == 2 and "takes input N x 3x56x60, not 3x64x64" in res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
+    one_line_error(res, "takes input N x 3x56x60, not 3x64x64")
     res = run_cli("bench", onnx_path, "--input-size", "3", "64", "64")
-    assert res.code == 2 and "takes input N x 3x56x60, not 3x64x64" in res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
-
-    res = run_cli("parity", tmp_path / "missing.onnx", checkpoint)
-    assert res.code == 2 and "not found" in res.stderr
-
-    res = run_cli("export", checkpoint, "-o", tmp_path)
-    assert res.code == 2 and "is a directory" in res.stderr and len(res.stderr.splitlines()) == 1
+    one_line_error(res, "takes input N x 3x56x60, not 3x64x64")
+    one_line_error(run_cli("parity", tmp_path / "missing.onnx", checkpoint), "not found")
+    one_line_error(run_cli("export", checkpoint, "-o", tmp_path), "is a directory")
     res = run_cli("export", checkpoint, "-o", tmp_path / "c1.onnx", "--input-size", "1", "56", "60")
-    assert res.code == 2 and "does not run at input size 1x56x60" in res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
+    one_line_error(res, "does not run at input size 1x56x60")

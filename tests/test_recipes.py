@@ -11,6 +11,7 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import randomize_norms
 
 import sbn_surgery as sbn
 from sbn_surgery.errors import RecipeError, SurgeryError
@@ -87,20 +88,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _randomize_norms(model: torch.nn.Module) -> None:
-    """Non-trivial BatchNorm statistics and affines, so identity init is not tested on a model
-    whose norms are themselves near the identity."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5, generator=g)
-                    m.bias.normal_(0, 0.2, generator=g)
-
-
 #: Recipes without ``models`` patterns: chosen by name only, never by recipe_for_model.
 GENERAL = {"default", "resnet-every-block"}
 
@@ -118,12 +105,13 @@ def test_resnet_every_block_puts_sbn_after_the_last_norm_of_all_blocks():
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
+@pytest.mark.slow
 def test_family_recipe_on_a_small_model(family):
     name, kwargs, targets, site_path = CASES[family]
     assert recipe_for_model(name) == family
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    _randomize_norms(model)
+    randomize_norms(model, torch.Generator().manual_seed(1))
     original = copy.deepcopy(model.state_dict())
     reference = copy.deepcopy(model).eval()
 

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import timm
 import torch
+from conftest import randomize_norms
 
 import sbn_surgery as sbn
 from sbn_surgery.errors import CheckpointError, RecipeError, SurgeryError
@@ -20,19 +21,6 @@ SIZE = (3, 64, 64)
 def _model(name="resnet50", **kw):
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, num_classes=10, **kw)
-
-
-def _randomize_bn(model):
-    # Give BatchNorms non-trivial statistics so identity init is tested on a model that is not
-    # itself close to the identity.
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
 
 
 def test_resnet_recipe_on_resnet50_puts_sbn_after_bn3_of_layer3_and_layer4():
@@ -120,6 +108,53 @@ def test_later_rule_wins_and_positions():
     assert list(model.state_dict()) == list(original)
 
 
+def _recorder(seen, key):
+    """A forward hook or pre-hook that stores the tensor it sees (returns None: changes nothing)."""
+    def hook(mod, args, out=None):
+        seen[key] = (args[0] if out is None else out).clone()
+    return hook
+
+
+def _record_sbn(seen, layer):
+    layer.register_forward_pre_hook(_recorder(seen, "sbn_in"))
+    layer.register_forward_hook(_recorder(seen, "sbn_out"))
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_hooks_a_user_registered_before_conversion_see_the_sbn_output(position):
+    # SBN hooks go first (prepend), as torch.ao's observers do: a forward hook on the host sees
+    # the SBN's output, a forward pre-hook sees the SBN's output as its input.
+    model = _model("resnet18", zero_init_last=False)  # bn2 outputs more than zeros
+    host = model.layer4[1].bn2
+    seen = {}
+    if position == "after":
+        host.register_forward_hook(_recorder(seen, "user"))
+    else:
+        host.register_forward_pre_hook(_recorder(seen, "user"))
+    recipe = Recipe.from_yaml_text(
+        f"name: t\nrules:\n  - {{paths: ['layer4.1.bn2'], position: {position}}}\n")
+    sbn.apply_recipe(model, recipe, input_size=SIZE)
+    _record_sbn(seen, host.sbn)
+    model.train()(torch.randn(4, *SIZE))
+    assert not torch.allclose(seen["sbn_in"], seen["sbn_out"], atol=1e-3)  # SBN changed it
+    assert torch.equal(seen["user"], seen["sbn_out"])
+
+
+def test_a_user_hook_on_the_drop_of_a_norm_act_layer_sees_the_sbn_output():
+    model = _model("efficientnet_b0")
+    target = "blocks.6.0.bn3"
+    drop = model.get_submodule(target).drop
+    seen = {}
+    drop.register_forward_pre_hook(_recorder(seen, "user"))
+    recipe = Recipe.from_yaml_text(f"name: t\nrules:\n  - {{paths: ['{target}']}}\n")
+    plan = sbn.apply_recipe(model, recipe, input_size=SIZE)
+    assert plan.sites[0].module == target + ".drop.sbn"
+    _record_sbn(seen, drop.sbn)
+    model.train()(torch.randn(4, *SIZE))
+    assert not torch.allclose(seen["sbn_in"], seen["sbn_out"], atol=1e-3)
+    assert torch.equal(seen["user"], seen["sbn_out"])
+
+
 def test_norm_act_after_means_between_norm_and_activation():
     model = _model("efficientnet_b0")
     plan = sbn.apply_recipe(model, "default", input_size=SIZE)
@@ -142,9 +177,10 @@ def test_norm_act_after_means_between_norm_and_activation():
 
 @pytest.mark.parametrize("name,recipe", [("resnet50", "resnet"), ("efficientnet_b0", "default")])
 @pytest.mark.parametrize("stats", ["channel", "frequency"])
+@pytest.mark.slow
 def test_identity_init_keeps_eval_output(name, recipe, stats):
     model = _model(name)
-    _randomize_bn(model)
+    randomize_norms(model, torch.Generator().manual_seed(1))
     reference = copy.deepcopy(model).eval()
     r = sbn.load_recipe(recipe)
     r = r.model_copy(update={"sbn": r.sbn.merged(type(r.sbn)(stats=stats))})
@@ -256,11 +292,13 @@ def test_identity_init_does_not_move_zero_init(tmp_path):
         assert torch.equal(model.get_submodule(site.target).weight, ckpt[f"{site.target}.weight"])
 
 
+@pytest.mark.slow
 def test_converted_model_trains_deepcopies_pickles_prints_and_exports():
     model, plan = sbn.convert("resnet18", "resnet", num_classes=10, input_size=SIZE)
     x = torch.randn(2, *SIZE)
     model.train()(x).sum().backward()
-    assert model.get_submodule(plan.sites[0].module).weight.grad is not None
+    grad = model.get_submodule(plan.sites[0].module).weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     model.eval()
     y = model(x)
     assert torch.equal(copy.deepcopy(model)(x), y)
@@ -270,6 +308,7 @@ def test_converted_model_trains_deepcopies_pickles_prints_and_exports():
     assert torch.allclose(ep.module()(x), y, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_save_and_load_converted_round_trip(tmp_path):
     model, _ = sbn.convert("resnet18", "resnet", num_classes=7, input_size=(3, 32, 32),
                            init="identity")
@@ -286,7 +325,7 @@ def test_save_and_load_converted_round_trip(tmp_path):
 
 def test_original_pth_checkpoint_loads_with_weights_only(tmp_path):
     source = _model("resnet18")
-    _randomize_bn(source)
+    randomize_norms(source, torch.Generator().manual_seed(1))
     path = tmp_path / "orig.pth"
     torch.save({"state_dict": source.state_dict()}, path)
     model, _ = sbn.convert("resnet18", "resnet", checkpoint=path, num_classes=10, input_size=SIZE)

@@ -29,6 +29,7 @@ untouched. ``norm_stats="running"`` evaluates the copy in eval mode instead (tra
 while inserted SBN layers, which live as children of BatchNorm hosts, keep running.
 """
 
+from .._callable import make_callable
 from .figures import feature_stats, spectral_stats
 from .measure import compare, diagnose, diagnose_variant
 from .plot import plot_rms, rms_figure
@@ -41,3 +42,5 @@ __all__ = [
     "remove_batchnorm", "load_model", "sbn_count", "probe_points", "feature_stats",
     "spectral_stats", "plot_rms", "rms_figure",
 ]
+
+make_callable(__name__)  # sbn_surgery.diagnose(...) calls diagnose(); the name stays the package

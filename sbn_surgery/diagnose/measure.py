@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError, SbnSurgeryError
 from ..layers import SpectralBatchNorm2d
+from ..progress import ProgressFn
 from .figures import _Accumulator
 from .probes import _has, probe_points
 from .report import LayerStats, Report
 from .variants import VARIANTS, _check_recipe, make_variant, sbn_count
 
 __all__ = ["diagnose", "diagnose_variant", "compare"]
-
-Progress = Callable[..., None]
 
 
 def _norm_modules(model: nn.Module) -> list[nn.Module]:
@@ -55,7 +54,7 @@ def diagnose(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    progress: Optional[Progress] = None,
+    progress: Optional[ProgressFn] = None,
     norm_stats: str = "batch",
     points: Optional[Sequence[str]] = None,
     variant: Optional[str] = None,
@@ -80,7 +79,7 @@ def diagnose(
                     model_name=model_name or _model_name(model))
 
 
-def _measure(work: nn.Module, batches: Iterable[Any], *, progress: Optional[Progress],
+def _measure(work: nn.Module, batches: Iterable[Any], *, progress: Optional[ProgressFn],
              norm_stats: str, points: Optional[Sequence[str]], variant: Optional[str],
              label: str, model_name: str) -> Report:
     """``diagnose`` on ``work`` itself, which it changes (modes, running statistics)."""
@@ -175,7 +174,7 @@ def compare(
     variants: Sequence[str] = tuple(_VARIANT),
     norm_stats: str = "batch",
     input_size: Optional[Sequence[int]] = None,
-    progress: Optional[Progress] = None,
+    progress: Optional[ProgressFn] = None,
     model_name: Optional[str] = None,
     force: bool = False,
 ) -> list[Report]:
@@ -205,7 +204,7 @@ def diagnose_variant(
     remove_bn: bool = False,
     norm_stats: str = "batch",
     input_size: Optional[Sequence[int]] = None,
-    progress: Optional[Progress] = None,
+    progress: Optional[ProgressFn] = None,
     model_name: Optional[str] = None,
     force: bool = False,
 ) -> Report:
@@ -221,7 +220,7 @@ def diagnose_variant(
 
 def _run_variant(model: nn.Module, batches: Iterable[Any], variant: str, *, recipe: Any,
                  norm_stats: str, input_size: Optional[Sequence[int]],
-                 progress: Optional[Progress], model_name: str, force: bool = False) -> Report:
+                 progress: Optional[ProgressFn], model_name: str, force: bool = False) -> Report:
     _, label, sbn, no_bn = _VARIANT[variant]
     converted = sbn_count(model) > 0
     recipe_name = "converted" if converted else _recipe_name(recipe)

@@ -6,7 +6,9 @@ import copy
 import os
 from typing import Any, Optional, Sequence, Union
 
+from timm.layers.norm_act import FrozenBatchNormAct2d
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..errors import CheckpointError, SbnSurgeryError, SurgeryError
 from ..layers import SpectralBatchNorm2d
@@ -27,10 +29,9 @@ def _is_batchnorm(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    # timm's FrozenBatchNorm2d / FrozenBatchNormAct2d and torchvision's FrozenBatchNorm2d
-    # are not _BatchNorm subclasses but normalize the same way.
-    name = type(module).__name__
-    return "BatchNorm" in name and hasattr(module, "running_mean")
+    # frozen batch norms (torchvision's, which timm uses, and timm's FrozenBatchNormAct2d) are
+    # not _BatchNorm subclasses but normalize the same way.
+    return isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d))
 
 
 def _no_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -117,13 +118,13 @@ def load_model(model: str, *, checkpoint: Optional[Union[str, os.PathLike]] = No
     """The model to diagnose: a converted checkpoint (``model`` is a .safetensors path, or
     ``checkpoint`` is one written by convert/finetune) with its SBN layers, else the timm model
     ``model`` with ``checkpoint``'s weights, or at initialization without one."""
-    from ..checkpoint import is_converted, load_converted, read_metadata
+    from ..checkpoint import is_converted, load_converted, read_checkpoint_metadata
     from ..models import create_model
 
     if os.path.isfile(model) or str(model).endswith(".safetensors"):
         return load_converted(model)
     if checkpoint is not None and is_converted(checkpoint):  # else plain weights
-        meta = read_metadata(checkpoint)
+        meta = read_checkpoint_metadata(checkpoint)
         if meta is not None:
             name = str(meta.get("model_name", ""))
             if name and name != model:

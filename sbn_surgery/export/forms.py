@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..layers import SpectralBatchNorm2d, frequency_scale
 
-__all__ = ["SBNForm", "DftForm", "MatmulForm", "CornerForm", "build_form", "channel_constants",
+__all__ = ["SBNForm", "DftForm", "MatmulForm", "CornerForm", "build_form",
            "frequency_constants", "dense_dft_matrices", "separable_dft_matrices", "MATMUL_LAYOUTS"]
 
 MATMUL_LAYOUTS = ("auto", "dense", "separable")
@@ -57,15 +57,6 @@ def _affine64(sbn: SpectralBatchNorm2d) -> tuple[Tensor, Tensor]:
     w = sbn.weight.detach().double().cpu() if sbn.weight is not None else torch.ones(c, dtype=torch.float64)
     b = sbn.bias.detach().double().cpu() if sbn.bias is not None else torch.zeros(c, dtype=torch.float64)
     return w, b
-
-
-def channel_constants(sbn: SpectralBatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(s, k), each (C,) float64: channel-mode eval SBN is ``Y = X * s + k`` at every frequency."""
-    w, b = _affine64(sbn)
-    mean = sbn.running_mean.detach().double().cpu()
-    var = sbn.running_var.detach().double().cpu()
-    s = w / torch.sqrt(var + sbn.eps)
-    return s, b - s * mean
 
 
 def frequency_constants(sbn: SpectralBatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
@@ -317,7 +308,7 @@ def build_form(sbn: SpectralBatchNorm2d, path: str, mode: str, spatial_size: tup
     """
     c = sbn.num_features
     if sbn.stats == "channel":
-        s, k = channel_constants(sbn)
+        s, k = sbn.channel_constants()
         if mode == "fold":
             return CornerForm(path, c, None if folded else s, k)
         if mode == "dft":

@@ -1,31 +1,23 @@
-"""The written ONNX graph: recognizable SBN node names, metadata, shape fixes, saving, reading back.
+"""The written ONNX graph: recognizable SBN node names, shape fixes, saving.
 
-Metadata keys (``ModelProto.metadata_props``), all under the ``sbn_surgery.`` prefix:
-``version``, ``mode``, ``opset``, ``model_name``, ``recipe`` (YAML text), ``recipe_name``,
-``input_size`` (JSON [C, H, W]), ``dynamic_batch``, ``dynamic_size`` (JSON booleans) and
-``sites`` (JSON list: module path, stats, form, spatial size, BatchNorm folded into, and the
-names of the graph tensors that hold the layer's output and flow into it, used by per-layer
-parity).
+Reading files and the metadata format live in :mod:`sbn_surgery.onnx_io`, which parity reads
+files with too.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import onnx
 
-from ..errors import ExportError
+from ..files import atomic_write
 
-__all__ = ["NODE_PREFIX", "META_PREFIX", "name_sbn_nodes", "set_metadata", "read_metadata",
-           "drop_inferred_shapes", "name_dims", "save_model", "with_extra_outputs", "load",
-           "input_dims"]
+__all__ = ["NODE_PREFIX", "name_sbn_nodes", "drop_inferred_shapes", "name_dims", "save_model"]
 
 #: Nodes of an SBN layer are named ``SpectralBatchNorm/<module path>/<exporter's name>``.
 NODE_PREFIX = "SpectralBatchNorm"
-META_PREFIX = "sbn_surgery."
 _SCOPES = "pkg.torch.onnx.name_scopes"
 #: protobuf cannot serialize a message over 2 GiB; leave room for the graph itself.
 _INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2
@@ -107,45 +99,6 @@ def name_dims(model: onnx.ModelProto, names: dict[int, str]) -> dict[int, bool]:
     return dynamic
 
 
-def set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
-    """Write ``meta`` into metadata_props under the ``sbn_surgery.`` prefix; non-strings as JSON."""
-    keep = [p for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in meta.items():
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else json.dumps(value)
-        model.metadata_props.add(key=META_PREFIX + key, value=text)
-
-
-def read_metadata(model: onnx.ModelProto | str | Path) -> dict[str, Any]:
-    """The ``sbn_surgery.`` metadata of an exported model (JSON values decoded); {} if none."""
-    if not isinstance(model, onnx.ModelProto):
-        model = load(model, load_external_data=False)
-    out: dict[str, Any] = {}
-    for prop in model.metadata_props:
-        if not prop.key.startswith(META_PREFIX):
-            continue
-        key = prop.key[len(META_PREFIX):]
-        try:
-            out[key] = json.loads(prop.value) if key not in ("recipe", "model_name", "recipe_name", "mode", "version") else prop.value
-        except json.JSONDecodeError:
-            out[key] = prop.value
-    return out
-
-
-def load(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read an ONNX file, with a clear error when it is missing or not ONNX."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file {path} not found; write one with `sbn-surgery export`.")
-    try:
-        return onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise ExportError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-
-
 def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) or (t.ByteSize()) for t in model.graph.initializer)
 
@@ -154,8 +107,6 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> int:
     """Write ``model`` atomically (temp file in the same folder, then rename). One self-contained
     file when the weights fit in protobuf's 2 GiB limit, else the weights go to ``<name>.data``
     next to it. Returns the size in bytes of the .onnx file."""
-    from ..files import atomic_write
-
     path = Path(path)
     if _initializer_bytes(model) < _INLINE_LIMIT:
         atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
@@ -167,28 +118,3 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> int:
         atomic_write(path, lambda tmp: onnx.save_model(
             model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=location))
     return path.stat().st_size
-
-
-def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs the tensors ``names`` (element types from
-    ONNX type inference, float32 where unknown; shapes left open)."""
-    extra = onnx.ModelProto()
-    extra.CopyFrom(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - inference is only a help here
-        types = {}
-    present = {o.name for o in extra.graph.output}
-    for name in names:
-        if name and name not in present:
-            elem = types.get(name) or onnx.TensorProto.FLOAT
-            extra.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-            present.add(name)
-    return extra
-
-
-def input_dims(model: onnx.ModelProto) -> list[Optional[int]]:
-    """The first input's dims, None where symbolic."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else None for d in dims]

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..layers import SpectralBatchNorm2d
-from .forms import MATMUL_LAYOUTS, build_form, channel_constants
+from .forms import MATMUL_LAYOUTS, build_form
 
 __all__ = ["MODES", "SiteExport", "prepare_export_model", "export_sites"]
 
@@ -143,7 +143,7 @@ def prepare_export_model(model: nn.Module, mode: str, input_size: tuple[int, int
         if mode == "fold" and site.stats == "channel":
             bn = _foldable_bn(work, site.fold_into)
             if bn is not None:
-                scale, _ = channel_constants(sbn)
+                scale, _ = sbn.channel_constants()
                 with torch.no_grad():
                     bn.weight.copy_((bn.weight.double() * scale.to(bn.weight.device)).float())
                     bn.bias.copy_((bn.bias.double() * scale.to(bn.bias.device)).float())

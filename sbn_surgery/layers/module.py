@@ -114,6 +114,20 @@ class SpectralBatchNorm2d(nn.Module):
             return None
         return tuple(self.running_var.shape[-2:])  # type: ignore[return-value]
 
+    def channel_constants(self) -> tuple[Tensor, Tensor]:
+        """(s, k), each (C,) float64 on the CPU: in eval mode a channel-mode layer is
+        ``Y = X * s + k`` at every frequency of the spectrum X, with ``s = gamma / sqrt(var + eps)``
+        and ``k = beta - s * mean`` from the running statistics."""
+        if self.stats != "channel" or self.running_var is None:
+            raise ValueError("channel_constants needs a channel-mode layer with running statistics")
+        c = self.num_features
+        w = self.weight.detach().double().cpu() if self.weight is not None \
+            else torch.ones(c, dtype=torch.float64)
+        b = self.bias.detach().double().cpu() if self.bias is not None \
+            else torch.zeros(c, dtype=torch.float64)
+        s = w / torch.sqrt(self.running_var.detach().double().cpu() + self.eps)
+        return s, b - s * self.running_mean.detach().double().cpu()
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ParityError
-from ..export import graph
+from ..onnx_io import load_onnx, read_onnx_metadata, with_extra_outputs
 from .reports import LayerParity, ParityCase, ParityReport
 from .runtime import check_numel, image_input_dims, input_chw, session
 
@@ -132,8 +132,8 @@ def check_parity(
     divisibility), so a graph that only works at its export size is caught; sizes PyTorch cannot
     run are skipped with a note. The model's train/eval flags are restored afterwards."""
     check_tolerances(rtol, min_top1)
-    proto = graph.load(onnx_path)
-    meta = graph.read_metadata(proto)
+    proto = load_onnx(onnx_path)
+    meta = read_onnx_metadata(proto)
     dims = image_input_dims(proto, onnx_path)
     size = input_chw(dims, meta, input_size, onnx_path)
     sites = meta.get("sites") or []
@@ -151,40 +151,11 @@ def check_parity(
         runs += [("other-size", torch.randn(batch, size[0], *hw, generator=g)) for hw in extra]
 
     flags = {m: m.training for m in model.modules()}
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    cases, notes = [], []
+    device, dtype = _device_dtype(model)
+    layers = first_bad = None
     try:
         model.eval()
-        for source, x in runs:
-            shape = tuple(x.shape)
-            try:
-                with torch.no_grad():
-                    ref = _outputs(model, x.to(device=device, dtype=dtype))
-            except Exception as exc:  # noqa: BLE001 - a size the model itself cannot take
-                if source != "other-size":
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    raise ParityError(
-                        f"the PyTorch model does not run on input {'x'.join(map(str, shape))} "
-                        f"({first[:200]}); check --input-size against the size it was "
-                        "converted and exported at"
-                    ) from None
-                notes.append(f"PyTorch cannot run the model at {'x'.join(map(str, shape))} "
-                             f"({type(exc).__name__}); that size was not checked")
-                continue
-            ref_np = ref.detach().float().cpu().numpy()
-            try:
-                got = sess.run(None, {name: x.numpy()})[0]
-                if got.shape != ref_np.shape:
-                    raise ValueError(f"output shape {got.shape}, PyTorch's {ref_np.shape}")
-            except Exception as exc:  # noqa: BLE001 - record it as a failed run
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                cases.append(ParityCase(source, shape, math.inf, math.inf, 0.0, error=first[:300]))
-                continue
-            abs_err, rel, agree = _compare(ref_np, got)
-            cases.append(ParityCase(source, shape, abs_err, rel, agree / x.shape[0]))
-        layers = first_bad = None
+        cases, notes = _run_cases(sess, name, model, runs, device, dtype)
         if per_layer:
             big = max((x for s, x in runs if s == "random"), key=lambda t: t.shape[0])
             layers = _per_layer(proto, model, sites, big, name, tol, device)
@@ -202,6 +173,48 @@ def check_parity(
                         first_bad_layer=first_bad, notes=notes)
 
 
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+def _run_cases(sess, input_name: str, model: nn.Module, runs: list[tuple[str, Tensor]], device,
+               dtype) -> tuple[list[ParityCase], list[str]]:
+    """Run the file and the model (in eval mode) on each input: one :class:`ParityCase` per run,
+    and notes on the second sizes PyTorch itself cannot run."""
+    cases, notes = [], []
+    for source, x in runs:
+        shape = tuple(x.shape)
+        try:
+            with torch.no_grad():
+                ref = _outputs(model, x.to(device=device, dtype=dtype))
+        except Exception as exc:  # noqa: BLE001 - a size the model itself cannot take
+            if source != "other-size":
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ParityError(
+                    f"the PyTorch model does not run on input {'x'.join(map(str, shape))} "
+                    f"({first[:200]}); check --input-size against the size it was "
+                    "converted and exported at"
+                ) from None
+            notes.append(f"PyTorch cannot run the model at {'x'.join(map(str, shape))} "
+                         f"({type(exc).__name__}); that size was not checked")
+            continue
+        ref_np = ref.detach().float().cpu().numpy()
+        try:
+            got = sess.run(None, {input_name: x.numpy()})[0]
+            if got.shape != ref_np.shape:
+                raise ValueError(f"output shape {got.shape}, PyTorch's {ref_np.shape}")
+        except Exception as exc:  # noqa: BLE001 - record it as a failed run
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            cases.append(ParityCase(source, shape, math.inf, math.inf, 0.0, error=first[:300]))
+            continue
+        abs_err, rel, agree = _compare(ref_np, got)
+        cases.append(ParityCase(source, shape, abs_err, rel, agree / x.shape[0]))
+    return cases, notes
+
+
 def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name: str, tol: float,
                device) -> list[LayerParity]:
     """Compare each SBN layer's input and output in the file with the model's (forward hooks),
@@ -213,7 +226,7 @@ def _per_layer(proto, model: nn.Module, sites: list[dict], x: Tensor, input_name
             "sbn-surgery metadata (was it written by `sbn-surgery export`?)"
         )
     wanted = [o for s in sites for o in [s.get("output"), *(s.get("inputs") or [])] if o]
-    extra = graph.with_extra_outputs(proto, wanted)
+    extra = with_extra_outputs(proto, wanted)
     sess = session(extra.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
     captured: dict[str, tuple[Tensor, Tensor]] = {}
@@ -250,8 +263,6 @@ def _rel(a: Tensor, b: Tensor, scale: Tensor) -> tuple[float, float]:
 
 def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tensor]],
                   results: dict, tol: float) -> LayerParity:
-    from ..export.forms import channel_constants
-
     row = LayerParity(site["module"], site["stats"], site["form"], site.get("output"),
                       None, None, None, None, None)
     out = results.get(site.get("output") or "")
@@ -265,7 +276,7 @@ def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tens
     # the scale was folded into the BatchNorm in front, that tensor is the input times the scale
     scale = None
     if site.get("folded_into"):
-        scale = channel_constants(layer)[0].view(1, -1, 1, 1)
+        scale = layer.channel_constants()[0].view(1, -1, 1, 1)
     for name in site.get("inputs") or []:
         got_in = results.get(name)
         if got_in is None or tuple(got_in.shape) != tuple(torch_in.shape):

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..errors import ParityError
-from ..export import graph
+from ..onnx_io import load_onnx, read_onnx_metadata
 from .reports import BenchReport
 from .runtime import check_numel, image_input_dims, input_chw, run, session
 
@@ -46,9 +46,9 @@ def bench(
     runs = []
     shape = None
     for f in files:
-        proto = graph.load(f, load_external_data=False)
+        proto = load_onnx(f, load_external_data=False)
         dims = image_input_dims(proto, f)
-        size = input_chw(dims, graph.read_metadata(proto), input_size, f)
+        size = input_chw(dims, read_onnx_metadata(proto), input_size, f)
         if dims[0] is not None and dims[0] != batch:
             raise ParityError(f"{f} has a fixed batch size of {dims[0]}; bench it with --batch {dims[0]}")
         check_numel((batch, *size), f)

@@ -20,6 +20,7 @@ finetune derives data order and augmentation from the seed alone, so every arm s
 batches. See docs/sbn.md for the layer itself.
 """
 
+from .._callable import make_callable
 from .arms import Arm, ArmError, parse_arm, parse_arms
 from .report import StudyResult
 from .run import RunRecord, study
@@ -28,3 +29,5 @@ from .store import StudyError
 
 __all__ = ["study", "StudyResult", "RunRecord", "Arm", "ArmError", "StudyError", "parse_arm",
            "parse_arms", "paired_difference", "t_quantile", "verdict"]
+
+make_callable(__name__)  # sbn_surgery.study(...) calls study(); the name stays the package

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import SurgeryError
 from .insert import find_sbn
 from ..progress import ProgressFn
-from .plan import _REPLACED_ATTR, _get
+from .plan import _REPLACED_ATTR, NORMS, _get
 
 
 def calibrate(
@@ -99,13 +99,11 @@ def init_identity(model: nn.Module) -> None:
                 m.bias.copy_(dc / math.sqrt(h * w))
 
 
-#: Normalization layers whose zero gamma :func:`carry_zero_init` moves into the SBN after them.
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _zero_affine_norm(mod: Optional[nn.Module]) -> bool:
     """A norm layer (timm's norm+act classes included) with gamma and beta all zero."""
-    if mod is None or not (isinstance(mod, _NORMS) or "Norm" in type(mod).__name__):
+    if not isinstance(mod, NORMS):
         return False
     weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
     if not isinstance(weight, torch.Tensor) or weight.numel() == 0 or bool(weight.any()):

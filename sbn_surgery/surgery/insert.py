@@ -14,8 +14,9 @@ from torch import nn
 from ..errors import SurgeryError
 from ..layers import SpectralBatchNorm2d
 from ..recipe import Recipe, Rule, check_fits, load_recipe
-from .match import (_channels_and_size, _check_stages, _is_norm_act, _no_match_error, _probe, _rule_matches,
-                    _stage_of)
+from ..models import input_size_of
+from .match import (_channels_and_size, _check_stages, _is_norm_act, _no_match_error, _probe,
+                    _Probe, _rule_matches, _stage_of)
 from .plan import (_REPLACED_ATTR, _SITE_ATTR, FOLDABLE_NORMS, Plan, Site, _ancestor, _get,
                    _model_name, _parent)
 
@@ -67,8 +68,6 @@ def apply_recipe(
     A recipe whose ``models`` patterns do not name the model (its timm architecture) is refused
     unless ``force``.
     """
-    from ..models import input_size_of
-
     recipe = load_recipe(recipe)
     if getattr(model, "pretrained_cfg", None):  # a timm model: its name is known
         check_fits(recipe, _model_name(model), force)
@@ -80,10 +79,27 @@ def apply_recipe(
         )
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     probe = _probe(model, size)  # type: ignore[arg-type]
+    names = [n for n, _ in model.named_modules() if n]
+    chosen = _choose_sites(model, recipe, probe, names)
+    plan = Plan(model=_model_name(model), recipe=recipe.name)
+    order = {n: i for i, n in enumerate(names)}
+    try:  # all or nothing: a failed apply leaves the model as it was
+        for name in sorted(chosen, key=order.__getitem__):
+            index, rule = chosen[name]
+            site, sbn = _insert_site(model, name, index, rule, recipe.options_for(rule), probe)
+            plan.sites.append(site)
+            plan.params_added += sum(p.numel() for p in sbn.parameters())
+    except BaseException:
+        strip_sbn(model)
+        raise
+    return plan
+
+
+def _choose_sites(model: nn.Module, recipe: Recipe, probe: _Probe, names: list[str]
+                  ) -> dict[str, tuple[int, Rule]]:
+    """Module path -> (rule index, rule) of every module the recipe selects; a later rule wins."""
     n_stages = len(probe.stage_ends)
     modules = [(n, m) for n, m in model.named_modules() if n]
-    names = [n for n, _ in modules]
-
     chosen: dict[str, tuple[int, Rule]] = {}
     for index, rule in enumerate(recipe.rules):
         _check_stages(rule, index, recipe, model, n_stages)
@@ -106,72 +122,78 @@ def apply_recipe(
                 f"{', '.join(hits[:4])}). The model differs from what the recipe was written for."
             )
         for n in hits:
-            chosen[n] = (index, rule)  # a later rule wins
+            chosen[n] = (index, rule)
+    return chosen
 
-    plan = Plan(model=_model_name(model), recipe=recipe.name)
-    order = {n: i for i, n in enumerate(names)}
-    try:  # all or nothing: a failed apply leaves the model as it was
-        for name in sorted(chosen, key=order.__getitem__):
-            index, rule = chosen[name]
-            mod = _get(model, name)
-            opts = recipe.options_for(rule)
-            channels, shape, hw = _channels_and_size(name, mod, rule.position, probe)
-            if shape is not None and len(shape) != 4:
-                raise SurgeryError(
-                    f"{rule.label(index)} matched {name} ({type(mod).__name__}), whose "
-                    f"{'input' if rule.position != 'after' else 'output'} has shape {shape}, not "
-                    "(N, C, H, W); SBN needs an NCHW feature map. Exclude it or choose another "
-                    "point."
-                )
-            if channels is None:
-                raise SurgeryError(
-                    f"cannot tell the channel count at {name} ({type(mod).__name__}): it did not "
-                    "run in the probe forward; exclude it from the rule.")
-            sbn = SpectralBatchNorm2d(
-                int(channels), stats=opts.stats or "channel", eps=float(opts.eps or 1e-5),
-                momentum=opts.momentum,
-                spatial_size=hw if opts.stats == "frequency" else None,
-            )
-            ref = next((t for t in list(mod.parameters()) + list(mod.buffers())
-                        if t.is_floating_point()), None)
-            if ref is not None:
-                sbn.to(device=ref.device, dtype=ref.dtype)
-            position = rule.position
-            fold = name if position == "after" and type(mod).__name__ in FOLDABLE_NORMS \
-                and getattr(mod, "affine", True) else None
-            if position == "replace":
-                parent, leaf = _parent(model, name)
-                sbn.__dict__[_REPLACED_ATTR] = mod
-                setattr(parent, leaf, sbn)
-                path = name
-            elif position == "after" and _is_norm_act(mod):
-                host = mod.drop
-                if hasattr(host, "sbn"):
-                    raise SurgeryError(f"{name}.drop already has an attribute 'sbn'")
-                host.sbn = sbn
-                host.register_forward_pre_hook(_sbn_before_hook)
-                path = f"{name}.drop.sbn"
-            else:
-                if hasattr(mod, "sbn"):
-                    raise SurgeryError(
-                        f"{name} already has an attribute 'sbn'; cannot host an SBN there")
-                mod.sbn = sbn
-                if position == "after":
-                    mod.register_forward_hook(_sbn_after_hook)
-                else:
-                    mod.register_forward_pre_hook(_sbn_before_hook)
-                path = f"{name}.sbn"
-            info = dict(target=name, type=type(mod).__name__, channels=int(channels),
-                        stats=sbn.stats, position=position, stage=_stage_of(probe, name),
-                        rule=rule.name or f"rule {index + 1}", fold_into=fold,
-                        spatial_size=hw)
-            sbn.__dict__[_SITE_ATTR] = info
-            plan.sites.append(Site(module=path, **info))
-            plan.params_added += sum(p.numel() for p in sbn.parameters())
-    except BaseException:
-        strip_sbn(model)
-        raise
-    return plan
+
+def _new_sbn(name: str, mod: nn.Module, index: int, rule: Rule, opts, probe: _Probe
+             ) -> tuple[SpectralBatchNorm2d, Optional[tuple[int, int]]]:
+    """The SBN for the feature map at ``name`` (on the module's device and dtype), and the
+    spatial size that map had in the probe."""
+    channels, shape, hw = _channels_and_size(name, mod, rule.position, probe)
+    if shape is not None and len(shape) != 4:
+        raise SurgeryError(
+            f"{rule.label(index)} matched {name} ({type(mod).__name__}), whose "
+            f"{'input' if rule.position != 'after' else 'output'} has shape {shape}, not "
+            "(N, C, H, W); SBN needs an NCHW feature map. Exclude it or choose another "
+            "point."
+        )
+    if channels is None:
+        raise SurgeryError(
+            f"cannot tell the channel count at {name} ({type(mod).__name__}): it did not "
+            "run in the probe forward; exclude it from the rule.")
+    sbn = SpectralBatchNorm2d(
+        int(channels), stats=opts.stats or "channel", eps=float(opts.eps or 1e-5),
+        momentum=opts.momentum,
+        spatial_size=hw if opts.stats == "frequency" else None,
+    )
+    ref = next((t for t in list(mod.parameters()) + list(mod.buffers())
+                if t.is_floating_point()), None)
+    if ref is not None:
+        sbn.to(device=ref.device, dtype=ref.dtype)
+    return sbn, hw
+
+
+def _attach(model: nn.Module, name: str, mod: nn.Module, sbn: SpectralBatchNorm2d,
+            position: str) -> str:
+    """Put ``sbn`` at ``position`` of the module at ``name``; returns the SBN's module path.
+    The hooks go first (``prepend``), so hooks a user put on the host see the SBN's output."""
+    if position == "replace":
+        parent, leaf = _parent(model, name)
+        sbn.__dict__[_REPLACED_ATTR] = mod
+        setattr(parent, leaf, sbn)
+        return name
+    if position == "after" and _is_norm_act(mod):
+        host = mod.drop
+        if hasattr(host, "sbn"):
+            raise SurgeryError(f"{name}.drop already has an attribute 'sbn'")
+        host.sbn = sbn
+        host.register_forward_pre_hook(_sbn_before_hook, prepend=True)
+        return f"{name}.drop.sbn"
+    if hasattr(mod, "sbn"):
+        raise SurgeryError(
+            f"{name} already has an attribute 'sbn'; cannot host an SBN there")
+    mod.sbn = sbn
+    if position == "after":
+        mod.register_forward_hook(_sbn_after_hook, prepend=True)
+    else:
+        mod.register_forward_pre_hook(_sbn_before_hook, prepend=True)
+    return f"{name}.sbn"
+
+
+def _insert_site(model: nn.Module, name: str, index: int, rule: Rule, opts, probe: _Probe
+                 ) -> tuple[Site, SpectralBatchNorm2d]:
+    """Insert one SBN at the module ``name`` as ``rule`` says; its site record and the layer."""
+    mod = _get(model, name)
+    sbn, hw = _new_sbn(name, mod, index, rule, opts, probe)
+    fold = name if rule.position == "after" and isinstance(mod, FOLDABLE_NORMS) \
+        and getattr(mod, "affine", True) else None
+    path = _attach(model, name, mod, sbn, rule.position)
+    info = dict(target=name, type=type(mod).__name__, channels=sbn.num_features,
+                stats=sbn.stats, position=rule.position, stage=_stage_of(probe, name),
+                rule=rule.name or f"rule {index + 1}", fold_into=fold, spatial_size=hw)
+    sbn.__dict__[_SITE_ATTR] = info
+    return Site(module=path, **info), sbn
 
 
 def strip_sbn(model: nn.Module) -> nn.Module:

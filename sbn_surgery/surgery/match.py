@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import SurgeryError, near_names
 from ..recipe import Recipe, Rule
-from .plan import _model_name
+from .plan import NORM_ACT, NORMS, _model_name
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def _stage_of(probe: _Probe, name: str) -> Optional[int]:
 # matching
 # --------------------------------------------------------------------------------------------
 def _is_norm_act(mod: nn.Module) -> bool:
-    return "NormAct" in type(mod).__name__ and isinstance(getattr(mod, "drop", None), nn.Module)
+    return isinstance(mod, NORM_ACT) and isinstance(getattr(mod, "drop", None), nn.Module)
 
 
 def _rule_matches(rule: Rule, name: str, mod: nn.Module, probe: _Probe, n_stages: int) -> bool:
@@ -140,7 +140,7 @@ def _no_match_error(rule: Rule, index: int, recipe: Recipe, model: nn.Module, na
     if not hints:
         hints = pool[-5:]
     types_present = sorted({type(m).__name__ for _, m in model.named_modules()
-                            if "Norm" in type(m).__name__ or "Conv" in type(m).__name__})
+                            if isinstance(m, (NORMS, nn.modules.conv._ConvNd))})
     sel = []
     if rule.types:
         sel.append(f"types {rule.types}")

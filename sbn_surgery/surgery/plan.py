@@ -8,11 +8,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from timm.layers import norm_act
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d  # the frozen batch norm timm uses
 
-
-#: Module classes whose affine eval output can absorb an SBN scale exactly.
-FOLDABLE_NORMS = ("BatchNorm2d", "SyncBatchNorm", "BatchNormAct2d", "SyncBatchNormAct")
+#: Module classes whose affine eval output can absorb an SBN scale exactly (timm's BatchNormAct2d
+#: and SyncBatchNormAct are subclasses of these).
+FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+#: timm's fused norm + activation layers: the norm's output reaches the activation through their
+#: ``drop`` child, which is where an SBN "after" the norm goes. The RMS-norm variants are newer
+#: than timm's oldest supported release, so they are taken where this timm has them.
+NORM_ACT = (norm_act.BatchNormAct2d, norm_act.SyncBatchNormAct, norm_act.FrozenBatchNormAct2d,
+            norm_act.GroupNormAct, norm_act.GroupNorm1Act, norm_act.LayerNormAct,
+            norm_act.LayerNormAct2d) + tuple(
+    getattr(norm_act, n) for n in ("RmsNormAct", "RmsNormAct2d") if hasattr(norm_act, n))
+#: Normalization layers, by class: torch's batch/instance, group and layer norms, and timm's
+#: frozen batch norms and fused norm + activation layers.
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d) + NORM_ACT
 _SITE_ATTR = "_sbn_site"
 _REPLACED_ATTR = "_sbn_replaced"
 

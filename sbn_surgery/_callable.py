@@ -1,0 +1,21 @@
+"""Packages that are also their main function: ``sbn_surgery.diagnose`` and ``sbn_surgery.study``
+are the subpackages, whatever the import order, and calling one calls the function of the same
+name inside it (``sbn_surgery.diagnose(...)`` is ``sbn_surgery.diagnose.diagnose(...)``)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+__all__ = ["make_callable"]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        # looked up at each call, so patching the function patches the call too
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+def make_callable(package: str) -> None:
+    """Make the imported package ``package`` callable as its function of the same name."""
+    sys.modules[package].__class__ = _CallablePackage

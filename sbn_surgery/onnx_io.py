@@ -1,0 +1,106 @@
+"""Reading and annotating ONNX files: the one place that knows how sbn-surgery's metadata is
+stored in a file, shared by export (which writes files) and parity (which reads them).
+
+Metadata keys (``ModelProto.metadata_props``), all under the ``sbn_surgery.`` prefix:
+``version``, ``mode``, ``opset``, ``model_name``, ``recipe`` (YAML text), ``recipe_name``,
+``input_size`` (JSON [C, H, W]), ``dynamic_batch``, ``dynamic_size`` (JSON booleans) and
+``sites`` (JSON list: module path, stats, form, spatial size, BatchNorm folded into, and the
+names of the graph tensors that hold the layer's output and flow into it, used by per-layer
+parity).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+from .errors import ExportError
+
+if TYPE_CHECKING:  # onnx is imported where a file is read: the CLI imports this module to start
+    import onnx
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "META_PREFIX", "load_onnx", "read_onnx_metadata", "set_onnx_metadata", "input_dims",
+           "with_extra_outputs"]
+
+#: The opset files are written at unless asked otherwise.
+DEFAULT_OPSET = 20
+#: ONNX DFT exists from opset 17, but torch.onnx writes opset 18 and newer only: its down-converter
+#: fails on Pad and ReduceMean, so opset 17 is refused up front rather than half-written.
+MIN_OPSET = 18
+META_PREFIX = "sbn_surgery."
+#: Metadata values stored as plain text; every other key holds JSON.
+_TEXT_KEYS = ("recipe", "model_name", "recipe_name", "mode", "version")
+
+
+def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, with a clear error when it is missing or not ONNX."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file {path} not found; write one with `sbn-surgery export`.")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise ExportError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def set_onnx_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
+    """Write ``meta`` into metadata_props under the ``sbn_surgery.`` prefix; non-strings as JSON."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in meta.items():
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        model.metadata_props.add(key=META_PREFIX + key, value=text)
+
+
+def read_onnx_metadata(model: onnx.ModelProto | str | Path) -> dict[str, Any]:
+    """The ``sbn_surgery.`` metadata of an exported model (JSON values decoded); {} if none."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = load_onnx(model, load_external_data=False)
+    out: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if not prop.key.startswith(META_PREFIX):
+            continue
+        key = prop.key[len(META_PREFIX):]
+        if key in _TEXT_KEYS:
+            out[key] = prop.value
+            continue
+        try:
+            out[key] = json.loads(prop.value)
+        except json.JSONDecodeError:
+            out[key] = prop.value
+    return out
+
+
+def input_dims(model: onnx.ModelProto) -> list[Optional[int]]:
+    """The first input's dims, None where symbolic."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the tensors ``names`` (element types from
+    ONNX type inference, float32 where unknown; shapes left open)."""
+    import onnx
+
+    extra = onnx.ModelProto()
+    extra.CopyFrom(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    except Exception:  # noqa: BLE001 - inference is only a help here
+        types = {}
+    present = {o.name for o in extra.graph.output}
+    for name in names:
+        if name and name not in present:
+            elem = types.get(name) or onnx.TensorProto.FLOAT
+            extra.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            present.add(name)
+    return extra
