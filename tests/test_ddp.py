@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -40,6 +41,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     torch.save(r.model.state_dict(), Path(root) / f"rank{rank}.pt")
     torch.save(before, Path(root) / f"local{rank}.pt")
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(r.to_json()))
+
+
+pytestmark = pytest.mark.slow  # two processes and several runs: a minute or more
 
 
 def test_ddp_two_gloo_processes_agree(tmp_path):

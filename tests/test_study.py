@@ -114,7 +114,14 @@ def test_report_json_schema_and_rerun_trains_nothing(base, run_cli, monkeypatch,
         tops = [r["val_top1"] for r in arm["runs"]]
         assert arm["top1_mean"] == pytest.approx(sum(tops) / 2)
         assert arm["top1_std"] == pytest.approx(abs(tops[0] - tops[1]) / math.sqrt(2))
-        assert arm["rms_growth"] > 0 and arm["images_per_s"] > 0
+        init = json.loads((out / arm["name"] / "init.json").read_text())
+        assert arm["rms_growth"] == init["rms_growth"] and arm["rms_growth"] > 0
+        speeds = []
+        for r in arm["runs"]:
+            rows = [json.loads(x) for x in (out / arm["name"] / f"seed{r['seed']}" /
+                                            "metrics.jsonl").read_text().splitlines()]
+            speeds.append(sum(x["images"] for x in rows) / sum(x["train_time_s"] for x in rows))
+        assert arm["images_per_s"] == pytest.approx(sum(speeds) / len(speeds))
         for r in arm["runs"]:
             rows = (out / arm["name"] / f"seed{r['seed']}" / "metrics.jsonl").read_text()
             assert r["val_top1"] == json.loads(rows.splitlines()[-1])["top1"]

@@ -60,6 +60,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_timm_optimizers_and_schedules_train_and_resume_exactly(tmp_path, case):
     opts = dict(TINY, epochs=2, **CASES[case])
@@ -72,6 +73,7 @@ def test_timm_optimizers_and_schedules_train_and_resume_exactly(tmp_path, case):
     _same_run(resumed, ref)
 
 
+@pytest.mark.slow
 def test_step_schedule_is_timms(tmp_path):
     """--sched step --decay-epochs 1 --decay-rate 0.5, per epoch: the lr of epoch 2 is half of
     epoch 1's (no warmup), as timm's StepLRScheduler sets it."""
@@ -99,6 +101,7 @@ def test_weight_decay_skips_norm_bias_and_sbn_parameters():
     assert sbn >= 4  # gamma and beta of at least two SBN layers were looked at
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_saved_and_can_pick_the_best(tmp_path):
     from sbn_surgery.checkpoint import load_converted
 
@@ -119,6 +122,23 @@ def test_ema_is_evaluated_saved_and_can_pick_the_best(tmp_path):
         assert all(torch.equal(best[k], ema[k]) for k in ema)
 
 
+def test_a_timm_whose_plateau_scheduler_this_torch_refuses_is_one_clear_error(monkeypatch):
+    """timm before 1.0.23 passes ``verbose`` to torch's ReduceLROnPlateau, which torch 2.14 no
+    longer takes: said in one line that names both versions and the way out."""
+    import timm.scheduler
+
+    from sbn_surgery.train.optim import make_scheduler
+
+    def old_timm(*args, **kwargs):
+        raise TypeError("ReduceLROnPlateau.__init__() got an unexpected keyword argument "
+                        "'verbose'")
+
+    monkeypatch.setattr(timm.scheduler, "create_scheduler_v2", old_timm)
+    optim = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+    with pytest.raises(SbnSurgeryError, match="--sched plateau: timm .* upgrade timm"):
+        make_scheduler(optim, resolve(dict(data="synthetic", sched="plateau")), 4)
+
+
 def test_mixup_and_cutmix_make_soft_targets():
     from sbn_surgery.train.optim import make_criterion, make_mixup
 
@@ -134,6 +154,17 @@ def test_mixup_and_cutmix_make_soft_targets():
     assert (target - hard).abs().max() > 0.1  # more than the smoothing's 0.1 / 10
     assert type(make_criterion(opts, mix)).__name__ == "SoftTargetCrossEntropy"
     assert make_mixup(resolve(dict(data="synthetic")), 10) is None
+
+
+def test_one_epoch_of_a_timm_recipe(tmp_path):
+    """lamb, EMA, mixup and cutmix, accumulation and clipping together, in one short epoch (the
+    quick loop's and the dependency floors' check that timm's parts fit together)."""
+    r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, opt="lamb",
+                 model_ema=True, model_ema_warmup=True, mixup=0.2, cutmix=1.0,
+                 grad_accum_steps=2, clip_grad=1.0, **dict(TINY, subset=32))
+    row = r.history[0]
+    assert math.isfinite(row["loss"]) and row["ema_top1"] is not None
+    assert (tmp_path / "ema.safetensors").is_file() and (tmp_path / "summary.csv").is_file()
 
 
 def test_grad_accumulation_counts_optimizer_steps(tmp_path):
@@ -157,6 +188,7 @@ def test_clip_grad_bounds_the_norm():
     assert float(w.grad.max()) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_drop_path_reaches_the_model_and_its_checkpoint_and_misplaced_options_are_said(
         tmp_path):
     from timm.layers import DropPath
@@ -181,6 +213,7 @@ def test_drop_path_reaches_the_model_and_its_checkpoint_and_misplaced_options_ar
                  num_classes=10, **plain)
 
 
+@pytest.mark.slow
 def test_args_yaml_round_trips_and_repeats_the_run(tmp_path, run_cli):
     out = tmp_path / "a"
     res = run_cli("finetune", "resnet10t", "-d", "synthetic", "-o", out, "--epochs", "1",
@@ -220,6 +253,7 @@ def test_config_file_errors_name_the_file(tmp_path):
         read_config(bad)
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
     done = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, **TINY)
     notes = []
@@ -234,6 +268,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
         finetune("resnet10t", "synthetic", output=tmp_path, resume=True, epochs=2)
 
 
+@pytest.mark.slow
 def test_summary_csv_has_timms_columns(tmp_path):
     r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, **TINY)
     with open(tmp_path / "summary.csv", newline="") as f:

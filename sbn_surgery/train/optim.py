@@ -66,13 +66,29 @@ def make_scheduler(optimizer: torch.optim.Optimizer, opts: RunOptions,
 
     with warnings.catch_warnings():  # plateau's "state not saved": scheduler_state saves it
         warnings.filterwarnings("ignore", "PlateauLRScheduler is deprecated", FutureWarning)
-        return create_scheduler_v2(
-            optimizer, sched=opts.sched, num_epochs=opts.epochs,
-            decay_epochs=opts.decay_epochs, decay_milestones=list(opts.decay_milestones),
-            cooldown_epochs=opts.cooldown_epochs, patience_epochs=opts.patience_epochs,
-            decay_rate=opts.decay_rate, min_lr=opts.min_lr, warmup_lr=opts.warmup_lr,
-            warmup_epochs=opts.warmup_epochs, step_on_epochs=not updates_on_steps(opts),
-            updates_per_epoch=updates_per_epoch)
+        try:
+            return _create(create_scheduler_v2, optimizer, opts, updates_per_epoch)
+        except TypeError as exc:
+            if "verbose" not in str(exc):
+                raise
+            import timm
+            import torch as _torch
+
+            raise SbnSurgeryError(
+                f"--sched {opts.sched}: timm {timm.__version__}'s scheduler passes `verbose`, "
+                f"which torch {_torch.__version__} no longer takes; upgrade timm (1.0.23 or "
+                "later works) or choose another --sched") from None
+
+
+def _create(create_scheduler_v2: Any, optimizer: torch.optim.Optimizer, opts: RunOptions,
+            updates_per_epoch: int) -> tuple[Any, int]:
+    return create_scheduler_v2(
+        optimizer, sched=opts.sched, num_epochs=opts.epochs,
+        decay_epochs=opts.decay_epochs, decay_milestones=list(opts.decay_milestones),
+        cooldown_epochs=opts.cooldown_epochs, patience_epochs=opts.patience_epochs,
+        decay_rate=opts.decay_rate, min_lr=opts.min_lr, warmup_lr=opts.warmup_lr,
+        warmup_epochs=opts.warmup_epochs, step_on_epochs=not updates_on_steps(opts),
+        updates_per_epoch=updates_per_epoch)
 
 
 def scheduler_state(sched: Any) -> dict[str, Any]:
