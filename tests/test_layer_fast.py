@@ -186,5 +186,5 @@ def test_per_bin_factors_broadcast_over_the_batch_only():
     # A zero stride inside a sample made every spectrum product run on H-element pieces.
     t = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
     p = matmul._pairs(t)
-    assert p.shape == (1, 2, 3, 2, 4) and p.is_contiguous()
-    assert torch.equal(p[0, :, :, 0], t) and torch.equal(p[0, :, :, 1], t)
+    assert p.shape == (2, 1, 3, 2, 4) and p.is_contiguous()
+    assert torch.equal(p[:, 0, :, 0], t) and torch.equal(p[:, 0, :, 1], t)

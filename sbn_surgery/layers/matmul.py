@@ -35,11 +35,12 @@ _MATS: dict[tuple, tuple] = {}
 
 
 def _separable_mats(h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(aw, m, bw) in float64: rfft along W (W, 2W'), the complex DFT along H on stacked
-    [re, im] (2H, 2H), irfft along W (2W', W); orthonormal."""
+    """(aw, m, bw) in float64: rfft along W as (2W', W) (rows: real parts, then imaginary
+    parts), the complex DFT along H on stacked [re, im] (2H, 2H), irfft along W (2W', W);
+    orthonormal."""
     wr = w // 2 + 1
     fw = torch.fft.rfft(torch.eye(w, dtype=torch.float64), norm="ortho")  # (W, W')
-    aw = torch.cat([fw.real, fw.imag], dim=1)
+    aw = torch.cat([fw.real.t(), fw.imag.t()], dim=0)
     fh = torch.fft.fft(torch.eye(h, dtype=torch.float64), norm="ortho")  # symmetric
     ch, sh = fh.real, -fh.imag  # F_H = ch - i sh
     # [re, im] (a row per column v) @ m = [ch re + sh im, ch im - sh re] = F_H (re + i im)
@@ -116,28 +117,37 @@ def _is_dense(h: int, w: int) -> bool:
 
 
 def _rdft2(d: Tensor, mats) -> Tensor:
-    """Separable form: (B, H, W) real -> one-sided orthonormal spectrum, (B, W', 2, H)."""
+    """Separable form: (B, H, W) real -> one-sided orthonormal spectrum, (W', B, 2, H).
+
+    Three matrix products and no copies: the transform along W as aw @ d.T, whose rows
+    (re/im, v) each hold a contiguous (B, H) block, then along H with each block as the left
+    operand, so no axis is ever permuted in memory."""
     aw, m, _ = mats
     b, h, w = d.shape
     wr = w // 2 + 1
-    t = (d.reshape(b * h, w) @ aw).view(b, h, 2, wr)
-    t = t.permute(0, 3, 2, 1).reshape(b * wr, 2 * h)
-    return (t @ m).view(b, wr, 2, h)
+    t = (aw @ d.reshape(b * h, w).t()).view(2, wr * b, h)
+    z = t[0] @ m[:h]
+    z.addmm_(t[1], m[h:])
+    return z.view(wr, b, 2, h)
 
 
 def _irdft2(z: Tensor, mats) -> Tensor:
-    """Separable form: (B, W', 2, H) one-sided spectrum -> Re of its inverse DFT, (B, H, W)."""
+    """Separable form: (W', B, 2, H) one-sided spectrum -> Re of its inverse DFT, (B, H, W);
+    the steps of ``_rdft2`` backwards, again without copies."""
     _, m, bw = mats
-    b, wr, _, h = z.shape
-    w = bw.shape[1]
-    a = (z.reshape(b * wr, 2 * h) @ m.t()).view(b, wr, 2, h)
-    a = a.permute(0, 3, 2, 1).reshape(b * h, 2 * wr)
-    return (a @ bw).view(b, h, w)
+    wr, b, _, h = z.shape
+    zf = z.reshape(wr * b, 2 * h)
+    mt = m.t()
+    a_re = (zf @ mt[:, :h]).view(wr, b * h)
+    a_im = (zf @ mt[:, h:]).view(wr, b * h)
+    y = a_re.t() @ bw[:wr]
+    y.addmm_(a_im.t(), bw[wr:])
+    return y.view(b, h, bw.shape[1])
 
 
 def _hermitian_weights(wr: int, w: int, like: Tensor) -> Tensor:
     """Weight of each one-sided column v in a full-spectrum sum: 2, but 1 at v=0 and v=W/2."""
-    wts = torch.full((wr, 1), 2.0, dtype=like.dtype, device=like.device)
+    wts = torch.full((wr,), 2.0, dtype=like.dtype, device=like.device)
     wts[0] = 1.0
     if w % 2 == 0:
         wts[-1] = 1.0
@@ -145,11 +155,12 @@ def _hermitian_weights(wr: int, w: int, like: Tensor) -> Tensor:
 
 
 def _pairs(t: Tensor) -> Tensor:
-    """A per-bin (C, W', H) tensor laid out as one sample of a spectrum, (1, C, W', 2, H), and
-    contiguous: multiplying by it broadcasts over the batch only, which is the fast case (with a
-    zero stride inside a sample the product runs on 4-element pieces, 10-30x slower)."""
-    c, wr, h = t.shape
-    return t.unsqueeze(2).expand(c, wr, 2, h).contiguous().unsqueeze(0)
+    """A per-bin (W', C, H) tensor laid out as the spectrum of one sample, (W', 1, C, 2, H), and
+    contiguous within it: multiplying by it broadcasts over the batch only, which is the fast
+    case (with a zero stride inside a sample the product runs on H-element pieces, 10-30x
+    slower)."""
+    wr, c, h = t.shape
+    return t.unsqueeze(2).expand(wr, c, 2, h).contiguous().unsqueeze(1)
 
 
 def _pair_mean(v: Tensor, m: int) -> Tensor:
@@ -219,7 +230,7 @@ class _DenseFrequencySBNTrain(torch.autograd.Function):
 
 class _FrequencySBNTrain(torch.autograd.Function):
     """Training-mode frequency SBN on larger maps, by the separable matmul DFT; hand-written
-    backward.
+    backward. Spectra are (W', N, C, 2, H): [v, n, c, 0, u] = Re X(u, v), [..., 1, u] = Im.
 
     With d = x - E_n[x], Z = DFT(d), var = E_n|Z|^2, r = rsqrt(var + eps), s = gamma * r:
     y = IDFT(Z * s) + sqrt(HW) * beta at pixel (0, 0). Backward, with G = DFT(g - E_n[g]) and
@@ -235,37 +246,38 @@ class _FrequencySBNTrain(torch.autograd.Function):
         xs = x.to(sd).contiguous()
         mean = xs.mean(0)
         # Centre before the transform: X - mu is the DFT of x - mean, with no cancellation.
-        z = _rdft2((xs - mean).view(n * c, h, w), mats).view(n, c, wr, 2, h)
-        var = z.square().sum(0).sum(2).div_(n)  # (C, W', H)
+        z = _rdft2((xs - mean).view(n * c, h, w), mats).view(wr, n, c, 2, h)
+        var = z.square().sum(1).sum(2).div_(n)  # (W', C, H)
         rstd = torch.rsqrt(var + eps)
-        scale = weight.to(sd).view(c, 1, 1) * rstd
-        y = _irdft2((z * _pairs(scale)).view(n * c, wr, 2, h), mats).view(n, c, h, w)
+        scale = weight.to(sd).view(1, c, 1) * rstd
+        y = _irdft2((z * _pairs(scale)).view(wr, n * c, 2, h), mats).view(n, c, h, w)
         y[:, :, 0, 0] += math.sqrt(h * w) * bias.to(sd)
         ctx.save_for_backward(z, rstd, scale)
         ctx.param_dtype = weight.dtype
-        var_full = _hermitian_full(var.transpose(-1, -2), w).contiguous()
+        var_full = _hermitian_full(var.permute(1, 2, 0), w).contiguous()
         ctx.mark_non_differentiable(mean, var_full)
+        # y is a view of the matrix product; autograd forbids modifying a custom Function's view
+        # output in place (as a residual `x += shortcut` does), and detach() is no view.
         return y.to(x.dtype).detach(), mean, var_full
 
     @staticmethod
     def backward(ctx, gy: Tensor, _gmean, _gvar):  # type: ignore[override]
         z, rstd, scale = ctx.saved_tensors
-        n, c, wr, _, h = z.shape
+        wr, n, c, _, h = z.shape
         sd = z.dtype
         w = gy.shape[-1]
         mats = _dft_mats(h, w, sd, z.device)
         g = gy.to(sd).contiguous()
         grad_x = grad_w = grad_b = None
-        need_p = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        if need_p:
-            gz = _rdft2((g - g.mean(0)).view(n * c, h, w), mats).view(n, c, wr, 2, h)
-            p = (gz * z).sum(0).sum(2).div_(n)  # E_n Re(G conj Z), (C, W', H)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            gz = _rdft2((g - g.mean(0)).view(n * c, h, w), mats).view(wr, n, c, 2, h)
+            p = (gz * z).sum(1).sum(2).div_(n)  # E_n Re(G conj Z), (W', C, H)
         if ctx.needs_input_grad[1]:
-            wts = _hermitian_weights(wr, w, p)
-            grad_w = (p * rstd * wts).sum(dim=(1, 2)).mul_(n).to(ctx.param_dtype)
+            wts = _hermitian_weights(wr, w, p).view(wr, 1, 1)
+            grad_w = (p * rstd * wts).sum(dim=(0, 2)).mul_(n).to(ctx.param_dtype)
         if ctx.needs_input_grad[0]:
             gz.mul_(_pairs(scale)).addcmul_(z, _pairs(-scale * rstd * rstd * p))
-            grad_x = _irdft2(gz.view(n * c, wr, 2, h), mats).view(n, c, h, w).to(gy.dtype)
+            grad_x = _irdft2(gz.view(wr, n * c, 2, h), mats).view(n, c, h, w).to(gy.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g[:, :, 0, 0].sum(0).mul_(math.sqrt(h * w)).to(ctx.param_dtype)
         return grad_x, grad_w, grad_b, None
@@ -293,9 +305,9 @@ def _frequency_matmul_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor,
         y = (z.view(n * c, h * w) @ q.t()).view(n, c, h, w)
     else:
         wr = w // 2 + 1
-        scale = scale[..., :wr].transpose(-1, -2)
-        z = _rdft2(d.view(n * c, h, w), mats).view(n, c, wr, 2, h) * _pairs(scale)
-        y = _irdft2(z.view(n * c, wr, 2, h), mats).view(n, c, h, w)
+        scale = scale[..., :wr].permute(2, 0, 1)
+        z = _rdft2(d.view(n * c, h, w), mats).view(wr, n, c, 2, h) * _pairs(scale)
+        y = _irdft2(z.view(wr, n * c, 2, h), mats).view(n, c, h, w)
     corner = torch.zeros(h, w, dtype=sd, device=x.device)
     corner[0, 0] = math.sqrt(h * w)
     y = y + bias.to(sd).view(1, c, 1, 1) * corner
