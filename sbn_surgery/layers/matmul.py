@@ -1,16 +1,20 @@
-"""Frequency-mode SBN without torch.fft: the real 2-D DFT as two small dense matrix products.
+"""Frequency-mode SBN without torch.fft: the real 2-D DFT as dense matrix products.
 
 For the small maps of deep stages (4x4 to 28x28) ``torch.fft``'s per-call overhead and complex
-intermediates cost more than the transform itself. Here the one-sided orthonormal spectrum of a
-real (H, W) map is ``rfft`` along W by one matrix product with a (W, 2W') real matrix
-(W' = W // 2 + 1, real and imaginary parts side by side), then the complex DFT along H by one
-product with a (2H, 2H) real matrix. The inverse is the same two steps backwards and equals
-``irfft2``: bins 1..W'-1 (but not W/2) carry Hermitian weight 2. The matrices are ``torch.fft``
-applied to identity matrices, so they are the reference's own transforms.
+intermediates cost more than the transform itself. Two forms, both in real arithmetic:
 
-Spectra are held as real tensors of shape (B, W', 2, H): [b, v, 0, u] = Re X(u, v) and
-[b, v, 1, u] = Im X(u, v). Every statistic is per frequency and |X(k)| = |X(-k)| for real input,
-so the one-sided spectrum carries the full spectrum's statistics (docs/sbn.md).
+- dense (maps up to ``DENSE_MAX_PIXELS``): one product with a real orthogonal (HW, HW) matrix
+  whose columns are the cosine and sine parts of the spectrum (``_real_basis``), its transpose
+  for the inverse;
+- separable: ``rfft`` along W by one product with a (2W', W) real matrix (W' = W // 2 + 1, real
+  parts then imaginary parts), then the complex DFT along H by products with a (2H, 2H) real
+  matrix. The inverse is the same steps backwards and equals ``irfft2``: bins 1..W'-1 (but not
+  W/2) carry Hermitian weight 2. Spectra are real tensors (W', N, C, 2, H): [v, n, c, 0, u] =
+  Re X(u, v), [v, n, c, 1, u] = Im X(u, v).
+
+The matrices are ``torch.fft`` applied to identity matrices, so they are the reference's own
+transforms. Every statistic is per frequency and |X(k)| = |X(-k)| for real input, so half the
+spectrum carries the full spectrum's statistics (docs/sbn.md).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ __all__: list[str] = []  # package-private: see sbn_surgery.layers
 
 #: Maps with at most this many pixels take the dense form: the transform is ONE (HW, HW)
 #: orthogonal matrix product over all N*C maps (see ``_real_basis``), no transposes and no
-#: complex arithmetic; larger maps take the two separable products. Chosen by measurement
-#: (benchmarks/layer.py, see the README of that script's figures in docs/sbn.md).
-DENSE_MAX_PIXELS = 144
+#: complex arithmetic; larger maps take the two separable products. Chosen by measurement: median
+#: process CPU time of a train-mode forward+backward over BatchNorm2d's (batch 16, 1 thread, CPU
+#: shared with other load), dense / separable: 5.7 / 7.8 at 1024x10x10, 7.1-7.4 / 8.5-9.4 at
+#: 1024x11x11, 6.6-7.7 / 6.3-7.2 at 512x12x12, 8.1 / 6.1 at 512x13x13, 8.9 / 6.8 at 512x14x14.
+DENSE_MAX_PIXELS = 121
 
 _MATS: dict[tuple, tuple] = {}
 
