@@ -188,3 +188,20 @@ def test_per_bin_factors_broadcast_over_the_batch_only():
     p = matmul._pairs(t)
     assert p.shape == (2, 1, 3, 2, 4) and p.is_contiguous()
     assert torch.equal(p[:, 0, :, 0], t) and torch.equal(p[:, 0, :, 1], t)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (13, 12)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_compile_and_export_trace_both_forms(size):
+    torch.manual_seed(4)
+    layer = SpectralBatchNorm2d(3, stats="frequency", impl="matmul", spatial_size=size)
+    x = torch.randn(4, 3, *size)
+    for training in (True, False):
+        assert torch.export.export(layer.train(training), (x,)) is not None
+    ref = SpectralBatchNorm2d(3, stats="frequency", impl="matmul", spatial_size=size).train()
+    compiled = torch.compile(layer.train(), backend="eager")
+    xi, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, yr = compiled(xi), ref(xr)
+    assert torch.allclose(y, yr, atol=1e-6)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    assert torch.allclose(xi.grad, xr.grad, atol=1e-5)
