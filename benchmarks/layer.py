@@ -1,12 +1,14 @@
 """Forward+backward time of SpectralBatchNorm2d (each mode and path) against nn.BatchNorm2d.
 
-Shapes: N=32 at ResNet-50's four stage shapes (or --sizes: square maps of those sides, with the
-channel count of the nearest stage). Prints one JSON object with medians of repeats and the ratio
+Shapes: N=32 at ResNet-50's four stage shapes for a 224x224 input (--input-size 128: 256x32x32,
+512x16x16, 1024x8x8, 2048x4x4), or --sizes: square maps of those sides, with the channel count of
+the nearest stage. Prints one JSON object with medians of repeats and the ratio
 to BatchNorm for each case (measured in the same run, interleaved): wall-clock, and on CPU also
 process CPU time, which other load on a shared machine distorts less. Cases: channel mode
 (auto = closed form, fft) and frequency mode (fft, matmul, auto); --stats picks one mode.
 
-    python benchmarks/layer.py [--stats channel|frequency|all] [--sizes 4,7,14] [--batch 32]
+    python benchmarks/layer.py [--stats channel|frequency|all] [--input-size 224] [--sizes 4,7,14]
+        [--batch 32]
         [--repeats 15] [--threads N] [--device cpu|cuda]
 
 On CPU these tensors (up to 100 MB) are each a fresh mmap for glibc's malloc, so every new
@@ -33,17 +35,18 @@ from torch import nn
 
 from sbn_surgery import SpectralBatchNorm2d
 
-SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+STAGE_CHANNELS_AND_STRIDES = [(256, 4), (512, 8), (1024, 16), (2048, 32)]
 CASES = {"channel": [("channel", "auto"), ("channel", "fft")],
          "frequency": [("frequency", "fft"), ("frequency", "matmul"), ("frequency", "auto")]}
 
 
-def _shapes(sizes: str) -> list[tuple[int, int, int]]:
+def _shapes(sizes: str, input_size: int) -> list[tuple[int, int, int]]:
+    stages = [(c, input_size // s, input_size // s) for c, s in STAGE_CHANNELS_AND_STRIDES]
     if not sizes:
-        return SHAPES
+        return stages
     out = []
     for side in (int(s) for s in sizes.split(",")):
-        c = min(SHAPES, key=lambda shape: abs(shape[1] - side))[0]
+        c = min(stages, key=lambda shape: abs(shape[1] - side))[0]
         out.append((c, side, side))
     return out
 
@@ -65,7 +68,9 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, device: str) -> tu
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stats", default="all", choices=["channel", "frequency", "all"])
-    ap.add_argument("--sizes", default="", help="comma-separated map sides (default: ResNet-50's)")
+    ap.add_argument("--input-size", type=int, default=224,
+                    help="ResNet-50 input side whose stage shapes are measured (224: 56..7)")
+    ap.add_argument("--sizes", default="", help="comma-separated map sides (default: the stages')")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
@@ -78,7 +83,7 @@ def main() -> None:
     torch.manual_seed(0)
     results = []
     cases = [case for mode, cs in CASES.items() if args.stats in (mode, "all") for case in cs]
-    for c, h, w in _shapes(args.sizes):
+    for c, h, w in _shapes(args.sizes, args.input_size):
         x = torch.randn(args.batch, c, h, w, device=args.device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -110,8 +115,8 @@ def main() -> None:
                 row["cpu_ratio_to_bn"] = round(cpu[name] / cpu["bn"], 3)
             results.append(row)
         del x, g, layers
-    def worst(case):
-        ratios = [r["ratio_to_bn"] for r in results if r["case"] == case]
+    def worst(case, key="ratio_to_bn"):
+        ratios = [r[key] for r in results if r["case"] == case and key in r]
         return max(ratios) if ratios else None
 
     print(json.dumps({
@@ -127,6 +132,7 @@ def main() -> None:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "channel_auto_max_ratio": worst("channel/auto"),
         "frequency_auto_max_ratio": worst("frequency/auto"),
+        "frequency_auto_max_cpu_ratio": worst("frequency/auto", "cpu_ratio_to_bn"),
         "results": results,
     }, indent=2))
 

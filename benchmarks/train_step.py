@@ -5,7 +5,8 @@ the same seed; the converted ones get SBN where the recipe says, with the recipe
 switched to each mode of ``--stats`` (default both: channel and frequency). Steps are interleaved
 (plain, channel, frequency, plain, ...) so drift in machine load hits all alike. Prints one JSON
 object (nothing else on stdout; the profiler's C++ log lines are kept off stderr) with the median
-step times, each mode's ratio to plain, images/s, and the share of a profiled step's CPU time
+step times, each mode's ratio to plain (wall-clock, and process CPU time, which other load on a
+shared machine distorts less), images/s, and the share of a profiled step's CPU time
 spent in the SBN layers (robust to other load on the machine).
 
     python benchmarks/train_step.py [--model resnet50] [--recipe resnet] [--stats channel,frequency]
@@ -33,17 +34,18 @@ def _sync(device: torch.device) -> None:
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-          amp: bool, device: torch.device) -> float:
+          amp: bool, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ctx:
         loss = nn.functional.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _sbn_share(model: nn.Module, opt, x, y, amp: bool, device: torch.device):
@@ -136,10 +138,14 @@ def main() -> None:
         for _ in range(args.warmup):
             _step(m, opts[name], x, y, args.amp, device)
     times: dict[str, list[float]] = {k: [] for k in models}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(args.repeats):
         for name, m in models.items():
-            times[name].append(_step(m, opts[name], x, y, args.amp, device))
+            wall, proc = _step(m, opts[name], x, y, args.amp, device)
+            times[name].append(wall)
+            cpu[name].append(proc)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     out = {
         "benchmark": "train_step",
         "model": args.model,
@@ -163,6 +169,8 @@ def main() -> None:
             "median_ms": round(med[mode] * 1e3, 2),
             "ratio": round(med[mode] / med["plain"], 4),
             "ratio_of_minima": round(min(times[mode]) / min(times["plain"]), 4),
+            # process CPU time: less distorted than wall-clock by other load on the machine
+            "cpu_ratio": round(med_cpu[mode] / med_cpu["plain"], 4),
             "sbn_share_of_step_cpu": _sbn_share(models[mode], opts[mode], x, y, args.amp, device),
             "images_per_s": round(args.batch / med[mode], 1),
         }

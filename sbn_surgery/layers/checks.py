@@ -62,14 +62,16 @@ def _resolve_impl(stats: str, impl: str) -> str:
 
 
 #: impl="auto" in frequency mode takes the matmul DFT for maps whose sides are at most this, the
-#: FFT above. Measured on CPU (2 shared cores, load average 10-12, 1 thread; median process CPU
-#: time of forward+backward over BatchNorm2d's, batch 8):
+#: FFT above. Measured on CPU (2 cores shared with other load, load average 5-9, 1 thread; median
+#: process CPU time of forward+backward over BatchNorm2d's, batch 16, two runs):
 #:   MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 python
-#:   benchmarks/layer.py --stats frequency --batch 8 --threads 1 --repeats 7 --sizes 4,7,10,14,20,28,56
-#: matmul / fft: 8.7 / 15.2 at 4x4, 6.4 / 10.8 at 7x7, 7.8 / 10.4 at 10x10 (dense form), then
-#: 7.7 / 8.4 at 14x14, 7.7 / 8.9 at 20x20, 9.3 / 9.9 at 28x28 (separable form), 12.3 / 10.1 at
-#: 56x56. On CUDA the products run on tensor cores; the same bound is used there unmeasured (no GPU
-#: here): benchmarks/gpu_check.sh reports both paths at 4..64.
+#:   benchmarks/layer.py --stats frequency --batch 16 --threads 1 --repeats 7 --input-size 128
+#:   (and --input-size 224)
+#: matmul / fft: 2.2-2.6 / 12.2-12.7 at 4x4, 3.3-3.5 / 9.1-10.7 at 7x7, 3.3-4.4 / 9.0-10.6 at
+#: 8x8, 6.6-8.1 / 8.6-9.4 at 14x14, 6.6 / 7.5-8.4 at 16x16, 9.1 / 10.0-10.4 at 28x28, 8.2-8.9 /
+#: 8.8-9.1 at 32x32, 11.4-11.7 / 9.5-10.0 at 56x56. On CUDA the products run on tensor cores; the
+#: same bound is used there unmeasured (no GPU here): benchmarks/gpu_check.sh reports both paths at
+#: 4..64.
 AUTO_MATMUL_MAX_SIDE = 32
 
 
