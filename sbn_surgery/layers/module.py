@@ -21,7 +21,8 @@ class SpectralBatchNorm2d(nn.Module):
     map: ``Y = (X - mu) / sqrt(var + eps) * gamma + beta`` with ``X = fft2(x)``, then
     ``y = Re(ifft2(Y))``. ``stats="channel"`` pools statistics over all frequencies per channel;
     ``stats="frequency"`` keeps one pair per channel and frequency. ``impl="auto"`` uses the
-    FFT-free closed form in channel mode and the FFT in frequency mode.
+    FFT-free closed form in channel mode, and in frequency mode the DFT as real matrix products
+    for maps up to 32x32 (the FFT above).
 
     Args:
         num_features: C.

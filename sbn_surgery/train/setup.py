@@ -22,7 +22,7 @@ from . import outputs as O
 from .loop import FinetuneResult, _Parts, _Run
 from .model import build_model, select_trainable
 from .optim import make_ema
-from .options import RunOptions, read_config, resolve
+from .options import ALIASES, FIELDS, RunOptions, read_config, resolve
 
 
 def finetune(
@@ -48,8 +48,6 @@ def finetune(
     model) stops the run with an error naming the epoch and step; the files of the last
     finished epoch are kept. Under torchrun this runs DistributedDataParallel; only rank 0
     writes."""
-    from .options import ALIASES, FIELDS
-
     unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
@@ -68,8 +66,6 @@ def _config_device(config: Union[str, Path, None]) -> Optional[str]:
 
 def _signature() -> inspect.Signature:
     """finetune's signature with every option as a keyword (for help() and editors)."""
-    from .options import FIELDS
-
     base = inspect.signature(finetune)
     params = [p for p in base.parameters.values() if p.kind != p.VAR_KEYWORD]
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
