@@ -37,6 +37,18 @@ class CliResult:
     stderr: str
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine run several times faster on one thread than on
+    two threads that wait for each other (a module asks for it with ``usefixtures``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """Run ``sbn-surgery ARGS...`` in-process through the real entry point (error handling

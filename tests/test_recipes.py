@@ -78,14 +78,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models on a shared 2-core machine run several times faster on one thread than on
-    # two threads that wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 #: Recipes without ``models`` patterns: chosen by name only, never by recipe_for_model.

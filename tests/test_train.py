@@ -37,13 +37,7 @@ def _assert_rows_close(got, want, rel=1e-6, abs=1e-7):
                 assert g[k] == pytest.approx(w[k], rel=rel, abs=abs), (g["epoch"], k)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run best on one thread, and do not slow to a crawl on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

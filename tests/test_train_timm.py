@@ -18,12 +18,7 @@ from sbn_surgery.train.options import read_config, resolve
 TINY = dict(subset=64, batch_size=16, input_size=(3, 32, 32), recipe="resnet", workers=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stop_at(description: str, step: int):
