@@ -91,12 +91,15 @@ def finetune(
         print_json(result.to_json())
         return
     top5 = "" if result.val_top5 is None else f" (top-5 {100 * result.val_top5:.2f} %)"
+    best = "EMA " if result.best_by == "ema" else ""
     con.print(f"val top-1 [bold]{100 * result.val_top1:.2f} %[/]{top5}, val loss "
               f"{result.val_loss:.4f} after "
-              f"{result.epochs} epoch(s); best top-1 {100 * result.best_top1:.2f} % at epoch "
-              f"{result.best_epoch}; {result.images_per_s:.0f} images/s", highlight=False)
-    con.print(f"checkpoints: {result.checkpoint} (best), {result.last_checkpoint} (last); "
-              f"metrics.jsonl and curves.png in {result.output}", highlight=False)
+              f"{result.epochs} epoch(s); best {best}top-1 {100 * result.best_top1:.2f} % at "
+              f"epoch {result.best_epoch}; {result.images_per_s:.0f} images/s", highlight=False)
+    ema = ", ema.safetensors (EMA)" if (Path(result.output) / "ema.safetensors").is_file() else ""
+    con.print(f"checkpoints: {result.checkpoint} (best), {result.last_checkpoint} (last)"
+              f"{ema}; args.yaml, metrics.jsonl, summary.csv and curves.png in "
+              f"{result.output}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -57,6 +57,7 @@ class FinetuneResult:
     best_epoch: int
     output: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_by: str = "model"  # whose val top-1 best_top1 is: the model's or the EMA's
     model: Optional[nn.Module] = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -414,4 +415,5 @@ class _Run:
             checkpoint=str(self.out / O.BEST_FILE), last_checkpoint=str(self.out / O.LAST_FILE),
             images_per_s=images / secs if secs else 0.0, best_top1=self.best_top1,
             best_epoch=self.best_epoch, output=str(self.out), history=list(self.history),
+            best_by=self.opts.best_by,
             model=self.net)
