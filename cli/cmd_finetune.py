@@ -90,6 +90,10 @@ def finetune(
     if json_out:
         print_json(result.to_json())
         return
+    _print_summary(con, result)
+
+
+def _print_summary(con, result) -> None:
     top5 = "" if result.val_top5 is None else f" (top-5 {100 * result.val_top5:.2f} %)"
     best = "EMA " if result.best_by == "ema" else ""
     con.print(f"val top-1 [bold]{100 * result.val_top1:.2f} %[/]{top5}, val loss "
