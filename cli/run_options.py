@@ -76,9 +76,8 @@ def option_parameters(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
             decls.append(flag(extra["alias"]))
         if extra["short"]:
             decls.append(extra["short"])
-        metavar = extra["metavar"]
-        if metavar is None and _choices(field.annotation) is not None:
-            metavar = "|".join(_choices(field.annotation))
+        choices = _choices(field.annotation)
+        metavar = extra["metavar"] or ("|".join(choices) if choices else None)
         info = typer.Option(None, *decls, help=_help(field), metavar=metavar,
                             rich_help_panel=extra["panel"], show_default=False)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,

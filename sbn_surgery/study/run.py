@@ -20,7 +20,8 @@ RUN_OPTIONS = tuple(k for k in RUN_KEYS
 #: Options that change how the runs execute, not what they compute; free to change.
 EXEC_OPTIONS = EXEC_KEYS
 #: What each arm's model is built with (the rest goes to finetune).
-BUILD_OPTIONS = ("checkpoint", "model_kwargs", "force", "drop", "drop_path")
+#: (--drop/--drop-path are built in too, and still passed on, so finetune records them.)
+BUILD_OPTIONS = ("checkpoint", "model_kwargs", "force")
 
 
 @dataclass
@@ -150,7 +151,6 @@ def _run_one(setup: _Setup, arm: Arm, seed: int, out: Path, given: dict[str, Any
             progress(f"{prefix} {desc}", done, total, info=info)
 
     kwargs = {k: given.get(k) for k in RUN_OPTIONS if k not in BUILD_OPTIONS}
-    kwargs.update({k: given.get(k) for k in ("drop", "drop_path")})  # recorded; built in
     kwargs.update({k: given[k] for k in EXEC_OPTIONS if k in given})
     kwargs["seed"] = seed
     result = finetune(net, setup.data, output=run_dir, resume=resume, overwrite=not resume,

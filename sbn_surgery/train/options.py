@@ -19,7 +19,6 @@ config file or the field's ``default`` extra, in that order of precedence below 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -459,5 +458,3 @@ def _check_together(o: RunOptions) -> None:
     if (o.train_split or o.val_split) and not o.dataset:
         raise SbnSurgeryError("--train-split/--val-split name splits of a --dataset; give "
                               "--dataset too, or leave them out")
-    if not math.isfinite(o.lr or 1.0):
-        raise SbnSurgeryError(f"--lr must be a finite number; got {o.lr}")

@@ -206,7 +206,7 @@ def write_summary(path: Path, history: list[dict[str, Any]]) -> None:
                 value = int(value) - 1
             elif name == "eval_top5" and value is None:
                 value = 1.0
-            values.append(value * scale if name != "epoch" else value)
+            values.append(value * scale)
         writer.writerow(values)
     atomic_write_bytes(path, buf.getvalue().encode())
 

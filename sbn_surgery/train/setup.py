@@ -52,16 +52,13 @@ def finetune(
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
     out = Path(output)
-    ctx = D.setup(options.get("device") or _config_device(config))
+    cfg = read_config(config) if config else None
+    ctx = D.setup(options.get("device") or (cfg or {}).get("device"))
     try:
-        return _run(model, data, out, ctx, options, config,
+        return _run(model, data, out, ctx, options, cfg,
                     dict(resume=resume, overwrite=overwrite, progress=progress, notify=notify))
     finally:
         ctx.close()
-
-
-def _config_device(config: Union[str, Path, None]) -> Optional[str]:
-    return read_config(config).get("device") if config else None
 
 
 def _signature() -> inspect.Signature:
@@ -77,14 +74,14 @@ def _signature() -> inspect.Signature:
 finetune.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
-def _resolve(spec, data, out: Path, ctx: D.DistContext, options: dict, config, how: dict):
+def _resolve(spec, data, out: Path, ctx: D.DistContext, options: dict,
+             cfg: Optional[dict[str, Any]], how: dict):
     """(options, stored state or None, whether --epochs extends the stored run)."""
     given = dict(options)
     if spec is not None and not isinstance(spec, nn.Module):
         given["model"] = str(spec)
     if data is not None:
         given["data"] = str(data)
-    cfg = read_config(config) if config else None
     state, extended = None, False
     if how["resume"]:
         state = O.load_state(out)
@@ -110,9 +107,9 @@ def _data_kwargs(opts: RunOptions) -> dict[str, Any]:
     return {k: getattr(opts, k) for k in ("dataset", "train_split", "val_split")}
 
 
-def _run(spec, data, out: Path, ctx: D.DistContext, options: dict, config,
-         how: dict) -> FinetuneResult:
-    opts, state, extended = _resolve(spec, data, out, ctx, options, config, how)
+def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
+         cfg: Optional[dict[str, Any]], how: dict) -> FinetuneResult:
+    opts, state, extended = _resolve(spec, data, out, ctx, options, cfg, how)
     progress = how["progress"] if ctx.is_main else None
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed % 2**32)
