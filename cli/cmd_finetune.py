@@ -25,7 +25,8 @@ def finetune(
                                           "from convert/finetune); may come from --config."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of options (keys: "
                                           "the long flags with _ for -), e.g. a run's "
-                                          "args.yaml; flags given here win.", metavar="FILE"),
+                                          "args.yaml, or the args.yaml of timm's train.py; "
+                                          "flags given here win.", metavar="FILE"),
     output: Path = typer.Option(Path("runs/finetune"), "--output", "-o", help="Directory for "
                                 "last/best/ema.safetensors, state.pt, args.yaml, metrics.jsonl, "
                                 "summary.csv, curves.png.", metavar="PATH"),

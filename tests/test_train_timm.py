@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ import torch
 
 from sbn_surgery.errors import SbnSurgeryError
 from sbn_surgery.train import TrainingInterrupted, finetune
-from sbn_surgery.train.options import read_config, resolve
+from sbn_surgery.train.config import load_config, read_config
+from sbn_surgery.train.options import resolve
 
 TINY = dict(subset=64, batch_size=16, input_size=(3, 32, 32), recipe="resnet", workers=0)
 
@@ -246,6 +248,92 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(SbnSurgeryError, match="must map option names"):
         read_config(bad)
+
+
+TIMM_ARGS = Path(__file__).parent / "data" / "timm_args.yaml"
+
+
+def _timm_args(tmp_path, *edits: tuple[str, str], extra: str = "") -> Path:
+    text = TIMM_ARGS.read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / "args.yaml"
+    path.write_text(text + extra)
+    return path
+
+
+def test_a_timm_args_yaml_is_read_as_timm_reads_it():
+    values, notes = load_config(TIMM_ARGS)
+    assert notes == []  # what has no equivalent here is at the value a run here behaves as
+    assert values["data"] == "/data/imagenet" and values["model"] == "resnet50"
+    assert values["opt"] == "lamb" and values["model_ema"] and values["model_ema_warmup"]
+    assert (values["mixup"], values["cutmix"], values["reprob"]) == (0.2, 1.0, 0.25)
+    assert values["aa"] == "rand-m9-mstd0.5-inc1" and values["drop_path"] == 0.05
+    assert values["sched_on_updates"] is False and values["warmup_epochs"] == 5
+    for key in ("device", "amp", "dataset", "train_split", "val_split", "checkpoint", "lr"):
+        assert key not in values, key  # timm's device, '' and null mean: the default here
+    # no lr: timm's rule, lr_base x sqrt(global batch / lr_base_size) for lamb
+    opts = resolve({}, config=values, world=2)
+    assert opts.lr == pytest.approx(0.005 * math.sqrt(16 * 2 / 256))
+    assert opts.best_by == "ema" and opts.weight_decay == 0.02
+
+
+def test_a_timm_args_yaml_names_what_it_drops(tmp_path):
+    path = _timm_args(tmp_path, ("layer_decay: null", "layer_decay: 0.65"),
+                      ("pretrained: false", "pretrained: true"),
+                      ("initial_checkpoint: ''", "initial_checkpoint: /w/r50.pth"),
+                      ("img_size: null", "img_size: 160"), ("sync_bn: false", "sync_bn: true"),
+                      ("opt: lamb", "opt: sgd"), ("ratio:\n- 0.75", "ratio:\n- 0.5"),
+                      ("amp_dtype: bfloat16", "amp_dtype: float16"),
+                      ("dataset: ''", "dataset: wds/imagenet"), extra="foo_bar: 1\n")
+    values, notes = load_config(path)
+    assert len(notes) == 1 and notes[0].startswith(f"{path}: read as timm train.py options")
+    for part in ("layer_decay=0.65", "pretrained=True", "--checkpoint FILE",
+                 "ratio=[0.5, 1.3333333333333333]", "amp_dtype='float16'", "foo_bar"):
+        assert part in notes[0], part
+    for same in ("hflip", "scale", "remode", "eval_metric", "dist_bn"):
+        assert same not in notes[0], same
+    assert values["checkpoint"] == "/w/r50.pth" and values["input_size"] == [3, 160, 160]
+    assert values["sync_stats"] is True and values["lr_base_scale"] == "linear"  # sgd: linear
+    assert (values["dataset"], values["train_split"], values["val_split"]) == (
+        "wds/imagenet", "train", "validation")
+    # float16 is named only where timm would have used it (with amp)
+    values, notes = load_config(_timm_args(tmp_path, ("amp_dtype: bfloat16",
+                                                      "amp_dtype: float16"),
+                                           ("amp: true", "amp: false")))
+    assert notes == [] and values["amp"] is False  # amp: true is the default here; false stays
+
+
+def test_our_own_lr_base_options_follow_timms_rule():
+    given = dict(data="synthetic", batch_size=32, grad_accum_steps=2, opt="adamw")
+    assert resolve(given, world=2).lr == pytest.approx(4e-3 * 128 / 256)  # the default, linear
+    opts = resolve({**given, "lr_base": 0.1, "lr_base_size": 512, "lr_base_scale": "sqrt"},
+                   world=2)
+    assert opts.lr == pytest.approx(0.1 * math.sqrt(128 / 512))
+    assert resolve({**given, "lr_base": 0.1, "lr": 0.3}, world=2).lr == 0.3  # --lr wins
+
+
+@pytest.mark.slow
+def test_amp_on_cpu_is_said_to_be_slow(tmp_path):
+    notes = []
+    with pytest.raises(TrainingInterrupted):  # the first step is enough: the line comes before
+        finetune("resnet10t", "synthetic", output=tmp_path, amp=True, device="cpu",
+                 notify=notes.append, progress=_stop_at("epoch 1/1", 1), **TINY, epochs=1)
+    assert len(notes) == 1 and notes[0].startswith("--amp on CPU: bfloat16 autocast is")
+
+
+def test_a_timm_args_yaml_runs_from_the_cli_and_says_what_it_drops(tmp_path, run_cli):
+    path = _timm_args(tmp_path, ("layer_decay: null", "layer_decay: 0.65"))
+    res = run_cli("finetune", "resnet10t", "--config", path, "-d", "synthetic", "-o",
+                  tmp_path / "run", "--epochs", "1", "--warmup-epochs", "0", "--subset", "64",
+                  "--input-size", "3", "32", "32", "--workers", "0", "--json")
+    assert res.code == 0, res.stderr
+    said = " ".join(res.stderr.split())  # the console wraps long lines
+    assert "read as timm train.py options" in said and "layer_decay=0.65" in said
+    args = read_config(tmp_path / "run" / "args.yaml")  # the resolved run, in this tool's names
+    assert args["opt"] == "lamb" and args["model_ema"] and args["mixup"] == 0.2
+    assert args["lr"] == pytest.approx(0.005 * math.sqrt(16 / 256))
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ ClipMode = Literal["norm", "value", "agc"]
 MixupMode = Literal["batch", "pair", "elem"]
 BestBy = Literal["model", "ema"]
 Device = Literal["auto", "cuda", "cpu"]
+LrScale = Literal["linear", "sqrt"]
 
 #: Optimizer families by their default learning rate per 256 images of global batch and weight
 #: decay (the lr is scaled linearly with the global batch, as timm's train.py scales its base lr).
@@ -118,10 +119,20 @@ class RunOptions(BaseModel):
                                panel="Optimizer and schedule")
     batch_size: Optional[int] = _o(64, "Batch size per process.", short="-b", metavar="N",
                                    ge=2, le=65_536, panel="Optimizer and schedule")
-    lr: Optional[float] = _o(None, "Peak learning rate. Default: per 256 images of global batch "
-                             "(batch size x processes x --grad-accum-steps), 0.4 for SGD-like "
-                             "optimizers, 4e-4 for lion, 4e-3 for the others.", metavar="LR",
-                             gt=0, le=1e3, panel="Optimizer and schedule")
+    lr: Optional[float] = _o(None, "Peak learning rate. Default: --lr-base scaled to the global "
+                             "batch (batch size x processes x --grad-accum-steps), as timm's "
+                             "train.py does.", metavar="LR", gt=0, le=1e3,
+                             panel="Optimizer and schedule")
+    lr_base: Optional[float] = _o(None, "Learning rate for a global batch of --lr-base-size, "
+                                  "when --lr is not given. Default: per 256 images, 0.4 for "
+                                  "SGD-like optimizers, 4e-4 for lion, 4e-3 for the others.",
+                                  metavar="LR", gt=0, le=1e3, panel="Optimizer and schedule")
+    lr_base_size: Optional[int] = _o(256, "The global batch size --lr-base is for.",
+                                     metavar="N", ge=1, le=1 << 30,
+                                     panel="Optimizer and schedule")
+    lr_base_scale: Optional[LrScale] = _o("linear", "How the default lr follows the global "
+                                          "batch: linear or sqrt (timm's rule for ada*/lamb "
+                                          "optimizers).", panel="Optimizer and schedule")
     opt: Optional[str] = _o("sgd", "Any timm optimizer: sgd (Nesterov), momentum, adamw, lamb, "
                             "lion, adan, ... (timm.optim.list_optimizers()).", metavar="NAME",
                             alias="optimizer", panel="Optimizer and schedule")
@@ -335,52 +346,6 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def read_config(path: Union[str, Path]) -> dict[str, Any]:
-    """The options in a YAML file (``--config``; e.g. a run's ``args.yaml``), validated."""
-    import yaml
-
-    p = Path(path)
-    try:
-        if p.stat().st_size > 1 << 20:
-            raise SbnSurgeryError(f"--config {p} is over 1 MiB; an options file is a few lines")
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SbnSurgeryError(f"--config {p} cannot be read ({exc}); give a YAML file of "
-                              "options, e.g. a run's args.yaml") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise SbnSurgeryError(f"--config {p}{line} is not valid YAML; fix it there") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise SbnSurgeryError(f"--config {p} must map option names to values (e.g. `opt: "
-                              f"adamw`); it holds a {type(values).__name__}")
-    where = f"{p}: "
-    unknown = [str(k) for k in values if str(k) not in FIELDS and str(k) not in ALIASES]
-    if unknown:
-        raise SbnSurgeryError(f"{where}unknown option{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(repr(k) for k in unknown)}; the options are the long "
-                              "flags of `sbn-surgery finetune --help`, with _ for -; remove "
-                              "the others")
-    values = canonical({str(k): _number(str(k), v) for k, v in values.items()}, where)
-    validate(values, where)
-    return values
-
-
-def _number(key: str, value: Any) -> Any:
-    """YAML 1.1 reads ``1e-3`` (no dot) as text: a float option takes it as the number."""
-    field = FIELDS.get(ALIASES.get(key, key))
-    if field is not None and isinstance(value, str) and "float" in str(field.annotation):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def resolve(given: Union[RunOptions, dict[str, Any]], saved: Optional[dict[str, Any]] = None,
             world: int = 1, config: Optional[dict[str, Any]] = None) -> RunOptions:
     """The run's options: ``given`` (what the user set), else on resume the ``saved`` run's,
@@ -416,13 +381,19 @@ def resolve(given: Union[RunOptions, dict[str, Any]], saved: Optional[dict[str, 
     opts = validate(merged)
     _check_together(opts)
     if opts.lr is None:
-        global_batch = opts.batch_size * world * opts.grad_accum_steps
-        opts.lr = LR_PER_256[_family(opts.opt)] * global_batch / 256
+        opts.lr = _scaled_lr(opts, world)
     if opts.weight_decay is None:
         opts.weight_decay = WEIGHT_DECAY[_family(opts.opt)]
     if opts.best_by is None:
         opts.best_by = "ema" if opts.model_ema else "model"
     return opts
+
+
+def _scaled_lr(o: RunOptions, world: int) -> float:
+    """timm train.py's rule: lr_base x (global batch / lr_base_size), or its square root."""
+    base, size = (o.lr_base, o.lr_base_size) if o.lr_base else (LR_PER_256[_family(o.opt)], 256)
+    ratio = o.batch_size * world * o.grad_accum_steps / size
+    return base * (ratio ** 0.5 if o.lr_base_scale == "sqrt" else ratio)
 
 
 def _try_optimizer(o: RunOptions) -> None:

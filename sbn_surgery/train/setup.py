@@ -19,10 +19,11 @@ from ..errors import CheckpointError, SbnSurgeryError
 from ..progress import ProgressFn
 from . import distributed as D
 from . import outputs as O
+from .config import load_config
 from .loop import FinetuneResult, _Parts, _Run
 from .model import build_model, select_trainable
 from .optim import make_ema
-from .options import ALIASES, FIELDS, RunOptions, read_config, resolve
+from .options import ALIASES, FIELDS, RunOptions, resolve
 
 
 def finetune(
@@ -42,7 +43,8 @@ def finetune(
     ``output``. ``options``: the fields of :class:`~sbn_surgery.train.options.RunOptions` (timm
     train.py's names: ``opt``, ``sched``, ``model_ema``, ``mixup``, ``aa``, ...). Options left
     out take, in this order, the stored run's values on ``resume``, ``config``'s (a YAML file,
-    e.g. an earlier run's ``args.yaml``), or their defaults; every value is checked before any
+    e.g. an earlier run's ``args.yaml``, or timm train.py's: ``notify`` gets one line naming
+    its options that have no equivalent here), or their defaults; every value is checked before any
     work. ``resume`` with a larger ``epochs`` extends a finished run (the schedule is recomputed
     for the new total; ``notify`` gets one line saying so). A non-finite training loss (or
     model) stops the run with an error naming the epoch and step; the files of the last
@@ -52,8 +54,11 @@ def finetune(
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
     out = Path(output)
-    cfg = read_config(config) if config else None
+    cfg, notes = load_config(config) if config else (None, [])
     ctx = D.setup(options.get("device") or (cfg or {}).get("device"))
+    if ctx.is_main and notify is not None:
+        for line in notes:  # e.g. a timm args.yaml's options that have no equivalent here
+            notify(line)
     try:
         return _run(model, data, out, ctx, options, cfg,
                     dict(resume=resume, overwrite=overwrite, progress=progress, notify=notify))
@@ -119,6 +124,10 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         if opts.sync_stats and not ctx.distributed and how["notify"] is not None:
             how["notify"]("--sync-stats synchronizes batch statistics across torchrun's "
                           "processes; this run has one process, so it changes nothing")
+        if opts.amp and ctx.device.type == "cpu" and how["notify"] is not None:
+            how["notify"]("--amp on CPU: bfloat16 autocast is often many times slower than "
+                          "float32 on CPUs without bfloat16 matrix units; leave it off on CPU "
+                          "unless you have measured otherwise")
         if extended and how["notify"] is not None:
             how["notify"](f"extending the run in {out} from {state['options']['epochs']} to "
                           f"{opts.epochs} epochs: the learning-rate schedule is recomputed for "
