@@ -298,6 +298,34 @@ def test_reprob_erases_with_timm_noise_on_digits():
         assert bool(box.all())  # the changed pixels fill their bounding box
 
 
+@pytest.mark.parametrize("aa", ["rand-m10-n3-mstd0-inc1", "v0"])
+def test_policies_that_keep_no_bits_posterize_to_black(data, aa):
+    """inc1 at magnitude 10 and v0's level-2 posterize ask for 0 bits, which recent Pillow
+    refuses: every image of an epoch goes through (in-memory images and timm's transform of
+    image files), and a 0-bit posterize is black."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from sbn_surgery.data.augment import keep_zero_bit_posterize
+
+    for ds, cfg in ((open_source("digits"), dict(CFG, input_size=(1, 16, 16))),
+                    (_open(data, "tar"), CFG)):
+        train, _, _ = build_loaders(ds, cfg, 32, subset=128, seed=1, aa=aa)
+        assert sum(len(y) for _, y in train.iter_epoch(0)) == 128
+    ops = []
+    policy = keep_zero_bit_posterize(auto_augment.auto_augment_transform(aa, {}) if aa == "v0"
+                                     else auto_augment.rand_augment_transform(aa, {}))
+    for op in (policy.ops if hasattr(policy, "ops") else sum(map(list, policy.policy), [])):
+        if op.name.startswith("Posterize"):
+            ops.append(op)
+    img = Image.new("RGB", (8, 8), (200, 120, 60))
+    assert ops and all(op.aug_fn is not auto_augment.posterize for op in ops)
+    black = ops[0].aug_fn(img, 0)
+    assert black.mode == "RGB" and black.getextrema() == ((0, 0),) * 3
+    kept = ops[0].aug_fn(img, 2)  # 1 to 8 bits: timm's own op, unchanged
+    assert kept.getpixel((0, 0)) == (192, 64, 0)
+
+
 def test_bad_aa_and_reprob_are_data_errors():
     for bad in ("rand-m9-zz1", "banana", "randx"):  # what timm refuses
         with pytest.raises(DataError, match="--aa"):

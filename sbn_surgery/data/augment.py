@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import DataError
 
-__all__ = ["TensorAugment", "check_aa", "check_reprob", "seeded"]
+__all__ = ["TensorAugment", "check_aa", "check_reprob", "keep_zero_bit_posterize", "seeded"]
 
 
 @contextmanager
@@ -44,6 +44,42 @@ def seeded(seed: int) -> Iterator[None]:
         np.random.set_state(n_state)
 
 
+def _posterize(img, bits_to_keep: int, **kwargs):
+    """timm's posterize, where keeping 0 bits gives a black image.
+
+    timm's policies ask for 0 bits at their extremes (``inc1`` at magnitude 10, which magnitude
+    noise such as ``mstd0.5`` reaches; ``v0``'s posterize at level 2), meaning "keep no bits".
+    Pillow 13 (and other recent releases) refuses ``bits < 1`` where older ones returned the
+    black image, so timm's own op stops an epoch with a ValueError at a random image."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def keep_zero_bit_posterize(transform):
+    """``transform`` (timm's: any nesting of Compose, RandAugment, AutoAugment, AugMix) with each
+    posterize op calling :func:`_posterize`; changed in place and returned."""
+    from timm.data import auto_augment
+
+    timm_op = getattr(auto_augment, "posterize", None)
+    stack, seen = [transform], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+            continue
+        if timm_op is not None and getattr(obj, "aug_fn", None) is timm_op:
+            obj.aug_fn = _posterize
+        stack.extend(getattr(obj, attr, None) or () for attr in ("transforms", "ops", "policy"))
+    return transform
+
+
 def _aa_stage(aa: str, size: int, mean: tuple[float, ...], interpolation: str):
     """timm's auto-augment stage for ``aa`` (raises what timm raises on a bad string)."""
     from timm.data import create_transform
@@ -51,7 +87,7 @@ def _aa_stage(aa: str, size: int, mean: tuple[float, ...], interpolation: str):
     _, secondary, _ = create_transform(size, is_training=True, auto_augment=aa, hflip=0.0,
                                        vflip=0.0, mean=mean, interpolation=interpolation,
                                        separate=True)
-    return secondary
+    return keep_zero_bit_posterize(secondary)
 
 
 def check_aa(aa: Optional[str]) -> Optional[str]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .augment import TensorAugment, check_aa, check_reprob
+from .augment import TensorAugment, check_aa, check_reprob, keep_zero_bit_posterize
 from .shards import RawReader, epoch_stream, rank_count
 from .sources import (SPLIT_SEED, Dataset, TensorSplit, _apply_subset, _split_generator,
                       is_builtin, open_source)
@@ -70,11 +70,11 @@ class Loader:
 
         cfg = self.data_config
         extra = dict(auto_augment=self.aa, re_prob=self.reprob) if self.augment else {}
-        return create_transform(
+        return keep_zero_bit_posterize(create_transform(
             cfg["input_size"], is_training=self.augment, interpolation=cfg["interpolation"],
             mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct"),
             crop_mode=cfg.get("crop_mode"), **extra,
-        )
+        ))
 
     @property
     def streamed(self) -> bool:
