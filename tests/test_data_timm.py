@@ -109,7 +109,7 @@ def data(tmp_path_factory):
     _write_tar(root / "tar", train, val)
     old = datasets.config.HF_DATASETS_CACHE  # load_dataset's Arrow cache: into tmp, not $HOME
     datasets.config.HF_DATASETS_CACHE = root / "hf-cache"
-    _write_hf(root / "hf", train, val)
+    _write_hf(root / "Hf", train, val)  # capitals: timm 1.0.12's factory lower-cased the path
     yield dict(root=root, train=train, val=val)
     datasets.config.HF_DATASETS_CACHE = old
 
@@ -117,8 +117,8 @@ def data(tmp_path_factory):
 KINDS = {  # (source under the data root, --dataset)
     "wds": ("wds", "wds/digits"),
     "tar": ("tar", "tar"),
-    "hfds-parquet": ("hf", "hfds/parquet"),
-    "hfds-saved": ("hf/saved", "hfds/digits"),
+    "hfds-parquet": ("Hf", "hfds/parquet"),
+    "hfds-saved": ("Hf/saved", "hfds/digits"),
 }
 
 
@@ -371,7 +371,7 @@ def test_hostile_timm_sources_are_one_data_error(data, tmp_path):
     with pytest.raises(DataError, match="not one this tool reads"):
         open_source(wds_root, dataset="tfds/digits")
     with pytest.raises(DataError, match="split 'test'"):
-        open_source(data["root"] / "hf" / "saved", dataset="hfds/x", val_split="test")
+        open_source(data["root"] / "Hf" / "saved", dataset="hfds/x", val_split="test")
     with pytest.raises(DataError, match="no nope.tar"):
         open_source(data["root"] / "tar", dataset="tar", train_split="nope")
     with pytest.raises(DataError, match="--train-split"):
@@ -396,7 +396,7 @@ def test_labels_out_of_range_and_missing_packages(data, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="pip install webdataset"):
         open_source(root, dataset="wds/digits")
     with pytest.raises(DataError, match=r"sbn-surgery\[hfds\]"):
-        open_source(data["root"] / "hf", dataset="hfds/parquet")
+        open_source(data["root"] / "Hf", dataset="hfds/parquet")
 
 
 @pytest.mark.timeout(300)

@@ -174,11 +174,11 @@ def _hf_split(path: Path, split: str, saved: Any):
         hf = saved[split].cast_column("image", datasets.Image(decode=False))
         reader = _HfDiskReader(hf)
     else:
-        from timm.data import create_dataset
+        from timm.data.readers.reader_hfds import ReaderHfds
 
-        try:
+        try:  # timm's reader itself: its factories lower-case the name (the path) before 1.0.2x
             with _no_progress_bars():
-                reader = create_dataset(f"hfds/{path}", root=None, split=split).reader
+                reader = ReaderHfds(name=str(path), root=None, split=split)
         except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
             raise DataError(f"cannot load split {split!r} of the Hugging Face dataset at {path}: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
