@@ -196,6 +196,11 @@ def test_wds_subset_and_calibration(data):
     assert got == _source_pairs((data["train"][0][:150], data["train"][1][:150]))
     again = Counter(p for x, y in train.iter_epoch(3) for p in _as_pairs(x, y))
     assert again == got
+    # with --subset, calibration draws only from the images the run trains on
+    small, _, _ = build_loaders(ds, CFG, 16, subset=20, augment=False)
+    trained = {x.numpy().tobytes() for xb, _ in small.iter_epoch(0) for x in xb}
+    calib = [x.numpy().tobytes() for b in calibration_batches(ds, CFG, 8, 3, subset=20) for x in b]
+    assert len(calib) == 20 and set(calib) == trained
     for kind in ("wds", "hfds-saved"):
         batches = calibration_batches(_open(data, kind), CFG, 8, 3)
         assert [tuple(b.shape) for b in batches] == [(8, 1, 8, 8)] * 3

@@ -164,6 +164,21 @@ def test_one_epoch_of_a_timm_recipe(tmp_path):
     assert (tmp_path / "ema.safetensors").is_file() and (tmp_path / "summary.csv").is_file()
 
 
+def test_conversion_calibrates_on_the_subset_it_trains_on(tmp_path, monkeypatch):
+    from sbn_surgery.train import model as train_model
+
+    seen = []
+    real = train_model.calibration_batches
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("subset"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_model, "calibration_batches", spy)
+    finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, **TINY)
+    assert seen == [TINY["subset"]]
+
+
 def test_grad_accumulation_counts_optimizer_steps(tmp_path):
     finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, opt="adamw",
              grad_accum_steps=3, **TINY)

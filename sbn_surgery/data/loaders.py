@@ -233,11 +233,12 @@ def build_loaders(source: Union[str, Path, Dataset], data_config: dict, batch_si
 
 
 def calibration_batches(source: Union[str, Path, Dataset], data_config: dict, batch_size: int,
-                        num_batches: int) -> list[Tensor]:
+                        num_batches: int, subset: Optional[int] = None) -> list[Tensor]:
     """``num_batches`` batches of preprocessed training images (eval preprocessing, a fixed
     shuffle), e.g. to calibrate SBN statistics on real data. WebDataset shards give the first
-    batches of a shuffled pass over the training split."""
-    ds = source if isinstance(source, Dataset) else open_source(source)
+    batches of a shuffled pass over the training split. ``subset``: draw only from the
+    training images ``build_loaders(..., subset=)`` trains on."""
+    ds = _apply_subset(source if isinstance(source, Dataset) else open_source(source), subset)
     cfg = fit_channels(data_config)
     count = batch_size * max(0, int(num_batches))
     if ds.kind == "wds":

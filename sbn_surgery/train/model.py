@@ -117,7 +117,8 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         size = _input_size(opts, ds, probe, in_chans)
         cfg = data_config_for(probe, size, in_chans)
         del probe
-        calib = calibration_batches(ds, cfg, min(opts.batch_size, 32), CALIBRATION_BATCHES)
+        calib = calibration_batches(ds, cfg, min(opts.batch_size, 32), CALIBRATION_BATCHES,
+                                    subset=opts.subset)
         recipe = opts.recipe or recipe_for_model(str(spec))
         model, _ = convert(str(spec), recipe, checkpoint=opts.checkpoint,
                            checkpoint_key=opts.checkpoint_key,
