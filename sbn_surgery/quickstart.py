@@ -16,7 +16,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
+
+from .progress import ProgressFn
 
 #: The defaults: small enough for a CPU minute, a real ResNet with a shipped recipe.
 MODEL = "resnet10t"
@@ -58,7 +60,7 @@ class QuickstartResult:
 
 def quickstart(output: Union[str, Path] = "runs/quickstart", *, model: str = MODEL,
                recipe: Optional[str] = None, data: str = DATA, epochs: int = EPOCHS,
-               subset: Optional[int] = None, seed: int = 0, progress: Optional[Callable[..., None]] = None) -> QuickstartResult:
+               subset: Optional[int] = None, seed: int = 0, progress: Optional[ProgressFn] = None) -> QuickstartResult:
     """Convert ``model`` with its recipe, fine-tune it on ``data`` (starting over in ``output``),
     export the best checkpoint to ONNX (fold mode) and check parity with onnxruntime.
     ``subset`` trains on that many images only (for tests)."""
