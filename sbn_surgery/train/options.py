@@ -34,8 +34,8 @@ BestBy = Literal["model", "ema"]
 Device = Literal["auto", "cuda", "cpu"]
 LrScale = Literal["linear", "sqrt"]
 
-#: Optimizer families by their default learning rate per 256 images of global batch and weight
-#: decay (the lr is scaled linearly with the global batch, as timm's train.py scales its base lr).
+#: Optimizer families by their default learning rate per 256 images of global batch (the default
+#: --lr-base) and weight decay.
 SGD_LIKE = ("sgd", "nesterov", "momentum", "sgdp", "sgdw", "lars", "larc", "nlars", "nlarc")
 LR_PER_256 = {"sgd": 0.4, "adaptive": 4e-3, "lion": 4e-4}
 WEIGHT_DECAY = {"sgd": 5e-5, "adaptive": 0.05, "lion": 0.5}
