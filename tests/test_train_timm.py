@@ -260,6 +260,8 @@ def test_config_file_errors_name_the_file(tmp_path):
         read_config(bad)
     bad.write_text("lr: 1e-3\n")  # YAML 1.1 reads this as text: taken as the number
     assert read_config(bad) == {"lr": 1e-3}
+    bad.write_text("device: cpu\nworkers: 0\n")  # names timm has too: still this tool's file
+    assert read_config(bad) == {"device": "cpu", "workers": 0}
     bad.write_text("- a\n- b\n")
     with pytest.raises(SbnSurgeryError, match="must map option names"):
         read_config(bad)

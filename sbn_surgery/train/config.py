@@ -68,7 +68,9 @@ TIMM_DEFAULTS: dict[str, Any] = {
 TIMM_MAPPED = frozenset({"data_dir", "initial_checkpoint", "sync_bn", "img_size", "in_chans",
                          "torchcompile"})
 
-TIMM_ONLY = TIMM_NO_EFFECT | TIMM_DEFAULTS.keys() | TIMM_MAPPED
+TIMM_NAMES = TIMM_NO_EFFECT | TIMM_DEFAULTS.keys() | TIMM_MAPPED
+#: The names that make a file timm's: those this tool does not have (``device`` is both's).
+TIMM_ONLY = TIMM_NAMES - FIELDS.keys() - ALIASES.keys()
 
 
 def load_config(path: Union[str, Path]) -> tuple[dict[str, Any], list[str]]:
@@ -159,7 +161,7 @@ def _from_timm(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[st
                and not (k == "amp_dtype" and not raw.get("amp"))]
     if raw.get("in_chans") not in (None, 3) and not raw.get("img_size"):
         dropped.append(f"in_chans={raw['in_chans']!r}")
-    unknown = [k for k in raw if k not in FIELDS and k not in ALIASES and k not in TIMM_ONLY]
+    unknown = [k for k in raw if k not in FIELDS and k not in ALIASES and k not in TIMM_NAMES]
     notes = []
     if dropped or unknown:
         parts = []
