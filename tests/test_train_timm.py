@@ -303,12 +303,15 @@ def test_a_timm_args_yaml_names_what_it_drops(tmp_path):
                       ("img_size: null", "img_size: 160"), ("sync_bn: false", "sync_bn: true"),
                       ("opt: lamb", "opt: sgd"), ("ratio:\n- 0.75", "ratio:\n- 0.5"),
                       ("amp_dtype: bfloat16", "amp_dtype: float16"),
-                      ("dataset: ''", "dataset: wds/imagenet"), extra="foo_bar: 1\n")
+                      ("dataset: ''", "dataset: wds/imagenet"),
+                      ("mean: null", "mean: [" + ", ".join(["0.5"] * 1000) + "]"),
+                      extra="foo_bar: 1\n" + "x" * 500 + ": 2\n")
     values, notes = load_config(path)
     assert len(notes) == 1 and notes[0].startswith(f"{path}: read as timm train.py options")
     for part in ("layer_decay=0.65", "pretrained=True", "--checkpoint FILE",
                  "ratio=[0.5, 1.3333333333333333]", "amp_dtype='float16'", "foo_bar"):
         assert part in notes[0], part
+    assert "mean=[0.5, 0.5," in notes[0] and len(notes[0]) < 1000  # long values are cut
     for same in ("hflip", "scale", "remode", "eval_metric", "dist_bn"):
         assert same not in notes[0], same
     assert values["checkpoint"] == "/w/r50.pth" and values["input_size"] == [3, 160, 160]

@@ -156,11 +156,11 @@ def _from_timm(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[st
     if raw.get("lr_base_scale") == "":  # timm's rule: sqrt for adaptive optimizers
         opt = str(out.get("opt") or out.get("optimizer") or "sgd").lower()
         out["lr_base_scale"] = "sqrt" if "ada" in opt or "lamb" in opt else "linear"
-    dropped = [f"{k}={v!r}" for k, v in raw.items()
+    dropped = [f"{k}={_short(v)}" for k, v in raw.items()
                if k in TIMM_DEFAULTS and not _same(v, TIMM_DEFAULTS[k])
                and not (k == "amp_dtype" and not raw.get("amp"))]
     if raw.get("in_chans") not in (None, 3) and not raw.get("img_size"):
-        dropped.append(f"in_chans={raw['in_chans']!r}")
+        dropped.append(f"in_chans={_short(raw['in_chans'])}")
     unknown = [k for k in raw if k not in FIELDS and k not in ALIASES and k not in TIMM_NAMES]
     notes = []
     if dropped or unknown:
@@ -168,11 +168,18 @@ def _from_timm(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[st
         if dropped:
             parts.append("ignored (no equivalent here): " + ", ".join(dropped))
         if unknown:
-            parts.append("unknown to this tool, ignored: " + ", ".join(unknown))
+            parts.append("unknown to this tool, ignored: " + ", ".join(_short(k, quote=False)
+                                                                    for k in unknown))
         hint = (" pretrained weights are never downloaded: give them with --checkpoint FILE."
                 if raw.get("pretrained") else "")
         notes.append(f"{where}read as timm train.py options; " + "; ".join(parts) + "." + hint)
     return {k: v for k, v in out.items() if v is not None}, notes
+
+
+def _short(value: Any, quote: bool = True, limit: int = 60) -> str:
+    """A value as the notice shows it: its repr, cut at ``limit`` characters."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _same(a: Any, b: Any) -> bool:
