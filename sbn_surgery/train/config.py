@@ -77,18 +77,18 @@ def load_config(path: Union[str, Path]) -> tuple[dict[str, Any], list[str]]:
     """The options in a YAML file, validated, and the notice lines reading it gave (a timm
     file's ignored options); see the module's docstring."""
     p = Path(path)
-    raw = _load_yaml(p)
+    raw = {str(k): v for k, v in _load_yaml(p).items()}
     where = f"{p}: "
     notes: list[str] = []
-    if any(str(k) in TIMM_ONLY for k in raw):
-        raw, notes = _from_timm({str(k): v for k, v in raw.items()}, where)
-    unknown = [str(k) for k in raw if str(k) not in FIELDS and str(k) not in ALIASES]
+    if any(k in TIMM_ONLY for k in raw):
+        raw, notes = _from_timm(raw, where)
+    unknown = [k for k in raw if k not in FIELDS and k not in ALIASES]
     if unknown:
         raise SbnSurgeryError(f"{where}unknown option{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(repr(k) for k in unknown)}; the options are the long "
                               "flags of `sbn-surgery finetune --help`, with _ for -; remove "
                               "the others")
-    values = canonical({str(k): _number(str(k), v) for k, v in raw.items()}, where)
+    values = canonical({k: _number(k, v) for k, v in raw.items()}, where)
     validate(values, where)
     return values, notes
 
@@ -139,8 +139,8 @@ def _from_timm(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[st
     out.pop("device", None)  # where timm ran (e.g. cuda:0); here --device, auto by default
     if out.get("amp"):  # timm's AMP is for its GPU: here the default, on with CUDA, off on CPU
         del out["amp"]
-    out["data"] = raw.get("data") or raw.get("data_dir")
-    out["checkpoint"] = raw.get("checkpoint") or raw.get("initial_checkpoint") or None
+    out["data"] = out.get("data") or raw.get("data_dir")
+    out["checkpoint"] = out.get("checkpoint") or raw.get("initial_checkpoint") or None
     if raw.get("sync_bn") and out.get("sync_stats") is None:
         out["sync_stats"] = True
     if raw.get("torchcompile") and out.get("compile") is None:

@@ -56,14 +56,18 @@ def finetune(
     out = Path(output)
     cfg, notes = load_config(config) if config else (None, [])
     ctx = D.setup(options.get("device") or (cfg or {}).get("device"))
-    if ctx.is_main and notify is not None:
-        for line in notes:  # e.g. a timm args.yaml's options that have no equivalent here
-            notify(line)
+    say = (notify or _silent) if ctx.is_main else _silent  # one voice under torchrun
+    for line in notes:  # e.g. a timm args.yaml's options that have no equivalent here
+        say(line)
     try:
         return _run(model, data, out, ctx, options, cfg,
-                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=notify))
+                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say))
     finally:
         ctx.close()
+
+
+def _silent(line: str) -> None:
+    """Where no one listens: ``notify`` not given, or not the main process."""
 
 
 def _signature() -> inspect.Signature:
@@ -121,14 +125,14 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
     ds = open_source(opts.data, **_data_kwargs(opts))  # a bad --data fails before --output exists
     if ctx.is_main:
         _check_output_dir(out)
-        if opts.sync_stats and not ctx.distributed and how["notify"] is not None:
+        if opts.sync_stats and not ctx.distributed:
             how["notify"]("--sync-stats synchronizes batch statistics across torchrun's "
                           "processes; this run has one process, so it changes nothing")
-        if opts.amp and ctx.device.type == "cpu" and how["notify"] is not None:
+        if opts.amp and ctx.device.type == "cpu":
             how["notify"]("--amp on CPU: bfloat16 autocast is often many times slower than "
                           "float32 on CPUs without bfloat16 matrix units; leave it off on CPU "
                           "unless you have measured otherwise")
-        if extended and how["notify"] is not None:
+        if extended:
             how["notify"](f"extending the run in {out} from {state['options']['epochs']} to "
                           f"{opts.epochs} epochs: the learning-rate schedule is recomputed for "
                           f"the new total (recorded as schedule_epochs in {O.METRICS_FILE})")
