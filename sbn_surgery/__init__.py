@@ -12,7 +12,7 @@ from .errors import SbnSurgeryError
 from .layers import SpectralBatchNorm2d, spectral_batch_norm
 from .recipe import Recipe, load_recipe
 from .surgery import Plan, Site, apply_recipe, calibrate, find_sbn, init_identity, strip_sbn
-from .checkpoint import load_converted, save_converted
+from .checkpoint import load_converted, read_data_config, save_converted
 from .convert import convert
 # The subpackage, callable as its function: sbn_surgery.diagnose(...) runs diagnose() and
 # ``import sbn_surgery.diagnose as d`` is the package (see _callable); study is the same.
@@ -25,7 +25,7 @@ _LAZY = {"export_onnx": ".deploy", "finetune": ".train", "FinetuneResult": ".tra
 __all__ = [
     "__version__", "SbnSurgeryError", "SpectralBatchNorm2d", "spectral_batch_norm", "Recipe",
     "load_recipe", "Plan", "Site", "apply_recipe", "calibrate", "find_sbn", "init_identity",
-    "strip_sbn", "save_converted", "load_converted", "convert", "diagnose",
+    "strip_sbn", "save_converted", "load_converted", "read_data_config", "convert", "diagnose",
     "export_onnx", "finetune", "FinetuneResult", "study",
 ]
 

@@ -1,4 +1,4 @@
-"""convert: timm model (+ the user's checkpoint) --recipe--> converted model, calibrated."""
+"""convert: timm model (+ its weights) --recipe--> converted model, calibrated."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .models import create_model, input_size_of
+from .models import create_model, input_size_of, pretrained_cfg_of
 from .recipe import Recipe, check_fits, load_recipe
 from .progress import ProgressFn
 from .surgery import (Plan, apply_recipe, calibrate, carry_zero_init, init_identity,
@@ -32,6 +32,8 @@ def convert(
     *,
     checkpoint: Optional[Union[str, Path]] = None,
     checkpoint_key: Optional[str] = None,
+    pretrained: bool = False,
+    download: bool = True,
     num_classes: Optional[int] = None,
     model_kwargs: Optional[dict[str, Any]] = None,
     init: Optional[str] = None,
@@ -42,10 +44,13 @@ def convert(
     progress: Optional[ProgressFn] = None,
     force: bool = False,
 ) -> tuple[nn.Module, Plan]:
-    """Build ``model_name`` with timm (``pretrained=False``; weights only from ``checkpoint``),
-    insert SBN where ``recipe`` says, and initialize the new layers. ``checkpoint`` is a weights
-    file, a timm training checkpoint (``checkpoint_key`` picks e.g. ``state_dict_ema``) or a
-    Hugging Face/timm snapshot directory (see :mod:`sbn_surgery.weights`).
+    """Build ``model_name`` with timm, insert SBN where ``recipe`` says, and initialize the new
+    layers. Weights come from ``checkpoint`` (a weights file, a timm training checkpoint with
+    ``checkpoint_key`` picking e.g. ``state_dict_ema``, a Hugging Face/timm snapshot directory,
+    or ``hf-hub:ORG/NAME``; see :mod:`sbn_surgery.weights`) or, with ``pretrained``, are timm's
+    for the name's tag (``resnet50.a1_in1k``), from the Hugging Face cache; a download happens
+    only with ``download`` and without HF_HUB_OFFLINE (see :mod:`sbn_surgery.hub`). Without
+    either, timm's random initialization.
 
     ``init="identity"`` calibrates the SBN statistics on ``calibration`` batches (synthetic images
     at the model's input size when None) and sets gamma, beta so the converted model's eval output
@@ -53,17 +58,22 @@ def convert(
     where the SBN ends a residual branch that timm zero-initialized, see
     :func:`~sbn_surgery.surgery.carry_zero_init`)
     and, when ``calibration`` is given, estimates the running statistics from it. The model
-    carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`. A recipe whose ``models``
+    carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`, with the weights'
+    preprocessing under ``pretrained_cfg`` (its ``input_size`` the size converted for; class
+    names only when weights were loaded). A recipe whose ``models``
     patterns do not name ``model_name`` is refused unless ``force``.
     """
     recipe = load_recipe(recipe)
     check_fits(recipe, model_name, force)
     model = create_model(model_name, num_classes=num_classes, model_kwargs=model_kwargs,
-                         checkpoint=checkpoint, checkpoint_key=checkpoint_key)
+                         checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+                         pretrained=pretrained, download=download)
+    loaded = checkpoint is not None or pretrained
     size = tuple(input_size) if input_size is not None else input_size_of(model)
+    preprocessing = {**pretrained_cfg_of(model, labels=loaded), "input_size": list(size)}
     plan = apply_recipe(model, recipe, input_size=size, force=True)  # type: ignore[arg-type]
-    mode = resolve_init(init, recipe, weights_loaded=checkpoint is not None)
-    if mode == "standard" and checkpoint is None:  # untrained: keep timm's zero-init branches
+    mode = resolve_init(init, recipe, weights_loaded=loaded)
+    if mode == "standard" and not loaded:  # untrained: keep timm's zero-init branches
         carry_zero_init(model)
     if mode == "identity" or calibration is not None:
         batches = calibration if calibration is not None else synthetic_batches(
@@ -80,5 +90,8 @@ def convert(
         "recipe_name": recipe.name,
         "input_size": list(size),
         "init": mode,
+        # what the weights expect of their images (at the size converted for): see
+        # sbn_surgery.pretrained_cfg; finetune replaces it with what it trained with
+        "pretrained_cfg": preprocessing,
     }
     return model, plan
