@@ -164,11 +164,14 @@ def convert(
                                input_size=input_size, progress=cb, force=force)
     save_converted(net, output)
     plan.model = model
+    checked = getattr(plan, "identity_error", None)
     if json_out:
-        print_json({"output": str(output), "init": net.sbn_meta["init"], **plan.to_json()})
+        print_json({"output": str(output), "init": net.sbn_meta["init"],
+                    "identity_max_rel_err": checked, **plan.to_json()})
     else:
         _print_plan(plan, False, f"{model} + recipe {plan.recipe}")
-        out(False).print(f"init [bold]{net.sbn_meta['init']}[/]; wrote [bold green]{output}[/]")
+        same = "" if checked is None else f" (identity check passed: eval output within {checked:.1e})"
+        out(False).print(f"init [bold]{net.sbn_meta['init']}[/]{same}; wrote [bold green]{output}[/]")
 
 
 def _notice(model: str, **weights) -> None:

@@ -8,13 +8,18 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .errors import SurgeryError
 from .models import create_model, input_size_of, pretrained_cfg_of
 from .recipe import Recipe, check_fits, load_recipe
 from .progress import ProgressFn
 from .surgery import (Plan, apply_recipe, calibrate, carry_zero_init, init_identity,
                       synthetic_batches)
 
-__all__ = ["convert", "resolve_init"]
+__all__ = ["convert", "resolve_init", "IDENTITY_RTOL"]
+
+#: The identity check: the converted model's eval output may differ from the original's by this
+#: much, relative to the output's largest magnitude (float32 rounding is ~1e-7).
+IDENTITY_RTOL = 1e-4
 
 
 def resolve_init(init: Optional[str], recipe: Recipe, weights_loaded: bool) -> str:
@@ -62,6 +67,10 @@ def convert(
     preprocessing under ``pretrained_cfg`` (its ``input_size`` the size converted for; class
     names only when weights were loaded). A recipe whose ``models``
     patterns do not name ``model_name`` is refused unless ``force``.
+
+    With identity init, the result is checked: its eval output on a random batch equals the
+    original model's to IDENTITY_RTOL (a SurgeryError otherwise); the measured relative error is
+    ``plan.identity_error``.
     """
     recipe = load_recipe(recipe)
     check_fits(recipe, model_name, force)
@@ -70,9 +79,12 @@ def convert(
                          pretrained=pretrained, download=download)
     loaded = checkpoint is not None or pretrained
     size = tuple(input_size) if input_size is not None else input_size_of(model)
-    preprocessing = {**pretrained_cfg_of(model, labels=loaded), "input_size": list(size)}
-    plan = apply_recipe(model, recipe, input_size=size, force=True)  # type: ignore[arg-type]
+    preprocessing = {**pretrained_cfg_of(model, labels=loaded, imagenet=pretrained),
+                     "input_size": list(size)}
     mode = resolve_init(init, recipe, weights_loaded=loaded)
+    probe = synthetic_batches(size, 2, 1, seed=12345)[0]  # type: ignore[arg-type]
+    before = _eval_output(model, probe) if mode == "identity" else None
+    plan = apply_recipe(model, recipe, input_size=size, force=True)  # type: ignore[arg-type]
     if mode == "standard" and not loaded:  # untrained: keep timm's zero-init branches
         carry_zero_init(model)
     if mode == "identity" or calibration is not None:
@@ -82,6 +94,7 @@ def convert(
                   total=calibrate_batches)
     if mode == "identity":
         init_identity(model)
+        plan.identity_error = _identity_error(before, _eval_output(model, probe), model_name)
     model.sbn_meta = {
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs or {}),
@@ -95,3 +108,27 @@ def convert(
         "pretrained_cfg": preprocessing,
     }
     return model, plan
+
+
+def _eval_output(model: nn.Module, x: torch.Tensor):
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train(was)
+
+
+def _identity_error(before, after, name: str) -> Optional[float]:
+    """max |after - before| / max |before|; a SurgeryError above IDENTITY_RTOL."""
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return None  # a model whose output is not one tensor: nothing to compare simply
+    scale = float(before.abs().max())
+    err = float((after - before).abs().max()) / max(scale, 1e-12)
+    if not err <= IDENTITY_RTOL:  # nan included
+        raise SurgeryError(f"identity check failed for {name}: the converted model's eval output "
+                           f"differs from the original's by {err:.2e} (relative; at most "
+                           f"{IDENTITY_RTOL:g} expected); no file was written. Please report it, "
+                           "with the model name and recipe")
+    return err

@@ -235,16 +235,18 @@ def _build_pretrained(name: str, kwargs: dict[str, Any], weights: Weights) -> nn
     return model
 
 
-def pretrained_cfg_of(model: nn.Module, *, labels: bool = True) -> dict[str, Any]:
+def pretrained_cfg_of(model: nn.Module, *, labels: bool = True,
+                      imagenet: bool = False) -> dict[str, Any]:
     """The weights' preprocessing (:mod:`.pretrained_cfg`'s keys) of a timm model, validated;
-    with ``labels``, the class names where timm has them (its config's ``label_names``, else
-    ImageNet's when the head is an ImageNet head), only while the head is the weights' own."""
+    with ``labels``, the class names its config gives (``label_names``), or with ``imagenet``
+    (timm's own weights for a tag) ImageNet's for an ImageNet head, only while the head is the
+    weights' own."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     kept = subset(cfg)
     head = getattr(model, "num_classes", None)
     if not labels or head is None or head != kept.get("num_classes"):
         kept.pop("label_names", None)
-    elif "label_names" not in kept:
+    elif "label_names" not in kept and imagenet:
         names = _imagenet_labels(model)
         if names is not None and len(names) == head:
             kept["label_names"] = names

@@ -42,7 +42,9 @@ def test_convert_pretrained_loads_exactly_the_cached_weights(run_cli, offline_hu
     out = tmp_path / "r.safetensors"
     res = run_cli("convert", HUB_NAME, "--pretrained", "-o", out, "--json")
     assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["init"] == "identity" and "random" not in res.stderr
+    data = json.loads(res.stdout)
+    assert data["init"] == "identity" and "random" not in res.stderr
+    assert 0 <= data["identity_max_rel_err"] <= 1e-4  # the identity check convert runs
     x = torch.randn(2, 3, 176, 176, generator=torch.Generator().manual_seed(0))
     ref = _outputs(hub_model(HUB_NAME), x)  # the weights the test put in the cache
     assert _close(_outputs(sbn.load_converted(out), x), ref, 1e-5)  # identity init holds
@@ -58,6 +60,22 @@ def test_convert_pretrained_loads_exactly_the_cached_weights(run_cli, offline_hu
     from timm.data import resolve_data_config
 
     assert read_data_config(out) == resolve_data_config({}, model=timm.create_model(HUB_NAME))
+
+
+def test_a_failed_identity_check_writes_nothing(run_cli, offline_hub, monkeypatch, tmp_path):
+    C = sys.modules["sbn_surgery.convert"]  # the module (the package's name is the function)
+
+    def off_by_a_little(model):  # an init that misses the identity by far more than rounding
+        identity(model)
+        for site in sbn.find_sbn(model):
+            model.get_submodule(site.module).bias.data += 0.05
+
+    identity = C.init_identity
+    monkeypatch.setattr(C, "init_identity", off_by_a_little)
+    out = tmp_path / "r.safetensors"
+    one_line_error(run_cli("convert", HUB_NAME, "--pretrained", "-o", out, *SMALL),
+                   "identity check failed for resnet10t.c3_in1k", "no file was written")
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -304,3 +322,28 @@ def test_a_model_with_weights_at_a_url_uses_torchs_cache(tmp_path, monkeypatch, 
     torch.save(src.state_dict(), target)
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(_outputs(create_model(name, pretrained=True), x), _outputs(src, x))
+
+
+def test_every_study_arm_starts_from_the_pretrained_weights(offline_hub, no_fetch):
+    from sbn_surgery.study import parse_arm
+    from sbn_surgery.study.arms import build_arm_model
+
+    src = hub_model(HUB_NAME).state_dict()
+    calib = [torch.randn(4, 3, 32, 32)]
+    for spec in ("none", "resnet"):
+        net = build_arm_model(parse_arm(spec), HUB_NAME, seed=0, num_classes=10,
+                              checkpoint=None, model_kwargs={}, pretrained=True,
+                              input_size=(3, 32, 32), calibration=calib)
+        own = net.state_dict()
+        shared = [k for k in src if not k.startswith("fc.")]
+        assert all(torch.equal(own[k], src[k]) for k in shared), spec  # the head: 10 classes
+        assert net.num_classes == 10
+
+
+def test_class_names_only_where_the_weights_name_them(tmp_path):
+    torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "w.pth")
+    model, _ = sbn.convert("resnet10t", "resnet", checkpoint=tmp_path / "w.pth",
+                           input_size=(3, 32, 32))
+    cfg = model.sbn_meta["pretrained_cfg"]  # a 1000-class file of unknown classes: no names
+    assert cfg["num_classes"] == 1000 and "label_names" not in cfg
+    assert cfg["input_size"] == [3, 32, 32] and cfg["interpolation"] == "bicubic"
