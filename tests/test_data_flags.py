@@ -89,7 +89,7 @@ def test_in_memory_batches_use_the_interpolation_asked_for():
     assert not torch.equal(prepare_batch(images, {**cfg, "interpolation": "bilinear"}), near)
 
 
-def test_finetune_preprocesses_as_the_weights_unless_told(offline_hub, no_fetch):
+def test_finetune_preprocesses_as_the_weights_unless_told(offline_hub, no_fetch, tmp_path):
     ds = D.open_source("synthetic")
     base = {"model": HUB_NAME_HALF, "data": "synthetic", "input_size": [3, 32, 32],
             "pretrained": True, "batch_size": 8}
@@ -102,6 +102,15 @@ def test_finetune_preprocesses_as_the_weights_unless_told(offline_hub, no_fetch)
     _, cfg = build_model("resnet10t", resolve({**base, "model": "resnet10t", "pretrained": None,
                                                "checkpoint": f"hf-hub:{HUB_USER_REPO}"}), ds)
     assert cfg["mean"] == (0.3,) * 3 and cfg["interpolation"] == "bilinear"  # its config.json's
+    # a converted file carries them: fine-tuning it preprocesses the same way
+    import sbn_surgery as sbn
+
+    model, _ = sbn.convert("resnet10t", "resnet", checkpoint=f"hf-hub:{HUB_USER_REPO}",
+                           input_size=(3, 32, 32))
+    sbn.save_converted(model, tmp_path / "ten.safetensors")
+    spec = str(tmp_path / "ten.safetensors")
+    _, cfg = build_model(spec, resolve({"model": spec, "data": "synthetic"}), ds)
+    assert cfg["mean"] == (0.3,) * 3 and cfg["std"] == (0.2, 0.25, 0.3) and cfg["crop_pct"] == 0.9
 
 
 @pytest.mark.timeout(600)
@@ -126,3 +135,9 @@ def test_finetune_pretrained_records_what_it_trained_with(run_cli, offline_hub, 
     assert cfg["input_size"] == [3, 32, 32] and cfg["num_classes"] == 10
     assert cfg["label_names"] == [f"class{i}" for i in range(10)]
     assert read_data_config(out / "last.safetensors")["mean"] == (0.4, 0.45, 0.5)
+    # the same name without --pretrained trains from random weights, and says so
+    res = run_cli("finetune", HUB_NAME_HALF, "-d", "synthetic", "--epochs", "1", "--subset",
+                  "32", "--batch-size", "16", "--input-size", "3", "32", "32", "--workers", "0",
+                  "-o", tmp_path / "random", "--json")
+    assert res.code == 0, res.stderr
+    assert "the weights are random" in " ".join(res.stderr.split())

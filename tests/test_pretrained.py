@@ -126,9 +126,13 @@ def test_an_unreachable_hub_is_one_line_without_retries(run_cli, tmp_path, monke
                    "cannot be reached", "http://127.0.0.1:9", "--checkpoint FILE")
 
 
-def test_the_cache_answers_without_the_network(hub_cache, monkeypatch, no_fetch):
+def test_the_cache_answers_without_the_network(hub_cache, monkeypatch, no_fetch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "hub").symlink_to(hub_cache)  # HF_HOME/hub is the cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(_outputs(create_model(HUB_NAME, pretrained=True), x),
