@@ -25,7 +25,7 @@ from .config import load_config
 from .loop import FinetuneResult, _Parts, _Run
 from .model import build_model, record_preprocessing, select_trainable
 from .optim import make_ema
-from .options import ALIASES, FIELDS, RunOptions, resolve
+from .options import ALIASES, DEFAULTS, FIELDS, RunOptions, resolve
 
 
 def finetune(
@@ -167,8 +167,8 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
 def _data_notices(spec, opts: RunOptions, ds, given: dict[str, Any], state,
                   notify: Callable[[str], None]) -> None:
     """Lines on the weights and data flags the run was given: a name whose tag names
-    pretrained weights that are not loaded; timm's flags for images read from files on an
-    in-memory source, where they change nothing."""
+    pretrained weights that are not loaded; timm's flags for images read from files, set to
+    other than their defaults, on an in-memory source, where they change nothing."""
     from ..models import random_weights_notice
     from .model import is_checkpoint_path
 
@@ -179,7 +179,7 @@ def _data_notices(spec, opts: RunOptions, ds, given: dict[str, Any], state,
         if line:
             notify(line)
     idle = [f"--{k.replace('_', '-')}" for k in (*TRAIN_FLAGS, "crop_pct", "crop_mode")
-            if given.get(k) is not None]
+            if given.get(k) is not None and given[k] != DEFAULTS.get(k)]
     if ds.kind == "tensor" and idle:
         notify(f"{', '.join(idle)} shape timm's transforms of images read from files; "
                f"{ds.name} is held in memory and augmented by shifts (and flips where they keep "
