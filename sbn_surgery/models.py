@@ -159,7 +159,8 @@ def create_model(
     (a snapshot's config.json is still read, and a Hub repository's fetched).
 
     When ``num_classes`` differs from the checkpoint's head, the head's weights are left at their
-    initialization and every other key must fit.
+    initialization and every other key must fit (Hub weights: timm drops the head and loads the
+    rest; a key the model has and the weights lack is still an error).
     """
     resolve_model_name(name)
     kwargs = dict(model_kwargs or {})
@@ -232,7 +233,23 @@ def _build_pretrained(name: str, kwargs: dict[str, Any], weights: Weights) -> nn
                               f"{detail}. Check the model name, --model-kwargs and "
                               "--num-classes") from None
     model.pretrained_cfg.pop("state_dict", None)  # timm keeps its overlay: not the tensors
+    _check_complete(model, weights, name)
     return model
+
+
+def _check_complete(model: nn.Module, weights: Weights, name: str) -> None:
+    """timm loads non-strictly when it drops a head of another size: a layer the weights lack
+    would stay random without a word. Where the weights' keys are the model's (no checkpoint
+    filter renamed them), every key outside the head must be in them."""
+    own = model.state_dict()
+    if any(k not in own for k in weights.state):
+        return  # renamed by the model's checkpoint filter: timm's own check applies
+    head = tuple(_head_prefixes(model)) or ("\0",)
+    missing = [k for k in own if k not in weights.state and not k.startswith(head)]
+    if missing:
+        raise CheckpointError(f"the weights of {weights.source} do not fit model {name}: "
+                              f"{len(missing)} missing key(s): {_summary(missing)}. Check the "
+                              "model name and --model-kwargs")
 
 
 def pretrained_cfg_of(model: nn.Module, *, labels: bool = True,

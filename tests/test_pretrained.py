@@ -351,3 +351,22 @@ def test_class_names_only_where_the_weights_name_them(tmp_path):
     cfg = model.sbn_meta["pretrained_cfg"]  # a 1000-class file of unknown classes: no names
     assert cfg["num_classes"] == 1000 and "label_names" not in cfg
     assert cfg["input_size"] == [3, 32, 32] and cfg["interpolation"] == "bicubic"
+
+
+def test_a_new_head_keeps_every_other_layer_and_a_missing_one_is_an_error(offline_hub, no_fetch,
+                                                                           tmp_path, monkeypatch):
+    ten = create_model(HUB_NAME, pretrained=True, num_classes=10)  # timm drops the 1000-class head
+    src = hub_model(HUB_NAME).state_dict()
+    own = ten.state_dict()
+    assert ten.fc.out_features == 10
+    assert all(torch.equal(own[k], v) for k, v in src.items() if not k.startswith("fc."))
+    # weights that lack a layer, with a new head: timm loads them non-strictly and would leave
+    # that layer random; that is refused
+    root = tmp_path / "cache"
+    snap = add_repo(root, "me/r10t-partial", hub_model("resnet10t", seed=7))  # no config.json
+    partial = {k: v.contiguous() for k, v in hub_model("resnet10t", seed=7).state_dict().items()
+               if not k.startswith("layer4.0.bn2.")}
+    save_file(partial, str(snap / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    with pytest.raises(CheckpointError, match=r"5 missing key\(s\): layer4.0.bn2.weight"):
+        create_model("resnet10t", checkpoint="hf-hub:me/r10t-partial", num_classes=10)
