@@ -36,6 +36,7 @@ def finetune(
     overwrite: bool = False,
     progress: Optional[ProgressFn] = None,
     notify: Optional[Callable[[str], None]] = None,
+    on_epoch: Optional[Callable[[nn.Module, int], None]] = None,
     **options: Any,
 ) -> FinetuneResult:
     """Fine-tune a converted model (a timm name is converted with ``recipe`` first) on ``data``
@@ -49,7 +50,9 @@ def finetune(
     for the new total; ``notify`` gets one line saying so). A non-finite training loss (or
     model) stops the run with an error naming the epoch and step; the files of the last
     finished epoch are kept. Under torchrun this runs DistributedDataParallel; only rank 0
-    writes."""
+    writes. ``on_epoch(model, epoch)`` is called on rank 0 after each epoch's validation and
+    before that epoch is saved (a resumed run calls it again for an epoch it repeats); it must
+    not change the model."""
     unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
@@ -61,7 +64,8 @@ def finetune(
         say(line)
     try:
         return _run(model, data, out, ctx, options, cfg,
-                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say))
+                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say,
+                         on_epoch=on_epoch))
     finally:
         ctx.close()
 
@@ -150,6 +154,7 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
         reprob=opts.reprob)
     run = _Run(opts, ctx, out, _prepare(net, opts, ctx), train_loader, val_loader, progress)
+    run.on_epoch = how["on_epoch"] if ctx.is_main else None
     if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
         O.write_args(out / O.ARGS_FILE, opts.to_dict())
     if state is not None:
