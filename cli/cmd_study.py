@@ -52,7 +52,7 @@ def study(
 
       sbn-surgery study resnet18 --data digits --arms none,resnet+remove-bn --json
 
-      sbn-surgery study resnet18 -d digits --from-study runs/s1 --epochs 2 -o runs/s2
+      sbn-surgery study resnet18 -d digits --from-study runs/s1 -o runs/s2
     """
     from sbn_surgery.study import study as run_study
     from sbn_surgery.train import TrainingInterrupted

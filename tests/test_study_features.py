@@ -110,13 +110,41 @@ def test_an_sbn_arm_is_measured_at_its_sbn_output():
         measure(Toy(), [x], 0)  # no SBN and no recipe: nowhere to measure
 
 
+def test_a_no_bn_arm_is_measured_at_the_recipe_sites_without_its_batchnorm():
+    from sbn_surgery.study.arms import build_arm_model, parse_arm
+
+    calib = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))]
+    net = build_arm_model(parse_arm("none+remove-bn"), "test_resnet", seed=0, num_classes=10,
+                          checkpoint=None, model_kwargs=None, input_size=(3, 16, 16),
+                          calibration=calib, force=True)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    row = measure(net, [x], 0, recipe=parse_arm("resnet").recipe, input_size=(3, 16, 16))
+    hosts = [s["module"].removesuffix(".sbn") for s in row["sites"]]
+    assert hosts == ["layer3.0.bn3", "layer4.0.bn2"]  # resnet's sites: each block's last norm
+    seen = {}
+    handles = [net.get_submodule(h).register_forward_hook(
+        lambda m, a, out, h=h: seen.__setitem__(h, out.abs().max().item())) for h in hosts]
+    with torch.no_grad():
+        net.eval()(x)  # no BatchNorm left: the host passes its input on, in any mode
+    for h in handles:
+        h.remove()
+    assert seen[hosts[0]] > 0  # without BN, timm's zero-init gamma no longer zeroes the branch
+    assert [s["max_abs"] for s in row["sites"]] == pytest.approx([seen[h] for h in hosts])
+    assert all(getattr(net.get_submodule(h), "_sbn_no_norm", False) for h in hosts)
+
+
 def test_figures_over_sites_and_over_epochs():
     sites = [{"max_abs": 2.0, "rms": 1.0, "spectral_entropy": 0.5, "top_freq_share": 0.2},
              {"max_abs": 5.0, "rms": 3.0, "spectral_entropy": 0.7, "top_freq_share": 0.4}]
     assert over_sites(sites) == pytest.approx({"max_abs": 5.0, "rms": 2.0,
                                                "spectral_entropy": 0.6, "top_freq_share": 0.3})
-    sites[1]["spectral_entropy"] = None  # a 1x1 map has no spectrum: no mean over sites
-    assert over_sites(sites)["spectral_entropy"] is None and over_sites([])["max_abs"] is None
+    sites[1]["spectral_entropy"] = None  # a 1x1 map has no spectrum: the others' mean
+    assert over_sites(sites)["spectral_entropy"] == 0.5
+    sites[0]["spectral_entropy"] = None
+    assert over_sites(sites)["spectral_entropy"] is None
+    sites[1]["rms"] = None  # a non-finite value: no figure rather than a wrong one
+    assert over_sites(sites)["rms"] is None and over_sites(sites)["max_abs"] == 5.0
+    assert over_sites([])["max_abs"] is None
     rows = {e: {"max_abs": m, "rms": e, "spectral_entropy": 0.1 * e, "top_freq_share": 0.5}
             for e, m in enumerate([9.0, 4.0, 7.0, 5.0])}
     fig = run_figures(rows, 3)

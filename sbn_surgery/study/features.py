@@ -16,7 +16,8 @@ Shannon entropy of each (image, channel) map's normalized power spectrum over lo
 flat spectrum, 0 for one component) and ``top_freq_share`` (the share of a map's energy in its
 largest component), both averaged over maps, as diagnose computes them. Per epoch, over sites:
 the largest ``max_abs`` (the largest value the network holds at these places), and the mean of
-the others (every site counts equally).
+the others (every site counts equally; the spectral figures over the sites whose maps have more
+than one pixel).
 """
 
 from __future__ import annotations
@@ -85,10 +86,14 @@ def with_identity_sites(model: nn.Module, recipe: Any, input_size: Sequence[int]
     """A copy of ``model`` (which has no SBN) with ``recipe`` applied and every SBN turned into
     the identity, and the SBN paths: hooks there see the feature map at the places the recipe
     puts SBN, as the model without SBN computes it."""
+    from ..diagnose import remove_batchnorm, restore_batchnorm
     from ..surgery import apply_recipe
 
     work = copy.deepcopy(model)
+    no_bn = restore_batchnorm(work) > 0  # a +remove-bn arm: match the recipe's types as built
     plan = apply_recipe(work, recipe, input_size=tuple(int(v) for v in input_size), force=True)
+    if no_bn:
+        remove_batchnorm(work)  # the SBN hosts keep their hooks (see remove_batchnorm)
     for site in plan.sites:
         if site.position == "replace":  # the SBN stands at the module's path: put it back
             parent, _, leaf = site.module.rpartition(".")
@@ -120,11 +125,14 @@ def measure(model: nn.Module, images: list[Tensor], epoch: int, *, recipe: Any =
 
 
 def over_sites(sites: list[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """An epoch's figures over its sites: max of ``max_abs``, mean of the others; None where a
-    site's value is missing (non-finite) or there are no sites."""
+    """An epoch's figures over its sites: max of ``max_abs``, mean of the others. The spectral
+    figures average the sites that have a spectrum (maps of more than one pixel); ``max_abs``
+    and ``rms`` are None where a site's value is missing (non-finite). None without sites."""
     out: dict[str, Optional[float]] = {}
     for key in METRICS:
         values = [s.get(key) for s in sites]
+        if key in ("spectral_entropy", "top_freq_share"):
+            values = [v for v in values if v is not None]
         if not values or any(not isinstance(v, (int, float)) for v in values):
             out[key] = None
         elif key == "max_abs":
