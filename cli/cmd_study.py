@@ -119,25 +119,26 @@ def _num(v: Optional[float]) -> str:
 
 
 def _diff(d: Optional[dict]) -> str:
+    """A paired difference and, on the next line, its 95 % interval."""
     if not d:
         return "-"
     lo, hi = d["ci95"]
-    return f"{d['mean']:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+    return f"{d['mean']:+.2g}\n[{lo:+.2g}, {hi:+.2g}]"
 
 
 def _print_features(con, result) -> None:
     from rich.table import Table
 
-    table = Table(title=f"feature maps at the SBN sites after epoch {result.epochs}, "
-                  f"{result.feature_images} val images; against none: paired, 95 % t-interval")
-    for col in ("arm", "max |x|", "diff", "RMS", "diff", "entropy", "diff"):
+    table = Table(title=f"feature maps at the SBN sites after epoch {result.epochs} "
+                  f"({result.feature_images} val images); vs none: paired, 95 % t-interval; "
+                  "RMS and more in --json")
+    for col in ("arm", "max |x|", "vs none", "entropy", "vs none"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     diffs = {d["arm"]: d["features"] for d in result.differences}
     for a in result.arms:
         f, d = a["features"], diffs.get(a["name"]) or {}
-        table.add_row(a["name"], _num(f["max_abs"]), _diff(d.get("max_abs")), _num(f["rms"]),
-                      _diff(d.get("rms")), _num(f["spectral_entropy"]),
-                      _diff(d.get("spectral_entropy")))
+        table.add_row(a["name"], _num(f["max_abs"]), _diff(d.get("max_abs")),
+                      _num(f["spectral_entropy"]), _diff(d.get("spectral_entropy")))
     con.print(table)
 
 

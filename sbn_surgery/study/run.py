@@ -135,7 +135,7 @@ def _run_one(setup: StudySetup, arm: Arm, seed: int, out: Path, given: dict[str,
             progress(f"{prefix} {desc}", done, total, info=info)
 
     def on_epoch(model, epoch: int) -> None:
-        rows[epoch] = setup.measure(arm, model, epoch)
+        rows[epoch] = setup.measure(model, epoch)
         store.write_features(run_dir, rows, setup.about())
 
     if measuring and 0 not in rows:
@@ -193,7 +193,9 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
         else:
             progress = None
         given = {**stored, **{k: options[k] for k in EXEC_OPTIONS if k in options}}
-        reference = next((a.recipe for a in parsed if a.recipe is not None), None)
+        # where arms without SBN are measured: the sites of the first arm that has SBN
+        reference = next((a.recipe for a in parsed if a.recipe is not None and a.base != "none"),
+                         None)
         setup = StudySetup(model, str(data), given, reference, source)
         records: list[RunRecord] = []
         total = len(parsed) * seeds

@@ -93,8 +93,7 @@ class StudySetup:
 
         return diagnose(net, self.get()[2]).growth()
 
-    def measure(self, arm: Arm, net, epoch: int) -> dict[str, Any]:
-        """The feature-map figures of ``net`` (``arm``'s model) after ``epoch`` epochs."""
-        return measure(net, self.images(), epoch,
-                       recipe=self.reference if arm.recipe is None else None,
-                       input_size=self.get()[1])
+    def measure(self, net, epoch: int) -> dict[str, Any]:
+        """The feature-map figures of ``net`` (an arm's model) after ``epoch`` epochs."""
+        return measure(net, self.images(), epoch, recipe=self.reference,
+                       input_size=self.get()[1])  # the recipe only where net has no SBN
