@@ -114,6 +114,9 @@ def test_report_json_schema_and_rerun_trains_nothing(base, run_cli, monkeypatch,
         tops = [r["val_top1"] for r in arm["runs"]]
         assert arm["top1_mean"] == pytest.approx(sum(tops) / 2)
         assert arm["top1_std"] == pytest.approx(abs(tops[0] - tops[1]) / math.sqrt(2))
+        half = t_quantile(1) * arm["top1_std"] / math.sqrt(2)  # t(0.975, 1) = 12.706
+        assert arm["top1_ci95"] == pytest.approx([arm["top1_mean"] - half,
+                                                  arm["top1_mean"] + half])
         init = json.loads((out / arm["name"] / "init.json").read_text())
         assert arm["rms_growth"] == init["rms_growth"] and arm["rms_growth"] > 0
         speeds = []

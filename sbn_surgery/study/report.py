@@ -3,6 +3,7 @@ feature-map figures of :mod:`.features`), and the plots."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +12,7 @@ from . import store
 from .arms import Arm
 from .features import FIGURES, run_figures
 from .plots import plot_features, plot_study
-from .stats import METHOD, direction, mean_std, paired_difference, verdict
+from .stats import METHOD, direction, mean_std, paired_difference, t_quantile, verdict
 
 
 @dataclass
@@ -40,11 +41,15 @@ class StudyResult:
 def _arm_summary(arm: Arm, runs: list, growth: Optional[float], base_ips: Optional[float],
                  epochs: int) -> dict[str, Any]:
     top1_mean, top1_std = mean_std([r.val_top1 for r in runs])
+    half = (t_quantile(len(runs) - 1) * top1_std / math.sqrt(len(runs))
+            if top1_std is not None else None)
     loss_mean, loss_std = mean_std([r.val_loss for r in runs])
     ips = mean_std([r.images_per_s for r in runs])[0]
     figures = [run_figures(r.features, epochs) for r in runs]
     return {"name": arm.spec, "dir": arm.dir, "recipe": arm.recipe_name,
             "top1_mean": top1_mean, "top1_std": top1_std,
+            # the 95 % t-interval of the mean over seeds (not paired: see differences)
+            "top1_ci95": None if half is None else [top1_mean - half, top1_mean + half],
             "loss_mean": loss_mean, "loss_std": loss_std, "images_per_s": ips,
             # train-step time relative to none's (> 1: slower); the inverse of images/s
             "step_ratio": base_ips / ips if base_ips and ips else None,
