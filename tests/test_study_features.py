@@ -234,3 +234,47 @@ def test_finetune_calls_on_epoch_before_each_epoch_is_saved(tmp_path):
     run(tmp_path / "b", parts, resume=True)
     assert [e for e, _, _ in parts] == [1, 2]
     assert [w for _, _, w in parts] == [w for _, _, w in whole]  # the same model at each call
+
+
+def _ddp_study_worker(rank: int, world: int, port: int, root: str) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import sbn_surgery.study.setup as S
+    from sbn_surgery.study import study
+
+    calls = []
+    real = S.StudySetup.measure
+
+    def spy(self, net, epoch):
+        calls.append(epoch)
+        return real(self, net, epoch)
+
+    S.StudySetup.measure = spy
+    study("test_resnet", "synthetic", arms=["none", "resnet"], seeds=2, output=Path(root) / "s",
+          subset=32, batch_size=8, input_size=(3, 16, 16), epochs=1, device="cpu", force=True)
+    (Path(root) / f"calls{rank}.json").write_text(json.dumps(calls))
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_measures_each_epoch_and_rank_0_writes(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_study_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    calls = [json.loads((tmp_path / f"calls{r}.json").read_text()) for r in (0, 1)]
+    # rank 0 also measures every run at initialization; after each epoch, every rank measures
+    # (at once: a model whose norm layers synchronize needs all ranks in its forward pass)
+    assert calls[0] == [0, 1] * 4 and calls[1] == [1] * 4
+    doc = json.loads((tmp_path / "s" / "study.json").read_text())
+    for arm in ("none", "resnet"):
+        assert [[r["epoch"] for r in doc["features"]["runs"][arm][k]] for k in "01"] == [[0, 1]] * 2

@@ -116,8 +116,8 @@ def _run_one(setup: StudySetup, arm: Arm, seed: int, out: Path, given: dict[str,
 
     run_dir = out / arm.dir / f"seed{seed}"
     record = RunRecord(arm.spec, seed, str(run_dir), store.read_history(run_dir))
-    measuring = main and setup.reference is not None
-    record.features = store.read_features(run_dir) if measuring else {}
+    measuring = setup.reference is not None
+    record.features = store.read_features(run_dir) if measuring and main else {}
     if len(record.history) >= given["epochs"]:
         if main:
             store.tidy_run(run_dir)
@@ -134,18 +134,20 @@ def _run_one(setup: StudySetup, arm: Arm, seed: int, out: Path, given: dict[str,
         if progress is not None:
             progress(f"{prefix} {desc}", done, total, info=info)
 
-    def on_epoch(model, epoch: int) -> None:
+    def on_epoch(model, epoch: int) -> None:  # on every rank (synchronized norms need all)
         rows[epoch] = setup.measure(model, epoch)
-        store.write_features(run_dir, rows, setup.about())
+        if main:
+            store.write_features(run_dir, rows, setup.about())
 
-    if measuring and 0 not in rows:
+    if measuring and main and 0 not in rows:
         on_epoch(net, 0)  # before any state is loaded: the model at initialization
     kwargs = {k: given.get(k) for k in RUN_OPTIONS if k not in BUILD_OPTIONS}
     kwargs.update({k: given[k] for k in EXEC_OPTIONS if k in given})
     kwargs["seed"] = seed
     result = finetune(net, setup.data, output=run_dir, resume=resume, overwrite=not resume,
                       progress=cb, on_epoch=on_epoch if measuring else None, **kwargs)
-    record.history, record.trained, record.features = list(result.history), True, rows
+    record.history, record.trained = list(result.history), True
+    record.features = rows if main else {}  # the other ranks' lack epoch 0; rank 0 reports
     if main:
         store.tidy_run(run_dir)
     return record

@@ -50,9 +50,10 @@ def finetune(
     for the new total; ``notify`` gets one line saying so). A non-finite training loss (or
     model) stops the run with an error naming the epoch and step; the files of the last
     finished epoch are kept. Under torchrun this runs DistributedDataParallel; only rank 0
-    writes. ``on_epoch(model, epoch)`` is called on rank 0 after each epoch's validation and
-    before that epoch is saved (a resumed run calls it again for an epoch it repeats); it must
-    not change the model."""
+    writes. ``on_epoch(model, epoch)`` is called after each epoch's validation and before that
+    epoch is saved (a resumed run calls it again for an epoch it repeats), on every process at
+    once (a forward pass of a model with synchronized norm layers needs them all); it must not
+    change the model."""
     unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
@@ -154,7 +155,7 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
         reprob=opts.reprob)
     run = _Run(opts, ctx, out, _prepare(net, opts, ctx), train_loader, val_loader, progress)
-    run.on_epoch = how["on_epoch"] if ctx.is_main else None
+    run.on_epoch = how["on_epoch"]
     if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
         O.write_args(out / O.ARGS_FILE, opts.to_dict())
     if state is not None:
