@@ -13,7 +13,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..errors import CheckpointError, SbnSurgeryError, SurgeryError
 from ..layers import SpectralBatchNorm2d
 
-__all__ = ["VARIANTS", "remove_batchnorm", "make_variant", "load_model", "sbn_count"]
+__all__ = ["VARIANTS", "remove_batchnorm", "restore_batchnorm", "make_variant", "load_model",
+           "sbn_count"]
 
 #: The four settings of ``compare``, in plot order: (name, label, with SBN, without BN).
 VARIANTS = (
@@ -69,6 +70,17 @@ def remove_batchnorm(model: nn.Module) -> int:
     for module in model.modules():
         if _is_batchnorm(module) and not getattr(module, "_sbn_no_norm", False):
             module.__class__ = _no_norm_class(type(module))
+            count += 1
+    return count
+
+
+def restore_batchnorm(model: nn.Module) -> int:
+    """Undo :func:`remove_batchnorm` in place (each BatchNorm gets its own class back, and
+    normalizes again); returns how many. E.g. to match a recipe's ``types`` on a no-BN model."""
+    count = 0
+    for module in model.modules():
+        if type(module) in _NO_NORM_CLASSES.values():
+            module.__class__ = type(module).__bases__[0]
             count += 1
     return count
 

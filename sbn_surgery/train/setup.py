@@ -38,6 +38,7 @@ def finetune(
     overwrite: bool = False,
     progress: Optional[ProgressFn] = None,
     notify: Optional[Callable[[str], None]] = None,
+    on_epoch: Optional[Callable[[nn.Module, int], None]] = None,
     **options: Any,
 ) -> FinetuneResult:
     """Fine-tune a converted model (a timm name is converted with ``recipe`` first) on ``data``
@@ -51,7 +52,10 @@ def finetune(
     for the new total; ``notify`` gets one line saying so). A non-finite training loss (or
     model) stops the run with an error naming the epoch and step; the files of the last
     finished epoch are kept. Under torchrun this runs DistributedDataParallel; only rank 0
-    writes."""
+    writes. ``on_epoch(model, epoch)`` is called after each epoch's validation and before that
+    epoch is saved (a resumed run calls it again for an epoch it repeats), on every process at
+    once (a forward pass of a model with synchronized norm layers needs them all); it must not
+    change the model."""
     unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
@@ -63,7 +67,8 @@ def finetune(
         say(line)
     try:
         return _run(model, data, out, ctx, options, cfg,
-                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say))
+                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say,
+                         on_epoch=on_epoch))
     finally:
         ctx.close()
 
@@ -156,6 +161,7 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
         reprob=opts.reprob, train_flags={k: getattr(opts, k) for k in TRAIN_FLAGS})
     run = _Run(opts, ctx, out, _prepare(net, opts, ctx), train_loader, val_loader, progress)
+    run.on_epoch = how["on_epoch"]
     if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
         O.write_args(out / O.ARGS_FILE, opts.to_dict())
     if state is not None:
