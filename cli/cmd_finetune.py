@@ -50,7 +50,7 @@ def finetune(
 
       sbn-surgery finetune resnet18 -d fashion-mnist --subset 5000 --json
 
-      sbn-surgery finetune resnet18 -d fashion-mnist --opt lamb --model-ema --mixup 0.2
+      sbn-surgery finetune resnet18 -d digits --opt lamb --model-ema --mixup 0.2
 
       sbn-surgery finetune --config runs/r18/args.yaml -o runs/r18-again
 

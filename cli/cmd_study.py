@@ -16,7 +16,16 @@ from .run_options import with_run_options
 ORDER = 35
 
 
-@with_run_options(exclude=("model", "recipe", "checkpoint_key", "seed"))
+#: Options whose finetune help does not hold for a study.
+HELPS = {
+    "force": "Apply each arm's recipe even where its `models:` patterns do not name MODEL.",
+    "epochs": "Epochs of every run (cooldown epochs come after). A study's options are fixed "
+              "when it starts: running it again with another value is refused; use another "
+              "--output.",
+}
+
+
+@with_run_options(exclude=("model", "recipe", "checkpoint_key", "seed"), helps=HELPS)
 def study(
     model: str = typer.Argument(..., help="A timm model name (each arm converts it)."),
     arms: Optional[str] = typer.Option(None, "--arms", "-a", help="Comma-separated arms: none "
