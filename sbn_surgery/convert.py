@@ -12,6 +12,7 @@ from ._callable import make_callable
 from .models import create_model, input_size_of
 from .recipe import Recipe, check_fits, load_recipe
 from .progress import ProgressFn
+from .setup_report import Calibration, SetupReport
 from .surgery import (Plan, apply_recipe, calibrate, carry_zero_init, init_identity,
                       synthetic_batches)
 
@@ -25,6 +26,10 @@ def resolve_init(init: Optional[str], recipe: Recipe, weights_loaded: bool) -> s
     if choice == "auto":
         return "identity" if weights_loaded else "standard"
     return choice
+
+
+def _image_count(batches: list) -> int:
+    return sum(len(b[0] if isinstance(b, (tuple, list)) else b) for b in batches)
 
 
 def convert(
@@ -42,6 +47,8 @@ def convert(
     input_size: Optional[tuple[int, int, int]] = None,
     progress: Optional[ProgressFn] = None,
     force: bool = False,
+    calibration_source: Optional[str] = None,
+    report: Optional[SetupReport] = None,
 ) -> tuple[nn.Module, Plan]:
     """Build ``model_name`` with timm (``pretrained=False``; weights only from ``checkpoint``),
     insert SBN where ``recipe`` says, and initialize the new layers. ``checkpoint`` is a weights
@@ -55,24 +62,35 @@ def convert(
     :func:`~sbn_surgery.surgery.carry_zero_init`)
     and, when ``calibration`` is given, estimates the running statistics from it. The model
     carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`. A recipe whose ``models``
-    patterns do not name ``model_name`` is refused unless ``force``.
+    patterns do not name ``model_name`` is refused unless ``force``. A recipe without rules
+    (``none``) inserts nothing and calibrates nothing (``init`` ``none``): the model without SBN,
+    as a converted file that export, bench and diagnose take like any other (the baseline).
+    ``report`` (a :class:`~sbn_surgery.setup_report.SetupReport`) gets the head left out of
+    ``checkpoint`` and the images calibrated on; ``calibration_source`` names where
+    ``calibration`` came from (a data source; default ``given``).
     """
     recipe = load_recipe(recipe)
     check_fits(recipe, model_name, force)
     model = create_model(model_name, num_classes=num_classes, model_kwargs=model_kwargs,
-                         checkpoint=checkpoint, checkpoint_key=checkpoint_key)
+                         checkpoint=checkpoint, checkpoint_key=checkpoint_key, report=report)
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     plan = apply_recipe(model, recipe, input_size=size, force=True)  # type: ignore[arg-type]
-    mode = resolve_init(init, recipe, weights_loaded=checkpoint is not None)
-    if mode == "standard" and checkpoint is None:  # untrained: keep timm's zero-init branches
-        carry_zero_init(model)
-    if mode == "identity" or calibration is not None:
-        batches = calibration if calibration is not None else synthetic_batches(
-            size, calibrate_batch_size, calibrate_batches)  # type: ignore[arg-type]
-        calibrate(model, batches, passthrough=(mode == "identity"), progress=progress,
-                  total=calibrate_batches)
-    if mode == "identity":
-        init_identity(model)
+    if not plan.sites:  # a recipe without rules (none): no SBN to calibrate or initialize
+        mode = "none"
+    else:
+        mode = resolve_init(init, recipe, weights_loaded=checkpoint is not None)
+        if mode == "standard" and checkpoint is None:  # untrained: keep timm's zero-init
+            carry_zero_init(model)
+        if mode == "identity" or calibration is not None:
+            batches = list(calibration) if calibration is not None else synthetic_batches(
+                size, calibrate_batch_size, calibrate_batches)  # type: ignore[arg-type]
+            calibrate(model, batches, passthrough=(mode == "identity"), progress=progress,
+                      total=len(batches))
+            if report is not None:
+                source = "synthetic" if calibration is None else (calibration_source or "given")
+                report.calibration = Calibration(source, _image_count(batches), len(batches))
+        if mode == "identity":
+            init_identity(model)
     model.sbn_meta = {
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs or {}),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError, near_names
+from .setup_report import HeadReset, SetupReport
 from .weights import Weights, read_weights
 
 __all__ = ["create_model", "input_size_of", "read_state_dict", "load_weights", "resolve_model_name",
@@ -62,13 +63,14 @@ def create_model(
     model_kwargs: Optional[dict[str, Any]] = None,
     checkpoint: Optional[str | Path] = None,
     checkpoint_key: Optional[str] = None,
+    report: Optional[SetupReport] = None,
 ) -> nn.Module:
     """A timm model, ``pretrained=False``, optionally loaded from the user's checkpoint (a file,
     a timm training checkpoint with ``checkpoint_key`` choosing e.g. ``state_dict_ema``, or a
     snapshot directory whose config.json class count is used when ``num_classes`` is None).
 
     When ``num_classes`` differs from the checkpoint's head, the head's weights are left at their
-    initialization and every other key must fit.
+    initialization (``report.head`` says so) and every other key must fit.
     """
     import timm
 
@@ -93,7 +95,9 @@ def create_model(
             "Check --model-kwargs / --num-classes."
         ) from None
     if weights is not None:
-        load_weights(model, weights.state, source=weights.source, skip_head=head_given)
+        reset = load_weights(model, weights.state, source=weights.source, skip_head=head_given)
+        if report is not None and reset is not None:
+            report.head = reset
     return model
 
 
@@ -117,11 +121,14 @@ def _summary(keys: list[str], n: int = 4) -> str:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
-                 skip_head: bool = False) -> None:
+                 skip_head: bool = False) -> Optional[HeadReset]:
     """Load ``state`` strictly; a mismatch is a CheckpointError that summarizes the keys.
-    ``skip_head``: classifier keys may be missing or of another shape (a reset head)."""
+    ``skip_head``: classifier keys may be missing or of another shape (a reset head); returns
+    what was left out of the head, if anything."""
     own = model.state_dict()
     head = tuple(_head_prefixes(model)) if skip_head else ()
+    left_out = [v for k, v in state.items()
+                if head and k.startswith(head) and k in own and own[k].shape != v.shape]
     if head:
         state = {k: v for k, v in state.items()
                  if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
@@ -145,6 +152,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
         model.load_state_dict(state, strict=False)
     except ValueError as e:  # a layer refused its values (e.g. non-finite SBN statistics)
         raise CheckpointError(f"checkpoint {source}: {e}") from None
+    if head and (left_out or any(k.startswith(head) and k not in state for k in own)):
+        before = left_out[0].shape[0] if left_out and left_out[0].dim() else None
+        return HeadReset(before, int(getattr(model, "num_classes", 0) or 0), "checkpoint")
+    return None
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:

@@ -186,6 +186,8 @@ def test_converted_checkpoint_gets_a_new_head_and_trains_sbn_only(tmp_path):
     r = finetune(str(tmp_path / "in.safetensors"), "synthetic", output=tmp_path / "out",
                  epochs=1, train="sbn", **TINY)
     assert r.model.num_classes == 10 and r.model.sbn_meta["num_classes"] == 10
+    assert r.to_json()["head"] == {"before": 3, "after": 10, "cause": "data"}
+    assert r.to_json()["calibration"] is None  # a converted file is not calibrated again
     after = r.model.state_dict()
     changed = {k for k, v in after.items() if k in before and v.shape == before[k].shape
                and v.dtype.is_floating_point and not torch.equal(v, before[k])}
@@ -300,7 +302,14 @@ def test_cli_json_summary(tmp_path, monkeypatch, capsys):
                           "--epochs", "1", "-o", str(tmp_path), "--json")
     assert code in (0, None), err
     summary = json.loads(out)
-    assert set(summary) == {"val_top1", "val_loss", "epochs", "checkpoint", "images_per_s"}
+    assert set(summary) == {"val_top1", "val_loss", "epochs", "checkpoint", "images_per_s",
+                            "head", "calibration"}
+    # a 48-image subset gives 3 calibration batches of 16, not the 4 asked for; said on stderr
+    assert summary["head"] is None  # synthetic has 10 classes, the model is built with 10
+    assert summary["calibration"] == {"source": "synthetic, the 48-image --subset",
+                                      "images": 48, "batches": 3}
+    assert ("calibration: SBN statistics from 48 training images of synthetic, the 48-image "
+            "--subset (3 batches)") in " ".join(err.split())
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["epochs"] == 1 and summary["val_top1"] == row["top1"]
     assert summary["val_loss"] == row["val_loss"]

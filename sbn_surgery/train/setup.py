@@ -17,6 +17,7 @@ from torch import nn
 from ..data import build_loaders, open_source
 from ..errors import CheckpointError, SbnSurgeryError
 from ..progress import ProgressFn
+from ..setup_report import SetupReport
 from . import distributed as D
 from . import outputs as O
 from .config import load_config
@@ -144,7 +145,10 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         # arm, which load_converted cannot rebuild); a name is rebuilt from last.safetensors
         net = net if isinstance(net, nn.Module) else load_converted(out / O.LAST_FILE)
         net.load_state_dict(state["model"])
-    net, data_config = build_model(net, opts, ds, progress)
+    report = SetupReport()
+    net, data_config = build_model(net, opts, ds, progress, report)
+    for line in report.lines():  # the head reset and the calibration images, as they happened
+        how["notify"](line)
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
@@ -155,7 +159,9 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
     if state is not None:
         run.load(state, extended)
     run.loop()
-    return run.result()
+    result = run.result()
+    result.setup = report
+    return result
 
 
 def _prepare(net: nn.Module, opts: RunOptions, ctx: D.DistContext) -> _Parts:
