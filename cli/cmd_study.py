@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import typer
 
 from sbn_surgery.errors import SbnSurgeryError
 
-from .common import err_console, out, print_json, progress_bar
+from .common import err_console, main_process, out, print_json, progress_bar
 from .run_options import with_run_options
 
 ORDER = 35
@@ -59,7 +58,7 @@ def study(
     from sbn_surgery.study import study as run_study
     from sbn_surgery.train import TrainingInterrupted
 
-    main_rank = int(os.environ.get("RANK", "0")) == 0
+    main_rank = main_process()
     options = dict(options or {})
     data = options.pop("data", None)
     if data is None:

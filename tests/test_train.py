@@ -44,7 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def two_epochs(tmp_path_factory, one_thread):
     """The uninterrupted reference run: resnet10t + recipe resnet, 2 epochs on synthetic data."""
     out = tmp_path_factory.mktemp("ref")
-    return finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=2, **TINY)
+    return finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=2,
+                    keep_state=True, **TINY)
 
 
 def test_loss_decreases_and_outputs_are_written(two_epochs):

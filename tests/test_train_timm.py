@@ -358,10 +358,11 @@ def test_a_timm_args_yaml_runs_from_the_cli_and_says_what_it_drops(tmp_path, run
 
 @pytest.mark.slow
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
-    done = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, **TINY)
+    done = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, keep_state=True,
+                    **TINY)
     notes = []
     more = finetune("resnet10t", "synthetic", output=tmp_path, resume=True, epochs=3,
-                    notify=notes.append)
+                    keep_state=True, notify=notes.append)
     assert len(more.history) == 3 and len(notes) == 1 and "from 2 to 3 epochs" in notes[0]
     assert _rows(more)[:2] == _rows(done)  # the finished epochs are kept as they were
     rows = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]

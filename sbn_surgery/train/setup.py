@@ -35,6 +35,7 @@ def finetune(
     config: Union[str, Path, None] = None,
     resume: bool = False,
     overwrite: bool = False,
+    keep_state: bool = False,
     progress: Optional[ProgressFn] = None,
     notify: Optional[Callable[[str], None]] = None,
     **options: Any,
@@ -50,7 +51,8 @@ def finetune(
     for the new total; ``notify`` gets one line saying so). A non-finite training loss (or
     model) stops the run with an error naming the epoch and step; the files of the last
     finished epoch are kept. Under torchrun this runs DistributedDataParallel; only rank 0
-    writes."""
+    writes. A finished run removes its ``state.pt`` unless ``keep_state`` (then a later
+    ``resume`` with a larger ``epochs`` can extend it); an interrupted one always keeps it."""
     unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
@@ -62,7 +64,8 @@ def finetune(
         say(line)
     try:
         return _run(model, data, out, ctx, options, cfg,
-                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say))
+                    dict(resume=resume, overwrite=overwrite, keep_state=keep_state,
+                         progress=progress, notify=say))
     finally:
         ctx.close()
 
@@ -98,10 +101,12 @@ def _resolve(spec, data, out: Path, ctx: D.DistContext, options: dict,
         opts = resolve(given, state["options"], world=ctx.world, config=cfg)
         extended = opts.epochs > int(state["options"].get("epochs") or opts.epochs)
     else:
-        if (out / O.STATE_FILE).exists() and not how["overwrite"]:
+        if O.holds_run(out) and not how["overwrite"]:
+            go_on = "continue it with --resume" if (out / O.STATE_FILE).exists() else \
+                f"it finished (no {O.STATE_FILE} to continue from)"
             raise CheckpointError(
-                f"{out} already holds a run ({O.STATE_FILE}); continue it with --resume, or "
-                f"choose another --output, or pass --overwrite to start over there"
+                f"{out} already holds a run; {go_on}, or choose another --output, or pass "
+                f"--overwrite to start over there"
             )
         opts = resolve(given, world=ctx.world, config=cfg)
     if opts.data is None:
@@ -159,6 +164,8 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
     if state is not None:
         run.load(state, extended)
     run.loop()
+    if ctx.is_main:
+        O.drop_state(out, how["keep_state"])
     result = run.result()
     result.setup = report
     return result
@@ -176,7 +183,7 @@ def _prepare(net: nn.Module, opts: RunOptions, ctx: D.DistContext) -> _Parts:
     runner: nn.Module = net
     if ctx.distributed:
         runner = nn.parallel.DistributedDataParallel(
-            net, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
+            net, device_ids=[dev] if dev.type == "cuda" else None, **D.rank_local_buffers())
     if opts.compile:
         runner = torch.compile(runner)
     return _Parts(net, runner, amp, mem, ema)
