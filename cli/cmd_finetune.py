@@ -84,14 +84,7 @@ def finetune(
             stopped = stop
     if stopped is not None:  # after the progress bar is closed, so the message is the last line
         if main_rank:
-            where = f"epoch {stopped.epoch + 1}, after batch {stopped.step}"
-            if stopped.saved:
-                err_console.print(f"[yellow]interrupted[/] in {where}: state saved in "
-                                  f"{stopped.output}; continue with the same command plus "
-                                  f"--resume", highlight=False)
-            else:
-                err_console.print(f"[yellow]interrupted[/] in {where}; the last finished epoch "
-                                  f"in {stopped.output} can be resumed", highlight=False)
+            _print_interrupted(stopped)
         raise typer.Exit(130)
     if not main_rank:
         return
@@ -99,6 +92,16 @@ def finetune(
         print_json(result.to_json())
         return
     _print_summary(con, result)
+
+
+def _print_interrupted(stopped) -> None:
+    where = f"epoch {stopped.epoch + 1}, after batch {stopped.step}"
+    if stopped.saved:
+        err_console.print(f"[yellow]interrupted[/] in {where}: state saved in {stopped.output}; "
+                          "continue with the same command plus --resume", highlight=False)
+    else:
+        err_console.print(f"[yellow]interrupted[/] in {where}; the last finished epoch in "
+                          f"{stopped.output} can be resumed", highlight=False)
 
 
 def _print_summary(con, result) -> None:
