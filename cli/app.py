@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, Iterator, Optional
 
@@ -138,6 +139,10 @@ def _registered() -> list[CommandInfo]:
 _COMMANDS = _registered()
 
 
+#: How long a quiet rank that fails waits before it exits (see :func:`main`).
+QUIET_RANK_DELAY_S = 2.0
+
+
 class _Tail:
     """A stderr that keeps only its last ``limit`` characters: where a quiet rank writes."""
 
@@ -178,6 +183,8 @@ def main() -> None:
         sys.stderr = real
     if code not in (None, 0, 2, 130):
         real.write(held.text)
+    if code not in (None, 0):  # torchrun stops the other ranks when one exits: let rank 0,
+        time.sleep(QUIET_RANK_DELAY_S)  # failing on the same input, print its line first
     sys.exit(code)
 
 

@@ -16,8 +16,11 @@ from conftest import one_line_error
 
 @pytest.fixture
 def rank1(monkeypatch):
+    import sbn_surgery_cli.app as A
+
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(A, "QUIET_RANK_DELAY_S", 0.0)
 
 
 def test_rank_1_is_silent_on_a_user_error_and_exits_2(rank1, run_cli):

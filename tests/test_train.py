@@ -141,6 +141,17 @@ def test_default_lr_follows_the_global_batch():
     assert resolve(RunOptions(data="synthetic", lr=0.05), world=4).lr == 0.05
 
 
+@pytest.mark.parametrize("epochs, want", [(1, 0.1), (3, 0.3), (10, 1.0), (90, 1.0)])
+def test_default_warmup_is_a_tenth_of_a_short_run(epochs, want):
+    from sbn_surgery.train.options import RunOptions, resolve
+
+    assert resolve(RunOptions(data="synthetic", epochs=epochs)).warmup_epochs == pytest.approx(want)
+    given = resolve(RunOptions(data="synthetic", epochs=epochs, warmup_epochs=0.5 * epochs))
+    assert given.warmup_epochs == 0.5 * epochs  # a given value wins
+    stored = resolve({}, saved={"data": "synthetic", "epochs": 20, "warmup_epochs": 2.0})
+    assert stored.warmup_epochs == 2.0  # and so does the resumed run's
+
+
 def test_resume_without_state_and_fresh_run_over_a_run(tmp_path, two_epochs):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         finetune("resnet10t", "synthetic", output=tmp_path / "empty", resume=True)
