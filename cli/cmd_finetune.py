@@ -14,7 +14,7 @@ ORDER = 30
 
 
 def _notify(line: str) -> None:
-    err_console.print(line, highlight=False)
+    err_console.print(line, highlight=False, soft_wrap=True)  # one line, however long
 
 
 @with_run_options(exclude=("model",))

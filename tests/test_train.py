@@ -45,7 +45,7 @@ def two_epochs(tmp_path_factory, one_thread):
     """The uninterrupted reference run: resnet10t + recipe resnet, 2 epochs on synthetic data."""
     out = tmp_path_factory.mktemp("ref")
     return finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=2,
-                    keep_state=True, **TINY)
+                    warmup_epochs=1, keep_state=True, **TINY)  # the lr check below: 1 epoch
 
 
 def test_loss_decreases_and_outputs_are_written(two_epochs):
@@ -99,7 +99,7 @@ def _interrupt_at(description: str, step: int, how: str):
 def test_resume_equals_uninterrupted(tmp_path, two_epochs, where, saved_at):
     with pytest.raises(TrainingInterrupted) as info:
         finetune("resnet10t", "synthetic", output=tmp_path, recipe="resnet", epochs=2,
-                 progress=_interrupt_at(*where), **TINY)
+                 warmup_epochs=1, progress=_interrupt_at(*where), **TINY)
     assert info.value.saved
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == saved_at
