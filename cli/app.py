@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, Iterator, Optional
 
@@ -18,7 +19,7 @@ from typer.models import CommandInfo
 from sbn_surgery import __version__
 from sbn_surgery.errors import SbnSurgeryError
 
-from .common import err_console
+from .common import err_console, main_process
 from .help import HelpCommand, HelpGroup
 
 
@@ -138,8 +139,56 @@ def _registered() -> list[CommandInfo]:
 _COMMANDS = _registered()
 
 
+#: How long a quiet rank that fails waits before it exits (see :func:`main`).
+QUIET_RANK_DELAY_S = 2.0
+
+
+class _Tail:
+    """A stderr that keeps only its last ``limit`` characters: where a quiet rank writes."""
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self.text, self.limit = "", limit
+
+    def write(self, text: str) -> int:
+        self.text = (self.text + text)[-self.limit:]
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 def main() -> None:
-    """Console entry point: user errors are one red line and exit code 2."""
+    """Console entry point: user errors are one red line and exit code 2. Under torchrun only
+    rank 0 speaks: another rank's stderr (its user errors, notices and warnings, which repeat
+    rank 0's) is dropped, and shown only when that rank fails by a bug; its exit code stays."""
+    if main_process():
+        _main()
+        return
+    held, real = _Tail(), sys.stderr
+    sys.stderr = held  # type: ignore[assignment]
+    code: object = 0
+    try:
+        _main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - a bug: its traceback is shown, as on rank 0
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stderr = real
+    if code not in (None, 0, 2, 130):
+        real.write(held.text)
+    if code not in (None, 0):  # torchrun stops the other ranks when one exits: let rank 0,
+        time.sleep(QUIET_RANK_DELAY_S)  # failing on the same input, print its line first
+    sys.exit(code)
+
+
+def _main() -> None:
     try:
         app()
     except SbnSurgeryError as exc:

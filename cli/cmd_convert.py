@@ -14,8 +14,9 @@ from .common import FORCE_HELP, err_console, out, parse_kv, print_json, progress
 
 ORDER = 20
 
-RECIPE_HELP = "A shipped recipe name (see `sbn-surgery recipes`) or a path to a YAML recipe. " \
-              "Default: the shipped recipe whose `models` patterns fit MODEL, else `default`."
+RECIPE_HELP = "A shipped recipe name (see `sbn-surgery recipes`; none: no SBN, the baseline) " \
+              "or a path to a YAML recipe. Default: the shipped recipe whose `models` patterns " \
+              "fit MODEL, else `default`."
 CHECKPOINT_KEY_HELP = "The key of --checkpoint holding the weights, e.g. state_dict_ema in a timm " \
                       "train.py checkpoint. Default: state_dict, else model, module, state_dict_ema."
 PRETRAINED_HELP = "Start from timm's pretrained weights for MODEL's tag (e.g. resnet50.a1_in1k; " \
@@ -52,6 +53,10 @@ def _plan_table(plan, title: str) -> Table:
 
 def _print_plan(plan, json_mode: bool, title: str) -> None:
     con = out(json_mode)
+    if not plan.sites:
+        con.print(f"No SBN layer (recipe [cyan]{plan.recipe}[/]): the model as timm builds it, "
+                  "the baseline to compare SBN with.")
+        return
     con.print(_plan_table(plan, title))
     con.print(f"[bold]{plan.count}[/] SBN layer(s), [bold]{plan.params_added:,}[/] parameters added "
               f"(recipe [cyan]{plan.recipe}[/]).")
@@ -121,7 +126,9 @@ def convert(
     """Insert SBN into MODEL where the recipe says and write a converted checkpoint.
 
     The original weights load unchanged (every original key is kept) and, with identity init, the
-    converted model computes the same eval output as the original.
+    converted model computes the same eval output as the original. With --recipe none nothing is
+    inserted: the model without SBN, the baseline that export, bench --against and diagnose take
+    like any converted file.
 
     [bold]Examples[/bold]
 
@@ -129,11 +136,14 @@ def convert(
 
       sbn-surgery convert resnet50 -r resnet -c resnet50.pth -o r50-sbn.safetensors
 
+      sbn-surgery convert resnet50 -r none -c resnet50.pth -o r50.safetensors
+
       sbn-surgery convert resnet18 --num-classes 10 -o r18.safetensors --json
     """
     from sbn_surgery.checkpoint import is_converted, save_converted
     from sbn_surgery.convert import convert as do_convert
-    from sbn_surgery.models import create_model, input_size_of
+    from sbn_surgery.recipe import load_recipe
+    from sbn_surgery.setup_report import SetupReport
 
     if init not in (None, "identity", "standard", "auto"):
         raise SbnSurgeryError(f"--init must be identity or standard; got {init!r}")
@@ -148,30 +158,34 @@ def convert(
     name = _recipe_or_auto(recipe, model)
     weights = dict(checkpoint=checkpoint, pretrained=pretrained)
     calibration = None
-    if calibrate_data != "synthetic":
-        from sbn_surgery.data import calibration_batches, data_config_for
-
-        probe = create_model(model, num_classes=num_classes, model_kwargs=kwargs,
-                             with_weights=False, **weights)
-        cfg = data_config_for(probe, input_size or input_size_of(probe))
-        calibration = calibration_batches(calibrate_data, cfg, batch_size, calibrate_batches)
+    if calibrate_data != "synthetic" and load_recipe(name).rules:  # none: nothing to calibrate
+        calibration = _calibration(model, num_classes, kwargs, input_size, calibrate_data,
+                                   batch_size, calibrate_batches, weights)
     _notice(model, **weights)
+    report = SetupReport()
     with progress_bar(json_out) as cb:
         net, plan = do_convert(model, name, checkpoint_key=checkpoint_key, **weights,
                                num_classes=num_classes,
                                model_kwargs=kwargs, init=init, calibration=calibration,
                                calibrate_batches=calibrate_batches, calibrate_batch_size=batch_size,
-                               input_size=input_size, progress=cb, force=force)
+                               input_size=input_size, progress=cb, force=force,
+                               calibration_source=calibrate_data, report=report)
     save_converted(net, output)
     plan.model = model
+    _print_result(plan, report, net.sbn_meta["init"], output, json_out)
+
+
+def _print_result(plan, report, init: str, output: Path, json_out: bool) -> None:
+    """The plan, the head and calibration lines, the identity check and the file written."""
     checked = getattr(plan, "identity_error", None)
     if json_out:
-        print_json({"output": str(output), "init": net.sbn_meta["init"],
-                    "identity_max_rel_err": checked, **plan.to_json()})
-    else:
-        _print_plan(plan, False, f"{model} + recipe {plan.recipe}")
-        same = "" if checked is None else f" (identity check passed: eval output within {checked:.1e})"
-        out(False).print(f"init [bold]{net.sbn_meta['init']}[/]{same}; wrote [bold green]{output}[/]")
+        print_json({"output": str(output), "init": init, "identity_max_rel_err": checked,
+                    **plan.to_json(), **report.to_json()})
+        return
+    _print_plan(plan, False, f"{plan.model} + recipe {plan.recipe}")
+    _print_report(out(False), report, plan, init)
+    same = "" if checked is None else f" (identity check passed: eval output within {checked:.1e})"
+    out(False).print(f"init [bold]{init}[/]{same}; wrote [bold green]{output}[/]")
 
 
 def _notice(model: str, **weights) -> None:
@@ -181,6 +195,28 @@ def _notice(model: str, **weights) -> None:
     line = random_weights_notice(model, **weights)
     if line:
         err_console.print(line, highlight=False, soft_wrap=True)
+
+
+def _calibration(model: str, num_classes, kwargs: dict, input_size, source: str,
+                 batch_size: int, batches: int, weights: dict) -> list:
+    """Preprocessed training images of ``source`` at the model's input size (the weights'
+    preprocessing, read without their tensors)."""
+    from sbn_surgery.data import calibration_batches, data_config_for
+    from sbn_surgery.models import create_model, input_size_of
+
+    probe = create_model(model, num_classes=num_classes, model_kwargs=kwargs,
+                         with_weights=False, **weights)
+    cfg = data_config_for(probe, input_size or input_size_of(probe))
+    return calibration_batches(source, cfg, batch_size, batches)
+
+
+def _print_report(con, report, plan, init: str) -> None:
+    """One line each: the head left out of the checkpoint, the calibration images."""
+    for line in report.lines():
+        con.print(line, highlight=False)
+    if plan.sites and report.calibration is None:
+        con.print(f"calibration: none (init {init}: SBN statistics start at mean 0, variance 1; "
+                  "--calibrate-data estimates them)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

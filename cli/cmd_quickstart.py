@@ -1,4 +1,4 @@
-"""`sbn-surgery quickstart`: convert, fine-tune, export and check parity in about 1.5 minutes on 2 CPU cores."""
+"""`sbn-surgery quickstart`: convert, fine-tune, export and check parity in under a minute on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def quickstart(
                                 "holds an earlier quickstart)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """The whole tool in about 1.5 minutes on 2 CPU cores, offline: put SBN into resnet10t
+    """The whole tool in under a minute on 2 idle CPU cores, offline: put SBN into resnet10t
     (recipe resnet), fine-tune it on scikit-learn's digits, export ONNX (fold mode) and check
     parity with onnxruntime.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,13 +9,22 @@ import typer
 
 from sbn_surgery.errors import SbnSurgeryError
 
-from .common import err_console, out, print_json, progress_bar
+from .common import err_console, main_process, out, print_json, progress_bar
 from .run_options import with_run_options
 
 ORDER = 35
 
 
-@with_run_options(exclude=("model", "recipe", "checkpoint_key", "seed"))
+#: Options whose finetune help does not hold for a study.
+HELPS = {
+    "force": "Apply each arm's recipe even where its `models:` patterns do not name MODEL.",
+    "epochs": "Epochs of every run (cooldown epochs come after). A study's options are fixed "
+              "when it starts: running it again with another value is refused; use another "
+              "--output.",
+}
+
+
+@with_run_options(exclude=("model", "recipe", "checkpoint_key", "seed"), helps=HELPS)
 def study(
     model: str = typer.Argument(..., help="A timm model name (each arm converts it)."),
     arms: Optional[str] = typer.Option(None, "--arms", "-a", help="Comma-separated arms: none "
@@ -57,7 +65,7 @@ def study(
     from sbn_surgery.study import study as run_study
     from sbn_surgery.train import TrainingInterrupted
 
-    main_rank = int(os.environ.get("RANK", "0")) == 0
+    main_rank = main_process()
     options = dict(options or {})
     data = options.pop("data", None)
     if data is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -16,6 +17,15 @@ from sbn_surgery.errors import SbnSurgeryError
 #: Human output (tables, progress) goes to stderr when --json owns stdout.
 console = Console()
 err_console = Console(stderr=True)
+
+
+def main_process() -> bool:
+    """Whether this process speaks: always, except in a torchrun worker other than rank 0 (its
+    errors, notices and warnings would repeat rank 0's, once per process)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
 
 
 def out(json_mode: bool) -> Console:

@@ -5,6 +5,10 @@ type, help): at 80 columns the help text is left about 18 characters. Here each 
 entry, names and metavar on the left (``-d, --data NAME|DIR``, ``--amp / --no-amp``), the help
 text on the right with its default, and a long entry puts its help on the next line. Commands
 keep their panels (``rich_help_panel``) as headings.
+
+A command with many options (finetune, study) hides the less common ones (``hidden``): ``--help``
+names them in one line per panel, and ``--help-all`` shows each in full. Examples are printed as
+they are, never wrapped, so a command copied from the help is one line.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ _METAVARS = {
     "num_classes": "N", "batch_size": "N", "calibrate_batches": "N", "epochs": "N",
     "subset": "N", "workers": "N", "seed": "N", "batches": "N", "opset": "N",
     "data_images": "N", "batch": "N", "repeats": "N", "warmup": "N", "threads": "N",
-    "lr": "LR", "weight_decay": "WD", "warmup_epochs": "EPOCHS", "label_smoothing": "EPS",
+    "checkpoint_key": "KEY", "lr": "LR", "weight_decay": "WD", "warmup_epochs": "EPOCHS",
+    "label_smoothing": "EPS",
     "rtol": "RTOL", "min_top1": "FRACTION", "optimizer": "sgd|adamw", "train": "all|norm|sbn",
     "device": "auto|cuda|cpu", "init": "identity|standard", "mode": "fold|matmul|dft",
     "norm_stats": "batch|running", "plot": "FILE.png", "against": "FILE.onnx",
@@ -56,7 +61,7 @@ def _default(param: Any) -> Optional[str]:
     show = getattr(param, "show_default", None)
     if isinstance(show, str):
         return show
-    if show is False or getattr(param, "hidden", False):
+    if show is False:
         return None
     value = param.default
     if value is None or callable(value) or value == () or value == []:
@@ -100,20 +105,34 @@ def _rows(rows: list[tuple[str, Any]], width: int) -> Group:
 
 
 def _print_text(console: Console, help_text: str) -> None:
-    """Paragraphs wrap, one space in; indented lines (examples) are kept as they are."""
+    """Paragraphs wrap, one space in; a block of indented lines (examples) is printed as it is,
+    each line whole (soft wrap: the terminal may fold a long one, a copy is still one line)."""
     for block in help_text.split("\n\n"):
-        console.print(Padding(Text.from_markup(block, emoji=False), (0, 0, 0, 1)))
+        lines = block.splitlines()
+        if lines and all(line.startswith("  ") for line in lines):
+            for line in lines:
+                console.print(Text(" " + line), soft_wrap=True)
+        else:
+            console.print(Padding(Text.from_markup(block, emoji=False), (0, 0, 0, 1)))
         console.print()
 
 
-def _panels(params: list[Any], ctx: Any) -> dict[str, list[tuple[str, Any]]]:
+def _panels(params: list[Any], show_all: bool) -> dict[str, list[tuple[str, Any]]]:
+    """Each panel's rows; a hidden option is one row with ``show_all``, else its flag is named
+    in the panel's last row, which points to ``--help-all``."""
     panels: dict[str, list[tuple[str, Any]]] = {}
+    more: dict[str, list[str]] = {}
     for p in params:
-        if getattr(p, "hidden", False):
-            continue
         default_panel = "Arguments" if _is_argument(p) else "Options"
         panel = getattr(p, "rich_help_panel", None) or default_panel
+        if getattr(p, "hidden", False) and not show_all:
+            more.setdefault(panel, []).append(max(p.opts, key=len))
+            continue
         panels.setdefault(panel, []).append((_entry(p), _help_of(p)))
+    for panel, flags in more.items():
+        note = Text(", ".join(flags), style="cyan")
+        note.append(": see --help-all", style="dim")
+        panels.setdefault(panel, []).append(("more", note))
     return panels
 
 
@@ -142,14 +161,15 @@ def _usage(cmd: Any, ctx: Any) -> str:
     return " ".join(pieces)
 
 
-def render_help(cmd: Any, ctx: Any) -> None:
+def render_help(cmd: Any, ctx: Any, show_all: bool = False) -> None:
+    """The help of ``cmd``; ``show_all``: with its hidden options (``--help-all``)."""
     console = Console(highlight=False, soft_wrap=False)
     width = console.width
     console.print(Text(f" Usage: {ctx.command_path} {_usage(cmd, ctx)}", style="bold"))
     console.print()
     if cmd.help:
         _print_text(console, cmd.help)
-    sections = _panels(cmd.get_params(ctx), ctx)
+    sections = _panels(cmd.get_params(ctx), show_all)
     if hasattr(cmd, "list_commands"):  # the root group (typer's is no click.Group)
         for name, panel, text in _commands(cmd, ctx):
             first = text.split("\n\n")[0]

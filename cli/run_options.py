@@ -20,6 +20,13 @@ import typer
 from sbn_surgery.errors import SbnSurgeryError
 
 from .common import parse_kv
+from .help import render_help
+
+#: The run options ``--help`` shows in full; the others are named in one line per panel and
+#: shown by ``--help-all`` (finetune has about 60 options).
+COMMON = ("data", "recipe", "checkpoint", "num_classes", "input_size", "subset", "train", "seed",
+          "epochs", "batch_size", "lr", "opt", "warmup_epochs", "mixup", "aa", "model_ema",
+          "device")
 
 #: Fields typed as a comma-separated text on the command line, and the type of each item.
 _COMMA_LISTS = {"opt_betas": float, "decay_milestones": int, "mean": float, "std": float,
@@ -46,9 +53,10 @@ def _cli_type(name: str, annotation: Any) -> Any:
     return annotation
 
 
-def _help(field: Any) -> str:
+def _help(field: Any, text: Optional[str] = None) -> str:
+    """The field's help (or ``text``), with its default."""
     extra = field.json_schema_extra
-    text = field.description or ""
+    text = field.description or "" if text is None else text
     default = extra["default"]
     if default is not None and "Default:" not in text and "[default:" not in text:
         if isinstance(default, bool):
@@ -61,8 +69,10 @@ def _help(field: Any) -> str:
     return text
 
 
-def option_parameters(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """One keyword parameter with a ``typer.Option`` per run option not in ``exclude``."""
+def option_parameters(exclude: tuple[str, ...] = (),
+                      helps: Optional[dict[str, str]] = None) -> list[inspect.Parameter]:
+    """One keyword parameter with a ``typer.Option`` per run option not in ``exclude``, then
+    ``--help-all``. ``helps``: help texts that differ in this command (by field name)."""
     from sbn_surgery.train.options import FIELDS, flag
 
     params = []
@@ -80,11 +90,26 @@ def option_parameters(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
             decls.append(extra["short"])
         choices = _choices(field.annotation)
         metavar = extra["metavar"] or ("|".join(choices) if choices else None)
-        info = typer.Option(None, *decls, help=_help(field), metavar=metavar,
-                            rich_help_panel=extra["panel"], show_default=False)
+        info = typer.Option(None, *decls, help=_help(field, (helps or {}).get(name)),
+                            metavar=metavar,
+                            rich_help_panel=extra["panel"], show_default=False,
+                            hidden=name not in COMMON)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=cli_type))
+    help_all = typer.Option(False, "--help-all", is_eager=True, callback=_show_help_all,
+                            help="Show every option, with those --help only names.")
+    params.append(inspect.Parameter(HELP_ALL, inspect.Parameter.KEYWORD_ONLY, default=help_all,
+                                    annotation=bool))
     return params
+
+
+HELP_ALL = "help_all"
+
+
+def _show_help_all(ctx: typer.Context, value: bool) -> None:
+    if value:
+        render_help(ctx.command, ctx, show_all=True)
+        raise typer.Exit()
 
 
 def parse_given(values: dict[str, Any]) -> dict[str, Any]:
@@ -123,17 +148,18 @@ class _RunOptionsCommand:
     options come from ``RunOptions`` (pydantic), which ``sbn-surgery --help`` need not import.
     Called, it hands the given flags to the function as one ``options`` dict."""
 
-    def __init__(self, func: Callable, exclude: tuple[str, ...]) -> None:
+    def __init__(self, func: Callable, exclude: tuple[str, ...],
+                 helps: Optional[dict[str, str]]) -> None:
         functools.update_wrapper(self, func, assigned=("__module__", "__name__", "__qualname__",
                                                        "__doc__"), updated=())
-        self._func, self._exclude = func, exclude
+        self._func, self._exclude, self._helps = func, exclude, helps
         self._built: Optional[tuple[inspect.Signature, dict[str, Any], list[str]]] = None
 
     def _build(self) -> tuple[inspect.Signature, dict[str, Any], list[str]]:
         if self._built is None:
             own = [p for p in inspect.signature(self._func).parameters.values()
                    if p.name != "options"]
-            extra = option_parameters(self._exclude + tuple(p.name for p in own))
+            extra = option_parameters(self._exclude + tuple(p.name for p in own), self._helps)
             hints = typing.get_type_hints(self._func)
             hints.pop("options", None)
             hints.pop("return", None)
@@ -151,16 +177,19 @@ class _RunOptionsCommand:
         return self._build()[1]
 
     def __call__(self, **kwargs: Any) -> Any:
-        options = parse_given({n: kwargs.pop(n) for n in self._build()[2]})
+        kwargs.pop(HELP_ALL, None)
+        options = parse_given({n: kwargs.pop(n) for n in self._build()[2] if n != HELP_ALL})
         return self._func(options=options, **kwargs)
 
 
-def with_run_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+def with_run_options(exclude: tuple[str, ...] = (),
+                     helps: Optional[dict[str, str]] = None) -> Callable[[Callable], Callable]:
     """Decorator: the command gets the run options as flags, and receives the given ones as
     ``options`` (a dict). The command's own parameters come first, in their order. The flags are
-    made when typer first reads the command's signature (running or helping that command)."""
+    made when typer first reads the command's signature (running or helping that command).
+    ``helps``: help texts of options that mean something more specific in this command."""
 
     def wrap(func: Callable) -> Callable:
-        return _RunOptionsCommand(func, exclude)  # type: ignore[return-value]
+        return _RunOptionsCommand(func, exclude, helps)  # type: ignore[return-value]
 
     return wrap

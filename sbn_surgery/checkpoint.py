@@ -152,12 +152,16 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found")
-    header, shapes = safetensors_shapes(path)
+    try:
+        header, shapes = safetensors_shapes(path)
+    except CheckpointError:
+        if _saved_by_torch(path):
+            raise CheckpointError(f"{path} is a PyTorch checkpoint (torch.save), not a converted "
+                                  f"file; {_convert_hint(path)}") from None
+        raise
     if not _is_header_of_ours(header):
-        raise CheckpointError(
-            f"{path} is not an sbn-surgery converted checkpoint (no '{FORMAT}' metadata). For "
-            "original timm weights use `sbn-surgery convert MODEL --checkpoint FILE`."
-        )
+        raise CheckpointError(f"{path} holds plain weights, not a converted file (no '{FORMAT}' "
+                              f"metadata); {_convert_hint(path)}")
     meta = _decode(path, header)
     try:
         checked = ConvertedMeta.model_validate(meta)
@@ -165,6 +169,25 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]
         raise _meta_error(path, exc) from None
     check_model_kwargs(checked.model_kwargs, f"{path} metadata model_kwargs")
     return checked.model_dump(exclude_none=True), shapes
+
+
+def _saved_by_torch(path: Path) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file: a zip archive, or (the legacy format)
+    a pickle. Asked only of a file that is no valid safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80
+                                                and 2 <= head[1] <= 5)
+
+
+def _convert_hint(path: Path) -> str:
+    name = path.name.split(".")[0] or "model"
+    return (f"make one with `sbn-surgery convert MODEL -c {path} --recipe none -o "
+            f"{name}-none.safetensors` (the model without SBN: the baseline), or with "
+            "`--recipe RECIPE` (with SBN)")
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from .errors import SurgeryError
 from .models import create_model, input_size_of, pretrained_cfg_of
 from .recipe import Recipe, check_fits, load_recipe
 from .progress import ProgressFn
+from .setup_report import Calibration, SetupReport
 from .surgery import (Plan, apply_recipe, calibrate, carry_zero_init, init_identity,
                       synthetic_batches)
 
@@ -32,6 +33,10 @@ def resolve_init(init: Optional[str], recipe: Recipe, weights_loaded: bool) -> s
     return choice
 
 
+def _image_count(batches: list) -> int:
+    return sum(len(b[0] if isinstance(b, (tuple, list)) else b) for b in batches)
+
+
 def convert(
     model_name: str,
     recipe: Union[Recipe, str, Path],
@@ -49,6 +54,8 @@ def convert(
     input_size: Optional[tuple[int, int, int]] = None,
     progress: Optional[ProgressFn] = None,
     force: bool = False,
+    calibration_source: Optional[str] = None,
+    report: Optional[SetupReport] = None,
 ) -> tuple[nn.Module, Plan]:
     """Build ``model_name`` with timm, insert SBN where ``recipe`` says, and initialize the new
     layers. Weights come from ``checkpoint`` (a weights file, a timm training checkpoint with
@@ -67,7 +74,12 @@ def convert(
     carries ``sbn_meta`` for :func:`sbn_surgery.save_converted`, with the weights'
     preprocessing under ``pretrained_cfg`` (its ``input_size`` the size converted for; class
     names only when weights were loaded). A recipe whose ``models``
-    patterns do not name ``model_name`` is refused unless ``force``.
+    patterns do not name ``model_name`` is refused unless ``force``. A recipe without rules
+    (``none``) inserts nothing and calibrates nothing (``init`` ``none``): the model without SBN,
+    as a converted file that export, bench and diagnose take like any other (the baseline).
+    ``report`` (a :class:`~sbn_surgery.setup_report.SetupReport`) gets the head left out of
+    the weights and the images calibrated on; ``calibration_source`` names where
+    ``calibration`` came from (a data source; default ``given``).
 
     With identity init, the result is checked: its eval output on a random batch equals the
     original model's to IDENTITY_RTOL (a SurgeryError otherwise); the measured relative error is
@@ -77,29 +89,38 @@ def convert(
     check_fits(recipe, model_name, force)
     model = create_model(model_name, num_classes=num_classes, model_kwargs=model_kwargs,
                          checkpoint=checkpoint, checkpoint_key=checkpoint_key,
-                         pretrained=pretrained, download=download)
+                         pretrained=pretrained, download=download, report=report)
     loaded = checkpoint is not None or pretrained
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     preprocessing = {**pretrained_cfg_of(model, labels=loaded, imagenet=pretrained),
                      "input_size": list(size)}
-    mode = resolve_init(init, recipe, weights_loaded=loaded)
+    # a recipe without rules (none) inserts no SBN: nothing to calibrate or initialize
+    mode = resolve_init(init, recipe, weights_loaded=loaded) if recipe.rules else "none"
     probe = synthetic_batches(size, 2, 1, seed=12345)[0]  # type: ignore[arg-type]
     before = _eval_output(model, probe) if mode == "identity" else None
     plan = apply_recipe(model, recipe, input_size=size, force=True)  # type: ignore[arg-type]
     if mode == "standard" and not loaded:  # untrained: keep timm's zero-init branches
         carry_zero_init(model)
-    if mode == "identity" or calibration is not None:
-        batches = calibration if calibration is not None else synthetic_batches(
+    if plan.sites and (mode == "identity" or calibration is not None):
+        batches = list(calibration) if calibration is not None else synthetic_batches(
             size, calibrate_batch_size, calibrate_batches)  # type: ignore[arg-type]
-        calibrate(model, batches, passthrough=(mode == "identity"), progress=progress,
-                  total=calibrate_batches)
+        _calibrate(model, batches, mode, progress, report,
+                   "synthetic" if calibration is None else (calibration_source or "given"))
     if mode == "identity":
         init_identity(model)
         plan.identity_error = _identity_error(before, _eval_output(model, probe), model_name)
-    model.sbn_meta = {
+    model.sbn_meta = _meta(model_name, model_kwargs, getattr(model, "num_classes", num_classes),
+                           recipe, size, mode, preprocessing)
+    return model, plan
+
+
+def _meta(model_name: str, model_kwargs: Optional[dict[str, Any]], num_classes: Optional[int],
+          recipe: Recipe, size: tuple, mode: str, preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`sbn_surgery.save_converted` stores to rebuild the model."""
+    return {
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs or {}),
-        "num_classes": getattr(model, "num_classes", num_classes),
+        "num_classes": num_classes,
         "recipe": recipe.to_yaml_text(),
         "recipe_name": recipe.name,
         "input_size": list(size),
@@ -108,7 +129,16 @@ def convert(
         # sbn_surgery.pretrained_cfg; finetune replaces it with what it trained with
         "pretrained_cfg": preprocessing,
     }
-    return model, plan
+
+
+def _calibrate(model: nn.Module, batches: list, mode: str, progress: Optional[ProgressFn],
+               report: Optional[SetupReport], source: str) -> None:
+    """SBN running statistics from ``batches`` (passing each SBN's input through unchanged for
+    identity init), and the report's calibration line."""
+    calibrate(model, batches, passthrough=(mode == "identity"), progress=progress,
+              total=len(batches))
+    if report is not None:
+        report.calibration = Calibration(source, _image_count(batches), len(batches))
 
 
 def _eval_output(model: nn.Module, x: torch.Tensor):

@@ -21,6 +21,7 @@ from torch import nn
 from .errors import CheckpointError, ModelError, near_names
 from .hub import WEIGHT_FILES, fetch_repo, fetch_url, is_hub_id, parse_hub_id
 from .pretrained_cfg import check_cfg, subset
+from .setup_report import HeadReset, SetupReport
 from .weights import Weights, read_config, read_weights
 
 __all__ = ["create_model", "input_size_of", "read_state_dict", "load_weights", "resolve_model_name",
@@ -143,6 +144,7 @@ def create_model(
     pretrained: bool = False,
     download: bool = True,
     with_weights: bool = True,
+    report: Optional[SetupReport] = None,
 ) -> nn.Module:
     """A timm model, with weights from one place at most:
 
@@ -159,8 +161,9 @@ def create_model(
     (a snapshot's config.json is still read, and a Hub repository's fetched).
 
     When ``num_classes`` differs from the checkpoint's head, the head's weights are left at their
-    initialization and every other key must fit (Hub weights: timm drops the head and loads the
-    rest; a key the model has and the weights lack is still an error).
+    initialization (``report.head`` says so) and every other key must fit (Hub weights: timm
+    drops the head and loads the rest; a key the model has and the weights lack is still an
+    error).
     """
     resolve_model_name(name)
     kwargs = dict(model_kwargs or {})
@@ -186,10 +189,16 @@ def create_model(
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     if via_timm and with_weights:
-        return _build_pretrained(name, kwargs, weights)
+        model = _build_pretrained(name, kwargs, weights)
+        before = weights.num_classes
+        if report is not None and head_given and before is not None and before != num_classes:
+            report.head = HeadReset(before, int(num_classes), "checkpoint")
+        return model
     model = _build(name, kwargs, _overlay(weights))
     if weights is not None and with_weights:
-        load_weights(model, weights.state, source=weights.source, skip_head=head_given)
+        reset = load_weights(model, weights.state, source=weights.source, skip_head=head_given)
+        if report is not None and reset is not None:
+            report.head = reset
     return model
 
 
@@ -322,12 +331,15 @@ def _summary(keys: list[str], n: int = 4) -> str:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
-                 skip_head: bool = False) -> None:
+                 skip_head: bool = False) -> Optional[HeadReset]:
     """Load ``state`` strictly; a mismatch is a CheckpointError that summarizes the keys.
-    ``skip_head``: classifier keys may be missing or of another shape (a reset head)."""
+    ``skip_head``: classifier keys may be missing or of another shape (a reset head); returns
+    what was left out of the head, if anything."""
+    own = model.state_dict()
     head = tuple(_head_prefixes(model)) if skip_head else ()
+    left_out = [v for k, v in state.items()
+                if head and k.startswith(head) and k in own and own[k].shape != v.shape]
     if head:
-        own = model.state_dict()
         state = {k: v for k, v in state.items()
                  if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
     problems = describe_mismatch(model, state, skip_head=skip_head)
@@ -340,6 +352,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
         model.load_state_dict(state, strict=False)
     except ValueError as e:  # a layer refused its values (e.g. non-finite SBN statistics)
         raise CheckpointError(f"checkpoint {source}: {e}") from None
+    if head and (left_out or any(k.startswith(head) and k not in state for k in own)):
+        before = left_out[0].shape[0] if left_out and left_out[0].dim() else None
+        return HeadReset(before, int(getattr(model, "num_classes", 0) or 0), "checkpoint")
+    return None
 
 
 def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor],

@@ -1,4 +1,4 @@
-"""The whole path in about 1.5 minutes on 2 CPU cores: convert, fine-tune, export, check parity.
+"""The whole path in under a minute on 2 idle CPU cores: convert, fine-tune, export, check parity.
 
 A small timm CNN gets SBN from its family recipe, is fine-tuned on scikit-learn's digits (offline,
 upsampled to 32x32), exported to ONNX in ``fold`` mode and run with onnxruntime against PyTorch on

@@ -148,7 +148,8 @@ class Recipe(_Strict):
     description: str = ""
     models: list[str] = Field(default_factory=list)
     sbn: SbnOptions = DEFAULT_SBN
-    rules: list[Rule] = Field(min_length=1)
+    #: ``[]`` (given as such; leaving ``rules`` out is an error): no SBN, as recipes/none.yaml
+    rules: list[Rule]
     _source: Optional[str] = PrivateAttr(default=None)
     _text: Optional[str] = PrivateAttr(default=None)
 

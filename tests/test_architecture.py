@@ -23,7 +23,7 @@ LAYERS = {
     # leaf modules: the error types, version, threads, progress callback type, the schema of
     # the weights' preprocessing
     "errors.py": 0, "_version.py": 0, "_threads.py": 0, "_callable.py": 0, "progress.py": 0,
-    "pretrained_cfg.py": 0,
+    "pretrained_cfg.py": 0, "setup_report.py": 0,
     # leaf modules that use the errors: file safety, ONNX file I/O, name patterns, weight files,
     # the Hugging Face cache
     "files.py": 1, "onnx_io.py": 1, "patterns.py": 1, "weights.py": 1, "hub.py": 1,

@@ -95,7 +95,8 @@ def _interrupt_worker(rank: int, world: int, port: int, root: str, phase: str) -
             return
         raise AssertionError("the run was not interrupted")
     if phase == "run-resume":
-        r = finetune("resnet10t", "synthetic", output=out, resume=True, device="cpu")
+        r = finetune("resnet10t", "synthetic", output=out, resume=True, device="cpu",
+                     keep_state=True)  # the state it ends with is checked below
     else:
         r = finetune("resnet10t", "synthetic", output=out, **kw)
     torch.save(r.model.state_dict(), Path(root) / f"{phase}{rank}.pt")

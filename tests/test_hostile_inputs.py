@@ -516,6 +516,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_files(run_cli, tm
     _nan_after(monkeypatch, 3)  # 2 steps an epoch: epoch 2, step 1
     res = run_cli("finetune", "resnet10t", "--recipe", "resnet", "--data", "synthetic", "-o", out,
                   "--epochs", "3", "--subset", "32", "--batch-size", "16", *SMALL, "--workers", "0")
+    said = res.stderr.splitlines()  # the run said which images calibrated SBN, then failed
+    assert [ln for ln in said if ln.startswith("calibration:")] == [said[0]]
+    res.stderr = "\n".join(said[1:])
     one_line_error(res, "training diverged in epoch 2", "loss is nan at step 1 of 2",
                    "keeps the last finished epoch (epoch 1)", "--lr")
     state = torch.load(out / "state.pt", weights_only=True)

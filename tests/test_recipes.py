@@ -81,8 +81,9 @@ CASES = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-#: Recipes without ``models`` patterns: chosen by name only, never by recipe_for_model.
-GENERAL = {"default", "resnet-every-block"}
+#: Recipes without ``models`` patterns: chosen by name only, never by recipe_for_model (none
+#: inserts no SBN: the baseline).
+GENERAL = {"default", "resnet-every-block", "none"}
 
 
 def test_every_family_recipe_has_a_case_here():

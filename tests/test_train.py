@@ -44,7 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def two_epochs(tmp_path_factory, one_thread):
     """The uninterrupted reference run: resnet10t + recipe resnet, 2 epochs on synthetic data."""
     out = tmp_path_factory.mktemp("ref")
-    return finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=2, **TINY)
+    return finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=2,
+                    warmup_epochs=1, keep_state=True, **TINY)  # the lr check below: 1 epoch
 
 
 def test_loss_decreases_and_outputs_are_written(two_epochs):
@@ -98,7 +99,7 @@ def _interrupt_at(description: str, step: int, how: str):
 def test_resume_equals_uninterrupted(tmp_path, two_epochs, where, saved_at):
     with pytest.raises(TrainingInterrupted) as info:
         finetune("resnet10t", "synthetic", output=tmp_path, recipe="resnet", epochs=2,
-                 progress=_interrupt_at(*where), **TINY)
+                 warmup_epochs=1, progress=_interrupt_at(*where), **TINY)
     assert info.value.saved
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == saved_at
@@ -138,6 +139,17 @@ def test_default_lr_follows_the_global_batch():
     four = resolve(RunOptions(data="synthetic", batch_size=64), world=4)
     assert one.lr == pytest.approx(0.1) and four.lr == pytest.approx(0.4)
     assert resolve(RunOptions(data="synthetic", lr=0.05), world=4).lr == 0.05
+
+
+@pytest.mark.parametrize("epochs, want", [(1, 0.1), (3, 0.3), (10, 1.0), (90, 1.0)])
+def test_default_warmup_is_a_tenth_of_a_short_run(epochs, want):
+    from sbn_surgery.train.options import RunOptions, resolve
+
+    assert resolve(RunOptions(data="synthetic", epochs=epochs)).warmup_epochs == pytest.approx(want)
+    given = resolve(RunOptions(data="synthetic", epochs=epochs, warmup_epochs=0.5 * epochs))
+    assert given.warmup_epochs == 0.5 * epochs  # a given value wins
+    stored = resolve({}, saved={"data": "synthetic", "epochs": 20, "warmup_epochs": 2.0})
+    assert stored.warmup_epochs == 2.0  # and so does the resumed run's
 
 
 def test_resume_without_state_and_fresh_run_over_a_run(tmp_path, two_epochs):
@@ -186,6 +198,8 @@ def test_converted_checkpoint_gets_a_new_head_and_trains_sbn_only(tmp_path):
     r = finetune(str(tmp_path / "in.safetensors"), "synthetic", output=tmp_path / "out",
                  epochs=1, train="sbn", **TINY)
     assert r.model.num_classes == 10 and r.model.sbn_meta["num_classes"] == 10
+    assert r.to_json()["head"] == {"before": 3, "after": 10, "cause": "data"}
+    assert r.to_json()["calibration"] is None  # a converted file is not calibrated again
     after = r.model.state_dict()
     changed = {k for k, v in after.items() if k in before and v.shape == before[k].shape
                and v.dtype.is_floating_point and not torch.equal(v, before[k])}
@@ -300,7 +314,14 @@ def test_cli_json_summary(tmp_path, monkeypatch, capsys):
                           "--epochs", "1", "-o", str(tmp_path), "--json")
     assert code in (0, None), err
     summary = json.loads(out)
-    assert set(summary) == {"val_top1", "val_loss", "epochs", "checkpoint", "images_per_s"}
+    assert set(summary) == {"val_top1", "val_loss", "epochs", "checkpoint", "images_per_s",
+                            "head", "calibration"}
+    # a 48-image subset gives 3 calibration batches of 16, not the 4 asked for; said on stderr
+    assert summary["head"] is None  # synthetic has 10 classes, the model is built with 10
+    assert summary["calibration"] == {"source": "synthetic, the 48-image --subset",
+                                      "images": 48, "batches": 3}
+    assert ("calibration: SBN statistics from 48 training images of synthetic, the 48-image "
+            "--subset (3 batches)") in " ".join(err.split())
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["epochs"] == 1 and summary["val_top1"] == row["top1"]
     assert summary["val_loss"] == row["val_loss"]

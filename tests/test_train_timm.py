@@ -104,7 +104,7 @@ def test_ema_is_evaluated_saved_and_can_pick_the_best(tmp_path):
     from sbn_surgery.checkpoint import load_converted
 
     r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, model_ema=True,
-                 model_ema_decay=0.9, **TINY)
+                 model_ema_decay=0.9, keep_state=True, **TINY)
     for row in r.history:
         assert row["ema_val_loss"] != pytest.approx(row["val_loss"], rel=1e-4)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
@@ -182,7 +182,7 @@ def test_conversion_calibrates_on_the_subset_it_trains_on(tmp_path, monkeypatch)
 
 def test_grad_accumulation_counts_optimizer_steps(tmp_path):
     finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, opt="adamw",
-             grad_accum_steps=3, **TINY)
+             grad_accum_steps=3, keep_state=True, **TINY)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     batches = 64 // 16  # --subset 64: 64 training images, 16 a batch
@@ -211,7 +211,8 @@ def test_drop_path_reaches_the_model_and_its_checkpoint_and_misplaced_options_ar
     notes = []
     r = finetune("resnet10t", "synthetic", output=tmp_path, epochs=1, drop_path=0.2, drop=0.3,
                  sync_stats=True, notify=notes.append, **TINY)
-    assert len(notes) == 1 and "--sync-stats" in notes[0] and "one process" in notes[0]
+    assert "--sync-stats" in notes[0] and "one process" in notes[0]
+    assert len(notes) == 2 and notes[1].startswith("calibration:")  # and which images
     probs = [m.drop_prob for m in r.model.modules() if isinstance(m, DropPath)]
     assert probs and max(probs) == pytest.approx(0.2)
     again = load_converted(tmp_path / "last.safetensors")
@@ -369,7 +370,8 @@ def test_amp_on_cpu_is_said_to_be_slow(tmp_path):
     with pytest.raises(TrainingInterrupted):  # the first step is enough: the line comes before
         finetune("resnet10t", "synthetic", output=tmp_path, amp=True, device="cpu",
                  notify=notes.append, progress=_stop_at("epoch 1/1", 1), **TINY, epochs=1)
-    assert len(notes) == 1 and notes[0].startswith("--amp on CPU: bfloat16 autocast is")
+    assert notes[0].startswith("--amp on CPU: bfloat16 autocast is")
+    assert len(notes) == 2 and notes[1].startswith("calibration:")  # and which images
 
 
 def test_a_timm_args_yaml_runs_from_the_cli_and_says_what_it_drops(tmp_path, run_cli):
@@ -387,10 +389,11 @@ def test_a_timm_args_yaml_runs_from_the_cli_and_says_what_it_drops(tmp_path, run
 
 @pytest.mark.slow
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
-    done = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, **TINY)
+    done = finetune("resnet10t", "synthetic", output=tmp_path, epochs=2, keep_state=True,
+                    **TINY)
     notes = []
     more = finetune("resnet10t", "synthetic", output=tmp_path, resume=True, epochs=3,
-                    notify=notes.append)
+                    keep_state=True, notify=notes.append)
     assert len(more.history) == 3 and len(notes) == 1 and "from 2 to 3 epochs" in notes[0]
     assert _rows(more)[:2] == _rows(done)  # the finished epochs are kept as they were
     rows = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -23,16 +23,10 @@ from ..recipe import Recipe, load_recipe, shipped_recipes
 STATS_MODES = ("channel", "frequency")
 REMOVE_BN = "+remove-bn"
 
-#: Embedded as the ``none`` arm's recipe in its checkpoints, which hold plain timm weights.
-NONE_RECIPE_TEXT = """\
-name: none
-description: >
-  No SBN: the baseline arm of an sbn-surgery study. The checkpoint holds the timm model's own
-  weights; load them with timm.create_model and safetensors, not load_converted.
-rules:
-  - name: none (a study baseline without SBN; load with timm)
-    paths: ['re:(?!)']
-"""
+#: Embedded as the ``none`` arm's recipe in its checkpoints: the shipped recipe ``none`` (no
+#: rules), so they are converted files like ``convert --recipe none`` writes (export, bench,
+#: diagnose and load_converted take them).
+NONE_RECIPE_TEXT = shipped_recipes()["none"]
 
 
 class ArmError(SbnSurgeryError):

@@ -31,11 +31,14 @@ def calibrate(
     Every other module runs in eval mode; each SBN restarts its statistics and takes a cumulative
     average over the batches. ``passthrough=True`` makes each SBN return its input unchanged while
     it measures, so every layer sees the original model's activations (what identity init needs).
-    Returns the number of batches used.
+    Returns the number of batches used. ``progress`` gets ``("calibrate", done, total)`` after
+    each batch; ``total`` is the number of batches where ``batches`` has a length.
     """
     sites = [_get(model, s.module) for s in find_sbn(model)]
     if not sites:
         raise SurgeryError("calibrate: the model has no SBN layers; apply a recipe first")
+    if hasattr(batches, "__len__"):  # the bar's total is what runs, not what was asked for
+        total = len(batches)  # type: ignore[arg-type]
     was_training = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in sites]
     handles = []

@@ -67,6 +67,21 @@ def resolve_device(request: Optional[str], local_rank: int = 0) -> torch.device:
     raise DeviceError(f"unknown --device {request!r}; use auto, cpu or cuda")
 
 
+def rank_local_buffers() -> dict[str, bool]:
+    """DistributedDataParallel's keyword that leaves each rank its own running statistics in
+    the forward pass (they are agreed before each evaluation and save: ``average_running_stats``):
+    ``forward_sync_buffers=False`` where this torch has it, since ``broadcast_buffers`` is
+    deprecated there and warns on every rank; else ``broadcast_buffers=False``. The newer one
+    also copies rank 0's buffers once when DDP wraps the model, where every rank holds the same
+    model (a resumed rank's own statistics are loaded after that)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def setup(device_request: Optional[str]) -> DistContext:
     """Resolve the device and, under torchrun, join (or create) the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

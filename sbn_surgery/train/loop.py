@@ -27,6 +27,7 @@ from torch import nn
 
 from ..data.transforms import seed_of
 from ..errors import CheckpointError, SbnSurgeryError
+from ..setup_report import SetupReport
 from . import distributed as D
 from . import outputs as O
 from .optim import (clip_gradients, load_scheduler_state, make_criterion, make_mixup, make_optimizer, make_scheduler, scheduler_state,
@@ -59,10 +60,12 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_by: str = "model"  # whose val top-1 best_top1 is: the model's or the EMA's
     model: Optional[nn.Module] = field(default=None, repr=False)
+    setup: SetupReport = field(default_factory=SetupReport)  # head reset, calibration images
 
     def to_json(self) -> dict[str, Any]:
         return {"val_top1": self.val_top1, "val_loss": self.val_loss, "epochs": self.epochs,
-                "checkpoint": self.checkpoint, "images_per_s": self.images_per_s}
+                "checkpoint": self.checkpoint, "images_per_s": self.images_per_s,
+                **self.setup.to_json()}
 
 
 class _StopFlag:

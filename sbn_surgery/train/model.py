@@ -26,6 +26,7 @@ from ..data import Dataset, calibration_batches, data_config_for, default_input_
 from ..data.transforms import EVAL_FLAGS
 from ..errors import CheckpointError, SbnSurgeryError
 from ..layers import SpectralBatchNorm2d
+from ..setup_report import HeadReset, SetupReport
 from .options import RunOptions
 
 #: Batches of real training images used to calibrate SBN statistics when converting.
@@ -85,10 +86,11 @@ def eval_flags(opts: RunOptions) -> dict[str, Any]:
 
 
 def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset,
-                progress=None, download: bool = True) -> tuple[nn.Module, dict]:
+                progress=None, download: bool = True,
+                report: Optional[SetupReport] = None) -> tuple[nn.Module, dict]:
     """(model with ``sbn_meta`` and a head for ``ds``, timm data config for it). ``download``:
     whether ``--pretrained``/``hf-hub:`` weights may be downloaded (not when only a --config
-    file asks for them)."""
+    file asks for them). ``report`` gets a head reset and the calibration images."""
     from ..checkpoint import load_converted
     from ..convert import convert
     from ..models import create_model
@@ -141,8 +143,9 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         model, _ = convert(str(spec), recipe, checkpoint_key=opts.checkpoint_key,
                            num_classes=n_cls, model_kwargs=kwargs, calibration=calib,
                            input_size=size, progress=progress, force=bool(opts.force),
+                           calibration_source=_calibration_source(opts), report=report,
                            **weights)
-    reset_head(model, ds.num_classes)
+    reset_head(model, ds.num_classes, report)
     return model, data_config_for(model, size, in_chans, eval_flags(opts))
 
 
@@ -167,7 +170,12 @@ def record_preprocessing(model: nn.Module, cfg: dict, classes: list[str]) -> Non
         meta["pretrained_cfg"] = check_cfg(kept)
 
 
-def reset_head(model: nn.Module, num_classes: int) -> None:
+def _calibration_source(opts: RunOptions) -> str:
+    source = f"{opts.data}" + (f" (--dataset {opts.dataset})" if opts.dataset else "")
+    return source + (f", the {opts.subset}-image --subset" if opts.subset else "")
+
+
+def reset_head(model: nn.Module, num_classes: int, report: Optional[SetupReport] = None) -> None:
     current = getattr(model, "num_classes", None)
     if current == num_classes:
         return
@@ -178,6 +186,8 @@ def reset_head(model: nn.Module, num_classes: int) -> None:
     model.reset_classifier(num_classes)
     if isinstance(getattr(model, "sbn_meta", None), dict):
         model.sbn_meta["num_classes"] = num_classes
+    if report is not None:
+        report.head = HeadReset(current, num_classes, "data")
 
 
 def _classifier_params(model: nn.Module) -> list[nn.Parameter]:

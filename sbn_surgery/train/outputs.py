@@ -3,7 +3,9 @@
 * ``last.safetensors`` / ``best.safetensors``: converted checkpoints (``save_converted``).
 * ``state.pt``: what ``--resume`` needs besides the weights: optimizer, scheduler, EMA, epoch
   and batch, RNG states, history, best metric and the run's options. Only tensors, containers
-  and primitives, so ``torch.load(weights_only=True)`` reads it.
+  and primitives, so ``torch.load(weights_only=True)`` reads it. It is kept while the run can go
+  on: an interrupted run keeps it, a finished one drops it (twice the model's size, more with
+  EMA) unless ``keep_state`` (``--keep-state``) keeps it to extend the run with ``--epochs``.
 * ``metrics.jsonl``: one JSON line per finished epoch.
 * ``summary.csv``: the same epochs in the columns timm's ``train.py`` writes (``epoch`` from 0,
   ``train_loss``, ``eval_loss``, ``eval_top1``, ``eval_top5`` in percent, ``lr``: the epoch's
@@ -151,6 +153,11 @@ def load_state(out_dir: Path) -> dict[str, Any]:
 
     path = Path(out_dir) / STATE_FILE
     if not path.exists():
+        if holds_run(out_dir):
+            raise CheckpointError(
+                f"nothing to resume: the run in {out_dir} finished and kept no {STATE_FILE} (a "
+                f"finished run keeps it only with --keep-state); to train on, fine-tune "
+                f"{Path(out_dir) / LAST_FILE} into another --output")
         raise CheckpointError(
             f"nothing to resume: {path} does not exist; run without --resume to start a new run "
             f"in {out_dir}, or give the --output directory of the run to continue"
@@ -174,6 +181,20 @@ def load_state(out_dir: Path) -> dict[str, Any]:
     if problem:
         raise CheckpointError(f"{path} is damaged: {problem}; start a new run without --resume")
     return state
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a run, finished or not (a new run there needs --overwrite)."""
+    return any((Path(out_dir) / name).exists() for name in (STATE_FILE, LAST_FILE, METRICS_FILE))
+
+
+def drop_state(out_dir: Path, keep: bool) -> bool:
+    """At the end of a finished run: remove its state.pt unless ``keep``. Returns whether a
+    state.pt is left."""
+    path = Path(out_dir) / STATE_FILE
+    if not keep:
+        path.unlink(missing_ok=True)
+    return path.exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +241,15 @@ def write_args(path: Path, options: dict[str, Any]) -> None:
 
 
 def plot_curves(path: Path, history: list[dict[str, Any]], title: Optional[str] = None) -> None:
-    """Loss (train, val) and accuracy (val top-1, top-5) against epoch, as a PNG."""
+    """:func:`curves_figure` as a PNG."""
+    buf = io.BytesIO()
+    curves_figure(history, title).savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def curves_figure(history: list[dict[str, Any]], title: Optional[str] = None):
+    """Loss (train, val) and accuracy (val top-1, top-5) against epoch; with ``--model-ema``,
+    the EMA model's val loss and top-1 too (dashed)."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it was
 
     epochs = [row["epoch"] for row in history]
@@ -228,12 +257,18 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: Optional[str] 
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [row["loss"] for row in history], "o-", label="train loss")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], "s-", label="val loss")
+    ema = all(row.get("ema_top1") is not None for row in history)
+    if ema:
+        ax_loss.plot(epochs, [row["ema_val_loss"] for row in history], "s--", label="EMA val loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy loss")
     ax_loss.legend()
     ax_acc.plot(epochs, [100 * row["top1"] for row in history], "o-", label="val top-1")
     if all(row.get("top5") is not None for row in history):  # no top-5 with 5 classes or fewer
         ax_acc.plot(epochs, [100 * row["top5"] for row in history], "s-", label="val top-5")
+    if ema:
+        ax_acc.plot(epochs, [100 * row["ema_top1"] for row in history], "o--",
+                    label="EMA val top-1")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend()
@@ -243,6 +278,4 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: Optional[str] 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    return fig

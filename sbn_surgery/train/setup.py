@@ -19,6 +19,7 @@ from ..data.transforms import TRAIN_FLAGS
 from ..errors import CheckpointError, SbnSurgeryError
 from ..hub import is_hub_id
 from ..progress import ProgressFn
+from ..setup_report import SetupReport
 from . import distributed as D
 from . import outputs as O
 from .config import load_config
@@ -36,6 +37,7 @@ def finetune(
     config: Union[str, Path, None] = None,
     resume: bool = False,
     overwrite: bool = False,
+    keep_state: bool = False,
     progress: Optional[ProgressFn] = None,
     notify: Optional[Callable[[str], None]] = None,
     on_epoch: Optional[Callable[[nn.Module, int], None]] = None,
@@ -55,7 +57,9 @@ def finetune(
     writes. ``on_epoch(model, epoch)`` is called after each epoch's validation and before that
     epoch is saved (a resumed run calls it again for an epoch it repeats), on every process at
     once (a forward pass of a model with synchronized norm layers needs them all); it must not
-    change the model."""
+    change the model. A finished run removes its ``state.pt`` unless ``keep_state`` (then a
+    later ``resume`` with a larger ``epochs`` can extend it); an interrupted one always keeps
+    it."""
     unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
@@ -67,8 +71,8 @@ def finetune(
         say(line)
     try:
         return _run(model, data, out, ctx, options, cfg,
-                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say,
-                         on_epoch=on_epoch))
+                    dict(resume=resume, overwrite=overwrite, keep_state=keep_state,
+                         progress=progress, notify=say, on_epoch=on_epoch))
     finally:
         ctx.close()
 
@@ -104,10 +108,12 @@ def _resolve(spec, data, out: Path, ctx: D.DistContext, options: dict,
         opts = resolve(given, state["options"], world=ctx.world, config=cfg)
         extended = opts.epochs > int(state["options"].get("epochs") or opts.epochs)
     else:
-        if (out / O.STATE_FILE).exists() and not how["overwrite"]:
+        if O.holds_run(out) and not how["overwrite"]:
+            go_on = "continue it with --resume" if (out / O.STATE_FILE).exists() else \
+                f"it finished (no {O.STATE_FILE} to continue from)"
             raise CheckpointError(
-                f"{out} already holds a run ({O.STATE_FILE}); continue it with --resume, or "
-                f"choose another --output, or pass --overwrite to start over there"
+                f"{out} already holds a run; {go_on}, or choose another --output, or pass "
+                f"--overwrite to start over there"
             )
         opts = resolve(given, world=ctx.world, config=cfg)
     if opts.data is None:
@@ -154,7 +160,10 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         net.load_state_dict(state["model"])
     # a download only when asked for here (an argument, a flag), never by a --config file
     download = bool(options.get("pretrained")) or is_hub_id(options.get("checkpoint"))
-    net, data_config = build_model(net, opts, ds, progress, download=download)
+    report = SetupReport()
+    net, data_config = build_model(net, opts, ds, progress, download=download, report=report)
+    for line in report.lines():  # the head reset and the calibration images, as they happened
+        how["notify"](line)
     record_preprocessing(net, data_config, ds.classes)  # before the EMA copy is made
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
@@ -167,7 +176,11 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
     if state is not None:
         run.load(state, extended)
     run.loop()
-    return run.result()
+    if ctx.is_main:
+        O.drop_state(out, how["keep_state"])
+    result = run.result()
+    result.setup = report
+    return result
 
 
 def _data_notices(spec, opts: RunOptions, ds, given: dict[str, Any], state,
@@ -204,7 +217,7 @@ def _prepare(net: nn.Module, opts: RunOptions, ctx: D.DistContext) -> _Parts:
     runner: nn.Module = net
     if ctx.distributed:
         runner = nn.parallel.DistributedDataParallel(
-            net, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
+            net, device_ids=[dev] if dev.type == "cuda" else None, **D.rank_local_buffers())
     if opts.compile:
         runner = torch.compile(runner)
     return _Parts(net, runner, amp, mem, ema)
