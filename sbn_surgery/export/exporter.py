@@ -120,12 +120,56 @@ def _pick_dynamic_size(dynamic_size: Optional[bool], mode: str, has_fixed: bool,
     return bool(dynamic_size)
 
 
+def _timm_class_names(model: nn.Module) -> Optional[list[str]]:
+    """timm's label descriptions for a model whose class count is one of its ImageNet label
+    sets (``timm.data.infer_imagenet_subset``), else None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    try:
+        return list(ImageNetInfo(subset).label_descriptions())
+    except Exception:  # noqa: BLE001 - a label set timm lists but cannot read: indices instead
+        return None
+
+
+def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
+    """What serving needs (``data_config``, ``classes``, ``classes_source``): as fine-tuning
+    recorded it (``sbn_meta["extra"]["serving"]``), else timm's data config for the model and
+    timm's label names where its class count is an ImageNet label set, else the indices. The
+    data config's input size is the export's; the recorded values are checked (the
+    checkpoint's metadata is untrusted)."""
+    from ..data import data_config_for
+    from ..serving.metadata import check_classes, check_data_config
+
+    meta = getattr(model, "sbn_meta", None) or {}
+    recorded = (meta.get("extra") or {}).get("serving") if isinstance(meta.get("extra"), dict) \
+        else None
+    outputs = getattr(model, "num_classes", None) or None
+    where = f"the model's recorded serving metadata ({meta.get('model_name', 'model')})"
+    if isinstance(recorded, dict) and recorded.get("data_config") is not None:
+        cfg = dict(recorded["data_config"]) if isinstance(recorded["data_config"], dict) else None
+        if cfg is not None:
+            cfg["input_size"] = list(input_size)
+        classes = check_classes(recorded.get("classes"), where, outputs)
+        source = str(recorded.get("classes_source") or "fine-tuning data")[:200]
+    else:
+        cfg = data_config_for(model, tuple(input_size))
+        classes, source = _timm_class_names(model), "timm label set"
+        if classes is None or (outputs is not None and len(classes) != outputs):
+            classes, source = [str(i) for i in range(int(outputs or 0))] or None, "indices"
+    data_config = check_data_config(cfg, where).to_json()
+    return {"data_config": data_config, "classes": classes, "classes_source": source}
+
+
 def _metadata(model: nn.Module, mode: str, opset: int, input_size, dynamic_batch: bool,
               dynamic_size: bool, records: list[SiteExport]) -> dict[str, Any]:
     meta = getattr(model, "sbn_meta", None) or {}
     name = meta.get("model_name") or getattr(model, "default_cfg", {}).get("architecture") \
         or type(model).__name__
     return {
+        **serving_metadata(model, input_size),
         "version": __version__,
         "mode": mode,
         "opset": opset,
@@ -199,7 +243,9 @@ def check_export_options(model: nn.Module, path: Union[str, Path], mode: str, op
                           f"{path / 'model.onnx'}")
     if path.suffix.lower() != ".onnx":
         raise ExportError(f"output file {path} should end in .onnx")
-    return ExportPlan(path, mode, int(opset), _resolve_input_size(model, input_size), dynamic_batch,
+    size = _resolve_input_size(model, input_size)
+    serving_metadata(model, size)  # a bad recorded data config fails before the slow trace
+    return ExportPlan(path, mode, int(opset), size, dynamic_batch,
                  dynamic_size, int(batch_size), _frequency_sites(model))
 
 

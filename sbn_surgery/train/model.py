@@ -17,12 +17,15 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..data import Dataset, calibration_batches, data_config_for, default_input_size
+from ..data.transforms import fit_channels
 from ..errors import CheckpointError, SbnSurgeryError
 from ..layers import SpectralBatchNorm2d
 from .options import RunOptions
 
 #: Batches of real training images used to calibrate SBN statistics when converting.
 CALIBRATION_BATCHES = 4
+#: The key of ``sbn_meta["extra"]`` under which a run records what serving its model needs.
+SERVING_KEY = "serving"
 
 
 def _in_chans(model_kwargs: Optional[dict]) -> int:
@@ -180,3 +183,25 @@ def describe(model: nn.Module) -> dict[str, Any]:
     meta = getattr(model, "sbn_meta", {}) or {}
     return {"model_name": meta.get("model_name"), "recipe": meta.get("recipe_name"),
             "sbn_layers": sum(isinstance(m, SpectralBatchNorm2d) for m in model.modules())}
+
+
+def record_serving(model: nn.Module, ds: Dataset, data_config: dict) -> None:
+    """Record in ``model.sbn_meta["extra"]["serving"]`` (so in every checkpoint the run writes,
+    and from there in every file ``export`` writes) the eval preprocessing this run's validation
+    really uses, as timm's data config, and the class name of each output. The built-in sources
+    are resized by PIL to the whole input size (``data.transforms.resize_like_pil``): timm's
+    eval transform with crop_pct 1.0 in squash mode; images read from files go through timm's
+    eval transform for the data config as it is."""
+    cfg = fit_channels(data_config)
+    interp = cfg.get("interpolation") or "bilinear"
+    serving = {"input_size": [int(v) for v in cfg["input_size"]], "mean": list(cfg["mean"]),
+               "std": list(cfg["std"]), "interpolation": "bilinear" if interp == "random" else interp,
+               "crop_pct": cfg.get("crop_pct"), "crop_mode": cfg.get("crop_mode") or "center"}
+    if ds.kind == "tensor":
+        serving.update(crop_pct=1.0, crop_mode="squash")
+    meta = getattr(model, "sbn_meta", None)
+    if isinstance(meta, dict):
+        extra = dict(meta.get("extra") or {})
+        extra[SERVING_KEY] = {"data_config": serving, "classes": [str(c) for c in ds.classes],
+                              "classes_source": f"fine-tuning data: {ds.name}"[:200]}
+        meta["extra"] = extra

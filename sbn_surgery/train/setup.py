@@ -21,7 +21,7 @@ from . import distributed as D
 from . import outputs as O
 from .config import load_config
 from .loop import FinetuneResult, _Parts, _Run
-from .model import build_model, select_trainable
+from .model import build_model, record_serving, select_trainable
 from .optim import make_ema
 from .options import ALIASES, FIELDS, RunOptions, resolve
 
@@ -145,6 +145,7 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         net = net if isinstance(net, nn.Module) else load_converted(out / O.LAST_FILE)
         net.load_state_dict(state["model"])
     net, data_config = build_model(net, opts, ds, progress)
+    record_serving(net, ds, data_config)  # what export writes into the file for serving
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
