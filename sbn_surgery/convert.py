@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from ._callable import make_callable
 from .models import create_model, input_size_of
 from .recipe import Recipe, check_fits, load_recipe
 from .progress import ProgressFn
@@ -82,3 +83,6 @@ def convert(
         "init": mode,
     }
     return model, plan
+
+
+make_callable(__name__)  # sbn_surgery.convert(...) calls convert(), in any import order

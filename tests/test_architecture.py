@@ -226,7 +226,7 @@ def test_no_function_is_over_80_lines(path):
     assert not _long_functions((ROOT / path).read_text(), ROOT / path)
 
 
-@pytest.mark.parametrize("name", ["diagnose", "study"])
+@pytest.mark.parametrize("name", ["diagnose", "study", "convert"])
 def test_a_package_named_like_its_function_is_the_package_in_any_import_order(name, monkeypatch):
     import sbn_surgery
 
