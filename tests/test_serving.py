@@ -166,26 +166,63 @@ def test_predict_bad_inputs_are_one_line(run_cli, tmp_path, model_file, case):
     one_line_error(run_cli("predict", model, *images), *fragments)
 
 
-def test_predict_runs_with_torch_and_timm_unimportable(model_file, tmp_path):
-    """A serving box has no torch: a meta-path blocker makes importing torch, timm,
-    torchvision (and the onnx package, which predict does not need) fail."""
+#: What README's serving-box install names (besides this package, installed with --no-deps).
+SERVING_PACKAGES = ("onnxruntime", "numpy", "pillow", "typer", "rich", "pydantic")
+
+
+def _installed_closure(names) -> set[str]:
+    """The top-level modules of ``names`` and of every distribution they require (installed
+    versions, extras left out): what ``pip install NAMES`` puts on a serving box."""
+    import re
+    from importlib import metadata
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        todo += [re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in dist.requires or []
+                 if "extra ==" not in r.replace("extra==", "extra ==")]
+    return {mod for mod, dists in metadata.packages_distributions().items()
+            if any(d.lower().replace("_", "-") in seen for d in dists)}
+
+
+def test_readme_names_the_serving_box_packages():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"pip install {' '.join(SERVING_PACKAGES)}" in readme
+
+
+def test_predict_and_validate_run_on_a_serving_box(model_file, tmp_path):
+    """A serving box has only SERVING_PACKAGES (and what they require): a meta-path blocker
+    makes importing any other installed package fail, torch, timm and onnx included."""
+    allowed = _installed_closure(SERVING_PACKAGES) | {"sbn_surgery", "sbn_surgery_cli"}
+    assert not allowed & {"torch", "timm", "torchvision", "onnx", "yaml", "sklearn"}
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(
         "import sys\n"
-        "BLOCKED = {'torch', 'timm', 'torchvision', 'onnx'}\n"
+        f"ALLOWED = {sorted(allowed)!r}\n"
+        "LOADED = set(sys.modules)\n"
         "class _Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in BLOCKED:\n"
-        "            raise ImportError(f'{name} is blocked on this serving box')\n"
-        "        return None\n"
+        "        top = name.split('.')[0]\n"
+        "        if top in sys.stdlib_module_names or top in ALLOWED or top in LOADED \\\n"
+        "                or top.startswith('_'):\n"
+        "            return None\n"
+        "        raise ImportError(f'{name} is not installed on this serving box')\n"
         "sys.meta_path.insert(0, _Block())\n")
     image = write_image(tmp_path / "b.png", COLOURS["blue"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(blocker)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,
-                           text=True)
-    assert probe.returncode != 0 and "blocked" in probe.stderr  # the blocker works
+    for probe in ("torch", "timm", "onnx"):
+        res = subprocess.run([sys.executable, "-c", f"import {probe}"], env=env,
+                             capture_output=True, text=True)
+        assert res.returncode != 0 and "serving box" in res.stderr  # the blocker works
     res = subprocess.run([sys.executable, "-m", "sbn_surgery_cli", "predict", str(model_file),
                           str(image), "--json"], env=env, capture_output=True, text=True,
                          timeout=120)

@@ -1,0 +1,143 @@
+"""What export writes for serving (data config, class names) and where it takes them from; and,
+end to end on digits (slow), that a fine-tuned model's file validates at the top-1 fine-tuning
+reported, quantizes within its bounds and predicts the right class."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sbn_surgery.errors import ServingError
+from sbn_surgery.export.exporter import serving_metadata
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(num_classes: int):
+    import timm
+
+    model = timm.create_model("resnet10t", num_classes=num_classes)
+    model.sbn_meta = {"model_name": "resnet10t"}
+    return model
+
+
+def test_a_model_with_imagenets_classes_gets_timms_label_names():
+    from timm.data import ImageNetInfo
+
+    from timm.data import resolve_data_config
+
+    model = _model(1000)
+    meta = serving_metadata(model, (3, 64, 48))
+    assert meta["classes"] == ImageNetInfo("imagenet-1k").label_descriptions()
+    assert meta["classes"][1].startswith("goldfish") and meta["classes_source"] == "timm label set"
+    cfg = meta["data_config"]
+    # timm's own data config for resnet10t, at the export size
+    want = resolve_data_config({"input_size": (3, 64, 48)}, model=model)
+    assert cfg["input_size"] == [3, 64, 48]
+    assert cfg["interpolation"] == want["interpolation"] == "bicubic"
+    assert (cfg["crop_pct"], cfg["crop_mode"]) == (want["crop_pct"], want["crop_mode"])
+    assert cfg["mean"] == list(want["mean"]) and cfg["std"] == list(want["std"])
+
+
+def test_other_class_counts_get_the_indices():
+    meta = serving_metadata(_model(7), (3, 32, 32))
+    assert meta["classes"] == [str(i) for i in range(7)] and meta["classes_source"] == "indices"
+
+
+def test_what_fine_tuning_recorded_wins_and_is_checked():
+    model = _model(3)
+    recorded = {"data_config": {"input_size": [3, 64, 64], "mean": [0.1, 0.2, 0.3],
+                                "std": [0.5, 0.5, 0.5], "interpolation": "lanczos",
+                                "crop_pct": 1.0, "crop_mode": "squash"},
+                "classes": ["cat", "dog", "bird"], "classes_source": "fine-tuning data: pets"}
+    model.sbn_meta["extra"] = {"serving": recorded}
+    meta = serving_metadata(model, (3, 80, 80))
+    assert meta["classes"] == ["cat", "dog", "bird"]
+    assert meta["classes_source"] == "fine-tuning data: pets"
+    assert meta["data_config"] == {**recorded["data_config"], "input_size": [3, 80, 80]}
+    model.sbn_meta["extra"]["serving"] = {**recorded, "classes": ["cat", "dog"]}
+    with pytest.raises(ServingError, match="2 class names for 3 model outputs"):
+        serving_metadata(model, (3, 64, 64))
+    model.sbn_meta["extra"]["serving"] = {**recorded, "data_config": {"input_size": [3, 64, 64],
+                                                                      "std": [0, 1, 1]}}
+    with pytest.raises(ServingError, match="std must be > 0"):
+        serving_metadata(model, (3, 64, 64))
+
+
+def test_an_edited_checkpoint_fails_before_the_trace(tmp_path):
+    from sbn_surgery import convert, export_onnx, save_converted
+    from sbn_surgery.checkpoint import load_converted
+
+    model, _ = convert("resnet10t", "resnet", num_classes=3, input_size=(3, 32, 32),
+                       calibration=[torch.randn(4, 3, 32, 32)])
+    model.sbn_meta["extra"] = {"serving": {"data_config": {"input_size": [3, 32, 32],
+                                                           "interpolation": "sinc"},
+                                           "classes": ["a", "b", "c"]}}
+    save_converted(model, tmp_path / "m.safetensors")
+    with pytest.raises(ServingError, match="interpolation must be one of"):
+        export_onnx(load_converted(tmp_path / "m.safetensors"), tmp_path / "m.onnx")
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """resnet10t + SBN fine-tuned one epoch on digits at 32x32, exported (fold)."""
+    from sbn_surgery import export_onnx, finetune
+    from sbn_surgery.checkpoint import load_converted
+
+    out = tmp_path_factory.mktemp("digits")
+    result = finetune("resnet10t", "digits", output=out / "run", epochs=1, batch_size=32,
+                      input_size=(3, 32, 32), model_kwargs={"output_stride": 8}, seed=0)
+    export_onnx(load_converted(result.checkpoint), out / "r10.onnx")
+    return result, out
+
+
+@pytest.mark.slow
+def test_validate_gives_the_top1_fine_tuning_reported(digits_run, run_cli):
+    from sbn_surgery.onnx_io import read_onnx_metadata
+
+    result, out = digits_run
+    meta = read_onnx_metadata(out / "r10.onnx")
+    assert meta["classes"] == [str(i) for i in range(10)]
+    assert meta["classes_source"] == "fine-tuning data: digits"
+    assert meta["data_config"]["input_size"] == [3, 32, 32]
+    assert (meta["data_config"]["crop_pct"], meta["data_config"]["crop_mode"]) == (1.0, "squash")
+    res = run_cli("validate", out / "r10.onnx", "--data", "digits", "--checkpoint",
+                  result.checkpoint, "--json")
+    assert res.code == 0, res.stderr
+    data = json.loads(res.stdout)
+    images = data["images"]
+    assert images == 359  # digits' validation split
+    # the same images, preprocessed the same way: within one image of fine-tuning's figure
+    assert abs(data["top1"] - result.best_top1) * images <= 1
+    assert abs(data["checkpoint"]["top1"] - result.best_top1) * images < 0.5
+    assert data["checkpoint"]["top1_agreement"] >= 1 - 1 / images
+
+
+@pytest.mark.slow
+def test_quantize_and_predict_a_fine_tuned_model(digits_run, run_cli, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sbn_surgery.data import open_source
+    from sbn_surgery.serving import predict
+
+    _, out = digits_run
+    target = tmp_path / "r10.int8.onnx"
+    res = run_cli("quantize", out / "r10.onnx", "--data", "digits", "-o", target,
+                  "--calibration-images", "64", "--json")
+    assert res.code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["passed"] and data["top1_drop_points"] <= 1.0 and data["top1_agreement"] >= 0.98
+    val = open_source("digits").val
+    paths = []
+    for i in range(20):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(val.images[i, 0].numpy(), "L").save(paths[-1])
+    float_top = [p.classes[0] for p in predict(out / "r10.onnx", paths, k=1).predictions]
+    int8_top = [p.classes[0] for p in predict(target, paths, k=1).predictions]
+    labels = [str(int(v)) for v in val.labels[:20]]
+    assert np.mean([a == b for a, b in zip(float_top, labels)]) >= 0.5  # it learnt something
+    assert np.mean([a == b for a, b in zip(float_top, int8_top)]) >= 0.9
