@@ -74,8 +74,10 @@ def predict(
         print_json(result.to_json())
         return
     table = Table(title=f"{model}: top-{top_k}")
-    for col in ("image", "class", "index", "probability"):
-        table.add_column(col, justify="right" if col in ("index", "probability") else "left")
+    table.add_column("image", overflow="fold")  # a long path wraps rather than being cut
+    table.add_column("class", overflow="fold")
+    for col in ("index", "probability"):
+        table.add_column(col, justify="right", no_wrap=True)
     for p in result.predictions:
         for j, (i, name, prob) in enumerate(zip(p.indices, p.classes, p.probs)):
             table.add_row(escape(p.image) if j == 0 else "", escape(name), str(i),

@@ -379,3 +379,20 @@ def test_serving_errors_are_user_errors():
     from sbn_surgery.errors import SbnSurgeryError
 
     assert issubclass(ServingError, SbnSurgeryError)
+
+
+def test_frequency_mode_sbn_nodes_stay_in_float():
+    from onnx import helper
+
+    from sbn_surgery.serving.quantize import float_nodes
+
+    names = ["conv1", "SpectralBatchNorm/layer3.0.bn2.sbn/add", "SpectralBatchNorm/layer4.0.bn2.sbn/mm",
+             "SpectralBatchNorm/layer4.0.bn2.sbn/add", "SpectralBatchNorm/layer4.0.bn2.sbnx/add"]
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"], name=n) for n in names],
+                              "g", [], [])
+    meta = {"sites": [{"module": "layer3.0.bn2.sbn", "stats": "channel"},
+                      {"module": "layer4.0.bn2.sbn", "stats": "frequency"}]}
+    kept, reasons = float_nodes(helper.make_model(graph), meta)
+    assert kept == names[2:4]
+    assert list(reasons) == ["SpectralBatchNorm/layer4.0.bn2.sbn/"]
+    assert float_nodes(helper.make_model(graph), {}) == ([], {})

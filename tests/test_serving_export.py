@@ -121,23 +121,65 @@ def test_quantize_and_predict_a_fine_tuned_model(digits_run, run_cli, tmp_path):
     import numpy as np
     from PIL import Image
 
+    from sbn_surgery.checkpoint import load_converted
     from sbn_surgery.data import open_source
+    from sbn_surgery.data.transforms import prepare_batch
+    from sbn_surgery.onnx_io import read_onnx_metadata
     from sbn_surgery.serving import predict
 
-    _, out = digits_run
+    result, out = digits_run
     target = tmp_path / "r10.int8.onnx"
     res = run_cli("quantize", out / "r10.onnx", "--data", "digits", "-o", target,
                   "--calibration-images", "64", "--json")
     assert res.code == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["passed"] and data["top1_drop_points"] <= 1.0 and data["top1_agreement"] >= 0.98
-    val = open_source("digits").val
+    images = open_source("digits").val.images[:24]
     paths = []
-    for i in range(20):
+    for i, img in enumerate(images):
         paths.append(tmp_path / f"{i}.png")
-        Image.fromarray(val.images[i, 0].numpy(), "L").save(paths[-1])
+        Image.fromarray(img[0].numpy(), "L").save(paths[-1])
+    # the PyTorch model on fine-tuning's own batched preprocessing: the classes predict must name
+    cfg = read_onnx_metadata(out / "r10.onnx")["data_config"]
+    with torch.no_grad():
+        logits = load_converted(result.checkpoint).eval()(prepare_batch(images, cfg))
+    want = [str(int(i)) for i in logits.argmax(1)]
     float_top = [p.classes[0] for p in predict(out / "r10.onnx", paths, k=1).predictions]
     int8_top = [p.classes[0] for p in predict(target, paths, k=1).predictions]
-    labels = [str(int(v)) for v in val.labels[:20]]
-    assert np.mean([a == b for a, b in zip(float_top, labels)]) >= 0.5  # it learnt something
+    assert float_top == want
     assert np.mean([a == b for a, b in zip(float_top, int8_top)]) >= 0.9
+
+
+@pytest.mark.slow
+def test_quantize_keeps_frequency_mode_sbn_in_float(tmp_path):
+    """resnet10t with a channel-mode and a frequency-mode SBN (conftest's ARCHS): the int8 file
+    quantizes the convolutions and leaves the frequency-mode layer's DFT products in float."""
+    import numpy as np
+    import onnx
+    from conftest import converted
+
+    from sbn_surgery import export_onnx
+    from sbn_surgery.serving import ServingModel
+    from sbn_surgery.serving.quantize import SBN_PREFIX, quantize_file
+
+    model, plan, size = converted("resnet10t")
+    freq = [s.module for s in plan.sites if s.stats == "frequency"]
+    assert freq and len(freq) < len(plan.sites)
+    export_onnx(model, tmp_path / "m.onnx", input_size=size)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((4, *size)).astype(np.float32) for _ in range(4)]
+    result = quantize_file(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", iter(batches), 16)
+    assert list(result.float_nodes) == [f"{SBN_PREFIX}{m}/" for m in freq]
+    graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+    ops = {}
+    for node in graph.node:
+        for module in freq:
+            if node.name.startswith(f"{SBN_PREFIX}{module}/"):
+                ops.setdefault(module, set()).add(node.op_type)
+    assert all("MatMul" in o and not o & {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul"}
+               for o in ops.values()) and len(ops) == len(freq)
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10  # the rest is int8
+    x = rng.standard_normal((8, *size)).astype(np.float32)
+    ref = ServingModel(tmp_path / "m.onnx").logits(x)
+    got = ServingModel(tmp_path / "m.int8.onnx").logits(x)
+    assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()  # int8 rounding, not a new model
