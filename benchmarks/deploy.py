@@ -1,5 +1,6 @@
 """onnxruntime CPU latency of a fine-tuned SBN model's int8 file against its float file, and
-against the int8 file of the same model without SBN.
+against the int8 file of the same model without SBN; or (``--resnet50``) of ResNet-50 with the
+``resnet`` recipe at 224x224 against the plain ResNet-50, in float (fold) and in int8.
 
 From a converted checkpoint (e.g. ``runs/r18-fmnist/best.safetensors``) this writes, in
 ``--out-dir``: the float file (``export``, fold mode), its int8 file (``quantize``, calibrated on
@@ -13,6 +14,12 @@ accuracy check is against its own float file). Then, at each batch size, two int
 
     python benchmarks/deploy.py runs/r18-fmnist/best.safetensors --data fashion-mnist \\
         --subset 5000 [--batches 1 16] [--repeats 40] [--out-dir DIR]
+    python benchmarks/deploy.py --resnet50 [--batches 1 8] [--repeats 40] [--out-dir DIR]
+
+``--resnet50`` builds the model of ``benchmarks/export.py`` (random weights, trained-like norms,
+9 channel-mode SBN layers) and calibrates both int8 files on the same 16 random images (no data
+set has its 1000 classes here; latency does not depend on it). Its targets: fold / plain <=
+1.03, int8 SBN / int8 plain <= 1.05.
 """
 
 from __future__ import annotations
@@ -52,10 +59,61 @@ def _files(args, out: Path) -> dict[str, Path]:
     return files, checks
 
 
+def _resnet50_files(out: Path) -> dict[str, Path]:
+    """Float and int8 files of ResNet-50 with SBN (fold) and without (files there are kept)."""
+    import sys
+
+    import numpy as np
+
+    from sbn_surgery import export_onnx
+    from sbn_surgery.serving.quantize import quantize_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from export import build  # benchmarks/export.py's ResNet-50
+
+    files = {"float": out / "r50-fold.onnx", "int8": out / "r50-fold.int8.onnx",
+             "plain": out / "r50-plain.onnx", "plain_int8": out / "r50-plain.int8.onnx"}
+    size = (3, 224, 224)
+    if not (files["float"].exists() and files["plain"].exists()):
+        model, plain, _ = build(size)
+        export_onnx(model, files["float"], input_size=size)
+        export_onnx(plain, files["plain"], input_size=size)
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((4, *size)).astype(np.float32) for _ in range(4)]
+    for f, q in ((files["float"], files["int8"]), (files["plain"], files["plain_int8"])):
+        if not q.exists():
+            quantize_file(f, q, iter(images), 16)
+    return files
+
+
+def _ratio(files: dict[str, Path], first: str, second: str, batch: int, repeats: int,
+           threads, clock: str) -> dict:
+    """One interleaved bench run of two files: both medians and their ratio."""
+    from sbn_surgery.parity import bench
+
+    report = bench([files[first], files[second]], batch=batch, repeats=repeats, threads=threads,
+                   clock=clock)
+    a, b = report.files
+    return {f"{first}_ms": a.latency_ms, f"{second}_ms": b.latency_ms,
+            "ratio": a.latency_ms / b.latency_ms}
+
+
+def _pairs(files: dict[str, Path], batch: int, repeats: int, resnet50: bool) -> dict:
+    """Per clock, one run per pair: int8 vs float, int8 SBN vs int8 plain (and for ResNet-50
+    fold vs plain); each ratio is within its own run."""
+    row = {}
+    for clock, threads in (("wall", None), ("cpu", 1)):
+        pairs = [("int8", "float"), ("int8", "plain_int8")] + ([("float", "plain")] if resnet50 else [])
+        row[clock] = {f"{a}_over_{b}": _ratio(files, a, b, batch, repeats, threads, clock)
+                      for a, b in pairs}
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a converted (fine-tuned) checkpoint")
+    ap.add_argument("checkpoint", nargs="?", help="a converted (fine-tuned) checkpoint")
+    ap.add_argument("--resnet50", action="store_true", help="ResNet-50 with the resnet recipe")
     ap.add_argument("--data", default="digits")
     ap.add_argument("--subset", type=int, default=None)
     ap.add_argument("--calibration-images", type=int, default=256)
@@ -66,30 +124,24 @@ def main() -> None:
 
     import onnxruntime
 
-    from sbn_surgery.parity import bench
-
+    if args.checkpoint is None and not args.resnet50:
+        ap.error("give a checkpoint, or --resnet50")
     load_start = os.getloadavg()
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="sbn-deploy-bench-"))
     out.mkdir(parents=True, exist_ok=True)
-    files, checks = _files(args, out)
-    results = []
-    for batch in args.batches:
-        row = {"batch": batch}
-        for clock, threads in (("wall", None), ("cpu", 1)):
-            pair = bench([files["int8"], files["float"]], batch=batch, repeats=args.repeats,
-                         threads=threads, clock=clock)
-            sbn = bench([files["int8"], files["plain_int8"]], batch=batch, repeats=args.repeats,
-                        threads=threads, clock=clock)
-            row[clock] = {"int8_ms": pair.files[0].latency_ms, "float_ms": pair.files[1].latency_ms,
-                          "int8_over_float": 1 / pair.files[1].ratio,
-                          "plain_int8_ms": sbn.files[1].latency_ms,
-                          "int8_sbn_over_int8_plain": 1 / sbn.files[1].ratio}
-        results.append(row)
+    if args.resnet50:
+        files, checks = _resnet50_files(out), {}
+    else:
+        files, checks = _files(args, out)
+    results = [{"batch": b, **_pairs(files, b, args.repeats, args.resnet50)} for b in args.batches]
+    targets = {"int8_over_float": 0.6, "int8_over_plain_int8": 1.05}
+    if args.resnet50:
+        targets["float_over_plain"] = 1.03
     print(json.dumps({
-        "checkpoint": args.checkpoint, "data": args.data, "subset": args.subset,
+        "checkpoint": "resnet50 (benchmarks/export.py)" if args.resnet50 else args.checkpoint,
+        "data": None if args.resnet50 else args.data, "subset": args.subset,
         "files": {k: str(v) for k, v in files.items()}, "quantize_checks": checks,
-        "repeats": args.repeats, "results": results,
-        "targets": {"int8_over_float": 0.6, "int8_sbn_over_int8_plain": 1.05},
+        "repeats": args.repeats, "results": results, "targets": targets,
         "onnxruntime": onnxruntime.__version__, "cpu_count": os.cpu_count(),
         "machine": platform.machine(), "load_avg_start": load_start,
         "load_avg_end": os.getloadavg(),

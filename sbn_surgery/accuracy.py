@@ -32,8 +32,8 @@ from .serving import EvalReport, Samples, ServingModel, evaluate, labelled_folde
 from .serving.quantize import QuantizeResult, quantize_file
 from .serving.runtime import batched
 
-__all__ = ["validate_onnx", "quantize_onnx", "open_samples", "ValidateReport", "QuantizeReport",
-           "QuantizeFailed"]
+__all__ = ["validate_onnx", "quantize_onnx", "open_samples", "DataSpec", "ValidateReport",
+           "QuantizeReport", "QuantizeFailed"]
 
 #: Seed of the calibration images' draw (fixed: the same images every time).
 CALIBRATION_SEED = 20230629

@@ -262,6 +262,11 @@ def test_validate_on_a_labelled_folder(run_cli, model_file, tmp_path):
     assert data["preprocessing"] == CFG and data["images_per_s"] > 0
     res = run_cli("validate", model_file, "--data", folder)
     assert res.code == 0 and "83.33 %" in res.stdout
+    # --subset reads the folder through the data sources (torch's ImageFolder), as finetune
+    # does: a subset larger than the split keeps every image, so the same score
+    res = run_cli("validate", model_file, "--data", folder, "--subset", "100", "--json")
+    assert res.code == 0, res.stderr
+    assert json.loads(res.stdout)["top1"] == pytest.approx(5 / 6)
 
 
 @pytest.mark.timeout(60)

@@ -18,8 +18,9 @@ Three forms, one per export mode:
   exporter writes the transforms as ONNX ``DFT`` nodes. Channel mode accepts any spatial size.
 * :class:`MatmulForm` (``matmul``): the same spectrum arithmetic with the 2-D real DFT written as
   constant matrices (``MatMul`` in real arithmetic, no DFT op). Fixed spatial size.
-* :class:`CornerForm` (``fold``, channel mode): elementwise only, ``y = s * x`` plus a one-pixel
-  constant, where ``s`` is dropped when it is folded into the BatchNorm in front. Any spatial size.
+* :class:`CornerForm` (``fold``, channel mode): ``y = s * x`` plus a one-pixel constant (a 1x1
+  convolution of a one-channel map, see the class), where ``s`` is dropped when it is folded
+  into the BatchNorm in front. Any spatial size.
 
 Frequency mode has no elementwise form: its eval map is a per-channel circular filter whose
 kernel covers the whole feature map. In ``fold`` mode it is written as :class:`MatmulForm` with
