@@ -88,35 +88,54 @@ print(json.dumps(out, indent=2))
 EOF
 
 # --------------------------------------------------------------------------------------------
-# Study (opt-in, long: about 9 runs x 30 epochs of resnet18 on 60000 images; budget ~20-40 min):
+# Study (opt-in, long: 15 runs x 30 epochs of resnet18 on 60000 images, then 15 runs x 5 epochs;
+# budget about 30-60 min on one large GPU):
 #   bash benchmarks/gpu_check.sh --study [DIR]
-# runs, after the checks above, the paired study of the README's "Study" section on CUDA:
-# resnet18 from scratch on the full Fashion-MNIST (60000 train, 10000 val) at 32x32, arms none,
-# resnet and resnet:frequency, 3 seeds, 30 epochs, into DIR (default runs/gpu_study, kept). It
-# is resumable: if the session ends, the same sbn-surgery command (logged below) continues it.
-# Fashion-MNIST must be on the machine (Debian package dataset-fashion-mnist) or downloadable.
-# With --study a second JSON object follows the first on stdout: the study's report.
+# runs, after the checks above, README's two studies (section "Study") at full scale on CUDA:
+#   1. resnet18 from scratch on all of Fashion-MNIST (60000 train, 10000 val) at 32x32 with
+#      output_stride 8 (SBN sites on 4x4 maps), arms none, resnet and resnet:frequency, 5 seeds,
+#      30 epochs, into DIR (default runs/gpu_study);
+#   2. the tool's workflow: each seed's trained none model fine-tuned 5 more epochs without SBN
+#      and, converted with identity init, with SBN (--from-study DIR), into DIR-finetune.
+# Both are resumable: if the session ends, the same sbn-surgery commands (logged below) continue
+# them. Fashion-MNIST must be on the machine (Debian package dataset-fashion-mnist) or
+# downloadable. With --study two more JSON objects follow the first on stdout: the studies'
+# tables (top-1 and the feature-map measures, paired against none).
 if [[ "${1:-}" == "--study" ]]; then
     SDIR="${2:-runs/gpu_study}"
-    SCMD=(sbn-surgery study resnet18 --data fashion-mnist --input-size 3 32 32
-          --arms none,resnet,resnet:frequency --seeds 3 --epochs 30 --batch-size 128 --augment
-          --device cuda -o "$SDIR" --json)
+    COMMON=(--data fashion-mnist --input-size 3 32 32 --model-kwargs output_stride=8
+            --batch-size 128 --device cuda --json)
+    SCMD=(sbn-surgery study resnet18 "${COMMON[@]}" --arms none,resnet,resnet:frequency
+          --seeds 5 --epochs 30 -o "$SDIR")
+    FCMD=(sbn-surgery study resnet18 "${COMMON[@]}" --arms none,resnet,resnet:frequency
+          --seeds 5 --epochs 5 --lr 0.01 --warmup-epochs 0 --from-study "$SDIR"
+          -o "$SDIR-finetune")
     log "study: ${SCMD[*]}"
     "${SCMD[@]}" > "$TMP/study.json"
-    "$PY" - "$TMP/study.json" <<'EOF_STUDY'
+    log "second study: ${FCMD[*]}"
+    "${FCMD[@]}" > "$TMP/study_finetune.json"
+    for name in study study_finetune; do
+        "$PY" - "$TMP/$name.json" "$name" <<'EOF_STUDY'
 import json, math, sys
 doc = json.load(open(sys.argv[1]))
 names = [a["name"] for a in doc["arms"]]
 assert names == ["none", "resnet", "resnet:frequency"], names
 for a in doc["arms"]:
-    assert len(a["runs"]) == 3 and 0.0 <= a["top1_mean"] <= 1.0, a
+    assert len(a["runs"]) == 5 and 0.0 <= a["top1_mean"] <= 1.0, a
+    assert a["features"]["max_abs"] is not None and a["features"]["spectral_entropy"], a
 for d in doc["differences"]:
     assert d["vs"] == "none" and all(math.isfinite(v) for v in d["ci95"]), d
-out = {"check": "gpu_study", "arms": [{k: a[k] for k in ("name", "top1_mean", "top1_std",
-                                                        "loss_mean", "images_per_s",
-                                                        "step_ratio", "rms_growth")}
-                                      for a in doc["arms"]],
-       "differences": doc["differences"], "plot": doc["plot"]}
+keys = ("max_abs", "max_abs_peak", "rms", "spectral_entropy")
+out = {"check": f"gpu_{sys.argv[2]}", "from_study": doc["from_study"],
+       "feature_images": doc["feature_images"],
+       "arms": [{**{k: a[k] for k in ("name", "top1_mean", "top1_std", "loss_mean",
+                                      "images_per_s", "step_ratio", "rms_growth")},
+                 "features": {k: a["features"][k] for k in keys}} for a in doc["arms"]],
+       "differences": [{**{k: d[k] for k in ("arm", "vs", "mean", "ci95", "verdict")},
+                        "features": {k: d["features"][k] for k in keys}}
+                       for d in doc["differences"]],
+       "plots": [doc["plot"], doc["features_plot"]]}
 print(json.dumps(out, indent=2))
 EOF_STUDY
+    done
 fi

@@ -27,6 +27,11 @@ def study(
     seed: int = typer.Option(0, help="First seed."),
     output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Directory of the "
                                 "study: ARM/seedK/ runs, study.json, report.json, study.png."),
+    from_study: Optional[Path] = typer.Option(
+        None, "--from-study", metavar="DIR", help="Start every arm of seed K from DIR's "
+        "none/seedK/best.safetensors (a finished study of MODEL): the trained model fine-tuned "
+        "without SBN (none) or converted with the recipe's init (auto: identity) and "
+        "fine-tuned."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: arms, "
                                   "differences, plot."),
     options: Optional[dict] = None,
@@ -46,6 +51,8 @@ def study(
       sbn-surgery study resnet18 -d digits --seeds 5 --epochs 3 -o runs/s1
 
       sbn-surgery study resnet18 --data digits --arms none,resnet+remove-bn --json
+
+      sbn-surgery study resnet18 -d digits --from-study runs/s1 -o runs/s2
     """
     from sbn_surgery.study import study as run_study
     from sbn_surgery.train import TrainingInterrupted
@@ -55,11 +62,13 @@ def study(
     data = options.pop("data", None)
     if data is None:
         raise SbnSurgeryError("study needs --data (e.g. --data digits)")
+    _notice(model, options)
     stopped = None
     with progress_bar(json_out, quiet=not main_rank) as progress:
         try:
             result = run_study(model, data, arms=arms.split(",") if arms else None, seeds=seeds,
-                               seed=seed, output=output, progress=progress, **options)
+                               seed=seed, output=output, from_study=from_study,
+                               progress=progress, **options)
         except TrainingInterrupted as stop:
             stopped = stop
     if stopped is not None:
@@ -73,6 +82,16 @@ def study(
         print_json(result.to_json())
         return
     _print_tables(out(False), result)
+
+
+def _notice(model: str, options: dict) -> None:
+    """One line when MODEL's tag names pretrained weights that are not loaded."""
+    from sbn_surgery.models import random_weights_notice
+
+    line = random_weights_notice(model, pretrained=bool(options.get("pretrained")),
+                                 checkpoint=options.get("checkpoint"))
+    if line:
+        err_console.print(line, highlight=False, soft_wrap=True)
 
 
 def _pct(v: Optional[float]) -> str:
@@ -100,7 +119,38 @@ def _print_tables(con, result) -> None:
         diffs.add_row(d["arm"], f"{100 * d['mean']:+.2f}", f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
                       d["verdict"])
     con.print(diffs)
-    con.print(f"runs in {result.output}; plot {result.plot}", highlight=False)
+    if result.features_plot:
+        _print_features(con, result)
+    con.print(f"runs in {result.output}; plots {result.plot}"
+              + (f", {result.features_plot}" if result.features_plot else ""), highlight=False)
+
+
+def _num(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _diff(d: Optional[dict]) -> str:
+    """A paired difference and, on the next line, its 95 % interval."""
+    if not d:
+        return "-"
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.2g}\n[{lo:+.2g}, {hi:+.2g}]"
+
+
+def _print_features(con, result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"feature maps at the SBN sites after epoch {result.epochs} "
+                  f"({result.feature_images} val images); vs none: paired, 95 % t-interval; "
+                  "RMS and more in --json")
+    for col in ("arm", "max |x|", "vs none", "entropy", "vs none"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    diffs = {d["arm"]: d["features"] for d in result.differences}
+    for a in result.arms:
+        f, d = a["features"], diffs.get(a["name"]) or {}
+        table.add_row(a["name"], _num(f["max_abs"]), _diff(d.get("max_abs")),
+                      _num(f["spectral_entropy"]), _diff(d.get("spectral_entropy")))
+    con.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,8 @@ from sbn_surgery.errors import SbnSurgeryError
 from .common import parse_kv
 
 #: Fields typed as a comma-separated text on the command line, and the type of each item.
-_COMMA_LISTS = {"opt_betas": float, "decay_milestones": int}
+_COMMA_LISTS = {"opt_betas": float, "decay_milestones": int, "mean": float, "std": float,
+                "scale": float, "ratio": float}
 
 
 def _choices(annotation: Any) -> Optional[tuple[str, ...]]:
@@ -53,7 +54,7 @@ def _help(field: Any) -> str:
         if isinstance(default, bool):
             shown = "on" if default else "off"
         elif isinstance(default, list):
-            shown = ",".join(str(v) for v in default)
+            shown = ",".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in default)
         else:
             shown = f"{default:g}" if isinstance(default, float) else str(default)
         text += f" [default: {shown}]"

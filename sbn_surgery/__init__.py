@@ -26,6 +26,7 @@ _LAZY = {
     "Plan": ".surgery", "Site": ".surgery", "apply_recipe": ".surgery", "calibrate": ".surgery",
     "find_sbn": ".surgery", "init_identity": ".surgery", "strip_sbn": ".surgery",
     "load_converted": ".checkpoint", "save_converted": ".checkpoint",
+    "read_data_config": ".checkpoint",
     "convert": None, "diagnose": None, "study": None,
     "export_onnx": ".deploy", "finetune": ".train", "FinetuneResult": ".train",
 }

@@ -46,38 +46,33 @@ def test_other_class_counts_get_the_indices():
     assert meta["classes"] == [str(i) for i in range(7)] and meta["classes_source"] == "indices"
 
 
-def test_what_fine_tuning_recorded_wins_and_is_checked():
+def test_what_the_checkpoint_stores_wins_and_is_checked():
     model = _model(3)
-    recorded = {"data_config": {"input_size": [3, 64, 64], "mean": [0.1, 0.2, 0.3],
-                                "std": [0.5, 0.5, 0.5], "interpolation": "lanczos",
-                                "crop_pct": 1.0, "crop_mode": "squash"},
-                "classes": ["cat", "dog", "bird"], "classes_source": "fine-tuning data: pets"}
-    model.sbn_meta["extra"] = {"serving": recorded}
+    stored = {"input_size": [3, 64, 64], "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5],
+              "interpolation": "lanczos", "crop_pct": 1.0, "crop_mode": "squash",
+              "num_classes": 3, "label_names": ["cat", "dog", "bird"]}
+    model.sbn_meta["pretrained_cfg"] = stored
     meta = serving_metadata(model, (3, 80, 80))
     assert meta["classes"] == ["cat", "dog", "bird"]
-    assert meta["classes_source"] == "fine-tuning data: pets"
-    assert meta["data_config"] == {**recorded["data_config"], "input_size": [3, 80, 80]}
-    model.sbn_meta["extra"]["serving"] = {**recorded, "classes": ["cat", "dog"]}
-    with pytest.raises(ServingError, match="2 class names for 3 model outputs"):
-        serving_metadata(model, (3, 64, 64))
-    model.sbn_meta["extra"]["serving"] = {**recorded, "data_config": {"input_size": [3, 64, 64],
-                                                                      "std": [0, 1, 1]}}
+    assert meta["classes_source"] == "checkpoint (label_names)"
+    want = {k: stored[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
+    assert meta["data_config"] == {**want, "input_size": [3, 80, 80]}
+    # names for another head (e.g. the weights' 1000 before a reset to 3): the indices
+    model.sbn_meta["pretrained_cfg"] = {**stored, "label_names": ["cat", "dog"]}
+    assert serving_metadata(model, (3, 64, 64))["classes"] == ["0", "1", "2"]
+    model.sbn_meta["pretrained_cfg"] = {**stored, "std": [0, 1, 1]}
     with pytest.raises(ServingError, match="std must be > 0"):
         serving_metadata(model, (3, 64, 64))
 
 
-def test_an_edited_checkpoint_fails_before_the_trace(tmp_path):
-    from sbn_surgery import convert, export_onnx, save_converted
-    from sbn_surgery.checkpoint import load_converted
+def test_an_edited_model_fails_before_the_trace(tmp_path):
+    from sbn_surgery import convert, export_onnx
 
     model, _ = convert("resnet10t", "resnet", num_classes=3, input_size=(3, 32, 32),
                        calibration=[torch.randn(4, 3, 32, 32)])
-    model.sbn_meta["extra"] = {"serving": {"data_config": {"input_size": [3, 32, 32],
-                                                           "interpolation": "sinc"},
-                                           "classes": ["a", "b", "c"]}}
-    save_converted(model, tmp_path / "m.safetensors")
+    model.sbn_meta["pretrained_cfg"] = {"interpolation": "sinc"}
     with pytest.raises(ServingError, match="interpolation must be one of"):
-        export_onnx(load_converted(tmp_path / "m.safetensors"), tmp_path / "m.onnx")
+        export_onnx(model, tmp_path / "m.onnx")
     assert not list(tmp_path.glob("*.onnx"))
 
 
@@ -101,7 +96,7 @@ def test_validate_gives_the_top1_fine_tuning_reported(digits_run, run_cli):
     result, out = digits_run
     meta = read_onnx_metadata(out / "r10.onnx")
     assert meta["classes"] == [str(i) for i in range(10)]
-    assert meta["classes_source"] == "fine-tuning data: digits"
+    assert meta["classes_source"] == "checkpoint (label_names)"
     assert meta["data_config"]["input_size"] == [3, 32, 32]
     assert (meta["data_config"]["crop_pct"], meta["data_config"]["crop_mode"]) == (1.0, "squash")
     res = run_cli("validate", out / "r10.onnx", "--data", "digits", "--checkpoint",
@@ -183,3 +178,13 @@ def test_quantize_keeps_frequency_mode_sbn_in_float(tmp_path):
     ref = ServingModel(tmp_path / "m.onnx").logits(x)
     got = ServingModel(tmp_path / "m.int8.onnx").logits(x)
     assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()  # int8 rounding, not a new model
+
+
+def test_imagenet_wordnet_ids_become_timms_readable_names():
+    from timm.data import ImageNetInfo
+
+    model = _model(1000)
+    info = ImageNetInfo("imagenet-1k")
+    model.sbn_meta["pretrained_cfg"] = {"label_names": info.label_names()}  # as --pretrained
+    meta = serving_metadata(model, (3, 64, 64))
+    assert meta["classes"] == info.label_descriptions() and meta["classes"][0].startswith("tench")

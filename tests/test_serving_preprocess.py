@@ -103,7 +103,8 @@ def test_the_builtin_sources_batched_path_is_the_recorded_config():
 
     from sbn_surgery.data import open_source
     from sbn_surgery.data.transforms import prepare_batch
-    from sbn_surgery.train.model import SERVING_KEY, record_serving
+    from sbn_surgery.pretrained_cfg import EVAL_KEYS
+    from sbn_surgery.train.model import eval_preprocessing, record_preprocessing
 
     ds = open_source("digits")
     images = ds.val.images[:40]
@@ -112,10 +113,10 @@ def test_the_builtin_sources_batched_path_is_the_recorded_config():
                    "crop_pct": 0.875, "crop_mode": None}
         model = torch.nn.Identity()
         model.sbn_meta = {}
-        record_serving(model, ds, run_cfg)
-        recorded = model.sbn_meta["extra"][SERVING_KEY]
-        assert recorded["classes"] == [str(i) for i in range(10)]
-        cfg = recorded["data_config"]
+        record_preprocessing(model, eval_preprocessing(ds, run_cfg), ds.classes)
+        recorded = model.sbn_meta["pretrained_cfg"]
+        assert recorded["label_names"] == [str(i) for i in range(10)]
+        cfg = {k: recorded[k] for k in EVAL_KEYS}
         assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "squash")
         batched = prepare_batch(images, run_cfg).numpy()
         timm_tf = create_transform(**cfg)

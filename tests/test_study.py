@@ -114,6 +114,9 @@ def test_report_json_schema_and_rerun_trains_nothing(base, run_cli, monkeypatch,
         tops = [r["val_top1"] for r in arm["runs"]]
         assert arm["top1_mean"] == pytest.approx(sum(tops) / 2)
         assert arm["top1_std"] == pytest.approx(abs(tops[0] - tops[1]) / math.sqrt(2))
+        half = t_quantile(1) * arm["top1_std"] / math.sqrt(2)  # t(0.975, 1) = 12.706
+        assert arm["top1_ci95"] == pytest.approx([arm["top1_mean"] - half,
+                                                  arm["top1_mean"] + half])
         init = json.loads((out / arm["name"] / "init.json").read_text())
         assert arm["rms_growth"] == init["rms_growth"] and arm["rms_growth"] > 0
         speeds = []
@@ -137,6 +140,62 @@ def test_report_json_schema_and_rerun_trains_nothing(base, run_cli, monkeypatch,
     assert doc["arms"] == first.to_json()["arms"]
     human = run_cli("study", *CLI_ARGS, "--arms", "none,resnet", "--seeds", "2", *CLI_TINY, "-o", out)
     assert human.code == 0 and "resnet" in human.stdout and "95 %" in human.stdout
+    assert "feature maps at the SBN sites" in human.stdout and "max |x|" in human.stdout
+
+
+def test_feature_measures_per_arm_seed_and_epoch_and_their_pairing(base):
+    from sbn_surgery.study.features import FIGURES, run_figures
+
+    out, result, _ = base
+    doc = result.to_json()
+    study_json = json.loads((out / "study.json").read_text())
+    assert study_json["format"] == 2 and set(study_json) == {"format", "options", "features"}
+    measured = study_json["features"]["measured"]
+    assert measured["images"] == doc["feature_images"] == 160  # synthetic's whole val split
+    assert measured["norm_stats"] == "batch" and measured["reference_recipe"] == "resnet"
+    runs = study_json["features"]["runs"]
+    sites = {}
+    for arm in ("none", "resnet"):
+        for k in ("0", "1"):
+            rows = runs[arm][k]
+            assert [r["epoch"] for r in rows] == [0, 1]  # initialization and every epoch
+            on_disk = json.loads((out / arm / f"seed{k}" / "features.json").read_text())
+            assert on_disk["epochs"] == rows
+            for r in rows:
+                assert r["max_abs"] == max(s["max_abs"] for s in r["sites"])
+            sites[arm, k] = [s["module"] for s in rows[0]["sites"]]
+    # the none arm is measured where the resnet arm has its SBN layers
+    assert sites["none", "0"] == sites["resnet", "0"] == sites["resnet", "1"]
+    assert sites["none", "0"] and all(p.endswith(".sbn") for p in sites["none", "0"])
+    # trained weights differ from initialization, and so do the measures
+    assert runs["none"]["0"][1]["max_abs"] != runs["none"]["0"][0]["max_abs"]
+    for arm in doc["arms"]:
+        figs = [run_figures({r["epoch"]: r for r in runs[arm["name"]][str(s)]}, 1) for s in (0, 1)]
+        for key in FIGURES:
+            values = [f[key] for f in figs]
+            expect = None if None in values else sum(values) / 2
+            assert arm["features"][key] == (pytest.approx(expect) if expect is not None else None)
+        assert [r["features"] for r in arm["runs"]] == figs
+    (diff,) = doc["differences"]
+    a = [run_figures({r["epoch"]: r for r in runs["resnet"][s]}, 1)["max_abs"] for s in "01"]
+    b = [run_figures({r["epoch"]: r for r in runs["none"][s]}, 1)["max_abs"] for s in "01"]
+    mean, ci = paired_difference(a, b)
+    assert diff["features"]["max_abs"]["mean"] == pytest.approx(mean)
+    assert diff["features"]["max_abs"]["ci95"] == pytest.approx(ci)
+    (stored,) = study_json["features"]["differences"]
+    assert stored["arm"] == "resnet" and stored["max_abs"] == diff["features"]["max_abs"]
+    assert open(doc["features_plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert doc["features_plot"] == str(out / "study_features.png")
+
+
+def test_a_finished_run_keeps_what_the_report_needs(base):
+    out, _, _ = base
+    for arm in ("none", "resnet"):
+        for k in (0, 1):
+            run = out / arm / f"seed{k}"
+            kept = {p.name for p in run.iterdir()}
+            assert {"best.safetensors", "metrics.jsonl", "features.json"} <= kept
+            assert not kept & {"state.pt", "last.safetensors", "ema.safetensors"}
 
 
 def test_resume_after_an_interrupt_in_the_middle_of_an_arm(base, tmp_path):
@@ -165,6 +224,11 @@ def test_resume_after_an_interrupt_in_the_middle_of_an_arm(base, tmp_path):
     assert resumed.to_json()["arms"][1]["runs"] == [
         dict(r, dir=r["dir"].replace(str(out), str(copy)))
         for r in first.to_json()["arms"][1]["runs"]]
+    # the measures of the resumed run equal the uninterrupted one's, and so does their pairing
+    assert (json.loads((copy / "resnet" / "seed1" / "features.json").read_text())
+            == json.loads((out / "resnet" / "seed1" / "features.json").read_text()))
+    assert resumed.to_json()["differences"] == first.to_json()["differences"]
+    assert not (copy / "resnet" / "seed1" / "state.pt").exists()  # finished: tidied
 
 
 def test_paired_interval_against_a_hand_computation():

@@ -35,12 +35,13 @@ from .measure import compare, diagnose, diagnose_variant
 from .plot import plot_rms, rms_figure
 from .probes import probe_points
 from .report import LayerStats, Report
-from .variants import VARIANTS, load_model, make_variant, remove_batchnorm, sbn_count
+from .variants import (VARIANTS, load_model, make_variant, remove_batchnorm, restore_batchnorm,
+                       sbn_count)
 
 __all__ = [
     "diagnose", "diagnose_variant", "compare", "Report", "LayerStats", "VARIANTS", "make_variant",
-    "remove_batchnorm", "load_model", "sbn_count", "probe_points", "feature_stats",
-    "spectral_stats", "plot_rms", "rms_figure",
+    "remove_batchnorm", "restore_batchnorm", "load_model", "sbn_count", "probe_points",
+    "feature_stats", "spectral_stats", "plot_rms", "rms_figure",
 ]
 
 make_callable(__name__)  # sbn_surgery.diagnose(...) calls diagnose(); the name stays the package

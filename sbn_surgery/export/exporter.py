@@ -120,45 +120,47 @@ def _pick_dynamic_size(dynamic_size: Optional[bool], mode: str, has_fixed: bool,
     return bool(dynamic_size)
 
 
-def _timm_class_names(model: nn.Module) -> Optional[list[str]]:
-    """timm's label descriptions for a model whose class count is one of its ImageNet label
-    sets (``timm.data.infer_imagenet_subset``), else None."""
+def _timm_labels(model: nn.Module) -> Optional[tuple[list[str], list[str]]]:
+    """(names, descriptions) of timm's label set for a model whose class count is one of its
+    ImageNet sets (``timm.data.infer_imagenet_subset``): WordNet ids and readable names."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
     subset = infer_imagenet_subset(model)
     if subset is None:
         return None
     try:
-        return list(ImageNetInfo(subset).label_descriptions())
+        info = ImageNetInfo(subset)
+        return list(info.label_names()), list(info.label_descriptions())
     except Exception:  # noqa: BLE001 - a label set timm lists but cannot read: indices instead
         return None
 
 
 def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
-    """What serving needs (``data_config``, ``classes``, ``classes_source``): as fine-tuning
-    recorded it (``sbn_meta["extra"]["serving"]``), else timm's data config for the model and
-    timm's label names where its class count is an ImageNet label set, else the indices. The
-    data config's input size is the export's; the recorded values are checked (the
-    checkpoint's metadata is untrusted)."""
+    """What serving needs (``data_config``, ``classes``, ``classes_source``): timm's eval data
+    config for the model at the export's input size, with the preprocessing and class names
+    its checkpoint stores (``sbn_meta["pretrained_cfg"]``: fine-tuning records what its
+    validation did and its data's class names; converting records the weights' own) taking
+    precedence; without stored names, timm's label names where the class count is one of its
+    ImageNet label sets, else the indices. Checked: a checkpoint's metadata is untrusted."""
     from ..data import data_config_for
+    from ..pretrained_cfg import EVAL_KEYS
     from ..serving.metadata import check_classes, check_data_config
 
     meta = getattr(model, "sbn_meta", None) or {}
-    recorded = (meta.get("extra") or {}).get("serving") if isinstance(meta.get("extra"), dict) \
-        else None
+    stored = meta.get("pretrained_cfg") if isinstance(meta.get("pretrained_cfg"), dict) else {}
     outputs = getattr(model, "num_classes", None) or None
-    where = f"the model's recorded serving metadata ({meta.get('model_name', 'model')})"
-    if isinstance(recorded, dict) and recorded.get("data_config") is not None:
-        cfg = dict(recorded["data_config"]) if isinstance(recorded["data_config"], dict) else None
-        if cfg is not None:
-            cfg["input_size"] = list(input_size)
-        classes = check_classes(recorded.get("classes"), where, outputs)
-        source = str(recorded.get("classes_source") or "fine-tuning data")[:200]
+    where = f"the model's stored preprocessing ({meta.get('model_name', 'model')})"
+    cfg = dict(data_config_for(model, tuple(input_size)))
+    cfg.update({k: stored[k] for k in EVAL_KEYS if k in stored and k != "input_size"})
+    names = stored.get("label_names")
+    timm_labels = _timm_labels(model)
+    if names is not None and (outputs is None or len(names) == outputs) and \
+            not (timm_labels and list(names) == timm_labels[0]):
+        classes, source = check_classes(names, where, outputs), "checkpoint (label_names)"
+    elif timm_labels and (outputs is None or len(timm_labels[1]) == outputs):
+        classes, source = timm_labels[1], "timm label set"  # readable, not WordNet ids
     else:
-        cfg = data_config_for(model, tuple(input_size))
-        classes, source = _timm_class_names(model), "timm label set"
-        if classes is None or (outputs is not None and len(classes) != outputs):
-            classes, source = [str(i) for i in range(int(outputs or 0))] or None, "indices"
+        classes, source = [str(i) for i in range(int(outputs or 0))] or None, "indices"
     data_config = check_data_config(cfg, where).to_json()
     return {"data_config": data_config, "classes": classes, "classes_source": source}
 

@@ -9,7 +9,9 @@ from typing import Any, Optional, Sequence, Union
 from ..errors import SbnSurgeryError
 from . import store
 from ..progress import ProgressFn
-from .arms import Arm, build_arm_model, describe, parse_arms
+from .arms import Arm, describe, parse_arms
+from .setup import StudySetup, from_study_checkpoint
+from .store import StudyError
 
 from ..train.options import ALIASES, EXEC_KEYS, RUN_KEYS, canonical
 
@@ -21,7 +23,7 @@ RUN_OPTIONS = tuple(k for k in RUN_KEYS
 EXEC_OPTIONS = EXEC_KEYS
 #: What each arm's model is built with (the rest goes to finetune).
 #: (--drop/--drop-path are built in too, and still passed on, so finetune records them.)
-BUILD_OPTIONS = ("checkpoint", "model_kwargs", "force")
+BUILD_OPTIONS = ("checkpoint", "pretrained", "model_kwargs", "force")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class RunRecord:
     dir: str
     history: list[dict[str, Any]] = field(default_factory=list)
     trained: bool = False  # whether this invocation trained (or resumed) it
+    features: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> measures
 
     @property
     def val_top1(self) -> float:
@@ -82,85 +85,77 @@ def _check(model: str, arms: list[Arm], seeds: int, given: dict[str, Any]) -> No
                               "back the BatchNorm a +remove-bn arm removed; leave out one of them")
 
 
-class _Setup:
-    """Data, input size and calibration images: found once, and only if a model is built."""
-
-    def __init__(self, model: str, data: str, given: dict[str, Any]) -> None:
-        self.model, self.data, self.given = model, data, given
-        self._ready: Optional[tuple] = None
-
-    def get(self) -> tuple[int, tuple[int, int, int], list]:
-        if self._ready is None:
-            from ..data import calibration_batches, data_config_for, default_input_size, open_source
-            from ..models import create_model, input_size_of
-            from ..train.model import CALIBRATION_BATCHES
-            from ..train.options import DEFAULTS
-
-            g = self.given
-            ds = open_source(self.data, **{k: g.get(k) for k in ("dataset", "train_split",
-                                                                 "val_split")})
-            in_chans = int((g.get("model_kwargs") or {}).get("in_chans", 3))
-            n_cls = g.get("num_classes") or ds.num_classes
-            probe = create_model(self.model, num_classes=n_cls, model_kwargs=self.kwargs())
-            size = (tuple(int(v) for v in g["input_size"]) if g.get("input_size") else
-                    default_input_size(ds, input_size_of(probe), in_chans))
-            cfg = data_config_for(probe, size, in_chans)
-            batch = min(g.get("batch_size") or DEFAULTS["batch_size"], 32)
-            calib = calibration_batches(ds, cfg, batch, CALIBRATION_BATCHES)
-            self._ready = (n_cls, size, calib)
-        return self._ready
-
-    def kwargs(self) -> dict[str, Any]:
-        """timm create_model arguments: --model-kwargs plus --drop/--drop-path."""
-        from ..train.model import model_kwargs_of
-
-        g = self.given
-        return model_kwargs_of(g.get("model_kwargs"), g.get("drop"), g.get("drop_path"))
-
-    def build(self, arm: Arm, seed: int):
-        n_cls, size, calib = self.get()
-        g = self.given
-        return build_arm_model(arm, self.model, seed=seed, num_classes=n_cls,
-                               checkpoint=g.get("checkpoint"), model_kwargs=self.kwargs(),
-                               input_size=size, calibration=calib, force=bool(g.get("force")))
-
-    def growth(self, net) -> Optional[float]:
-        from ..diagnose import diagnose
-
-        return diagnose(net, self.get()[2]).growth()
+def _check_from_study(source: Path, model: str, given: dict[str, Any], seeds: range) -> None:
+    """``--from-study DIR``: DIR is a study of ``model`` built alike, with a trained ``none`` run
+    for every seed asked for."""
+    if given.get("checkpoint"):
+        raise SbnSurgeryError("--from-study takes each seed's weights from that study's none "
+                              "runs; leave out --checkpoint")
+    old = store.read_study(source)["options"]
+    if old.get("model") != model:
+        raise StudyError(f"--from-study {source} trained {old.get('model')!r}, not {model!r}; "
+                         f"give the model name {old.get('model')}")
+    if (old.get("model_kwargs") or {}) != (given.get("model_kwargs") or {}):
+        raise StudyError(f"--from-study {source} built its models with --model-kwargs "
+                         f"{old.get('model_kwargs') or {}}, this study with "
+                         f"{given.get('model_kwargs') or {}}; give the same --model-kwargs")
+    missing = [k for k in seeds if not from_study_checkpoint(source, k).is_file()]
+    if missing:
+        first = int(old.get("seed") or 0)
+        raise StudyError(f"--from-study {source}: no {from_study_checkpoint(source, missing[0])} "
+                         f"(seed {missing[0]}); that study has seeds {first}.."
+                         f"{first + int(old.get('seeds') or 0) - 1} and must have finished "
+                         "them: choose --seed/--seeds among them, or finish that study first")
 
 
-def _run_one(setup: _Setup, arm: Arm, seed: int, out: Path, given: dict[str, Any],
+def _run_one(setup: StudySetup, arm: Arm, seed: int, out: Path, given: dict[str, Any],
              main: bool, progress: Optional[ProgressFn]) -> RunRecord:
-    """The run of ``arm`` with ``seed``: read when finished, resumed when begun, else trained."""
+    """The run of ``arm`` with ``seed``: read when finished, resumed when begun, else trained;
+    measured at initialization and after every epoch (see :mod:`.features`)."""
     from ..train import finetune
 
     run_dir = out / arm.dir / f"seed{seed}"
     record = RunRecord(arm.spec, seed, str(run_dir), store.read_history(run_dir))
+    measuring = setup.reference is not None
+    record.features = store.read_features(run_dir) if measuring and main else {}
     if len(record.history) >= given["epochs"]:
+        if main:
+            store.tidy_run(run_dir)
         return record
     net = setup.build(arm, seed)
     if main and store.read_growth(out / arm.dir) is None:
         store.write_json(out / arm.dir / store.INIT_FILE,
                          {"rms_growth": setup.growth(net), "seed": seed})
     resume = (run_dir / "state.pt").is_file() and (run_dir / "last.safetensors").is_file()
+    rows = record.features if resume else {}  # a resumed run repeats (and rewrites) its epochs
     prefix = f"{arm.spec} seed{seed}"
 
     def cb(desc: str, done: int, total: Optional[int], info: str = "") -> None:
         if progress is not None:
             progress(f"{prefix} {desc}", done, total, info=info)
 
+    def on_epoch(model, epoch: int) -> None:  # on every rank (synchronized norms need all)
+        rows[epoch] = setup.measure(model, epoch)
+        if main:
+            store.write_features(run_dir, rows, setup.about())
+
+    if measuring and main and 0 not in rows:
+        on_epoch(net, 0)  # before any state is loaded: the model at initialization
     kwargs = {k: given.get(k) for k in RUN_OPTIONS if k not in BUILD_OPTIONS}
     kwargs.update({k: given[k] for k in EXEC_OPTIONS if k in given})
     kwargs["seed"] = seed
     result = finetune(net, setup.data, output=run_dir, resume=resume, overwrite=not resume,
-                      progress=cb, **kwargs)
+                      progress=cb, on_epoch=on_epoch if measuring else None, **kwargs)
     record.history, record.trained = list(result.history), True
+    record.features = rows if main else {}  # the other ranks' lack epoch 0; rank 0 reports
+    if main:
+        store.tidy_run(run_dir)
     return record
 
 
 def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] = None,
           seeds: int = 3, seed: int = 0, output: Union[str, Path] = "runs/study",
+          from_study: Union[str, Path, None] = None,
           progress: Optional[ProgressFn] = None, **options: Any):
     """Fine-tune ``model`` on ``data`` once per arm and seed and compare every arm with ``none``.
 
@@ -169,7 +164,11 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
     per arm, with seeds ``seed .. seed+seeds-1``; within a seed the arms share initial weights,
     data order and augmentation. ``options``: finetune's (epochs, batch_size, lr, ...). The runs
     go to ``output/<arm dir>/seed<k>/``; a second call with the same arguments reuses finished
-    runs, resumes an interrupted one, and only reports when all are done. Returns a
+    runs, resumes an interrupted one, and only reports when all are done. Every run's feature
+    maps at the SBN sites are measured at initialization and after every epoch (see
+    :mod:`sbn_surgery.study.features`). ``from_study``: the directory of an earlier study of
+    ``model``; seed k's arms then all start from its ``none/seed<k>/best.safetensors`` (SBN arms
+    converted with the recipe's init, ``auto``: identity), the tool's own workflow. Returns a
     :class:`~sbn_surgery.study.report.StudyResult`.
     """
     from ..recipe import recipe_for_model
@@ -182,17 +181,24 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
     options = canonical(options)
     parsed = parse_arms(list(arms) if arms else ["none", recipe_for_model(model)])
     _check(model, parsed, seeds, options)
+    source = Path(from_study) if from_study is not None else None
+    if source is not None:
+        _check_from_study(source, model, options, range(seed, seed + seeds))
     out = Path(output)
-    given = _options(model, str(data), parsed, seeds, seed, options)
+    stored = _options(model, str(data), parsed, seeds, seed, options)
+    stored["from_study"] = None if source is None else str(source)
     ctx = D.setup(options.get("device"))  # under torchrun: one process group for every run
     try:
         if ctx.is_main:
-            if not store.check_output(out, given):
-                store.save_options(out, given)
+            if not store.check_output(out, stored):
+                store.save_options(out, stored)
         else:
             progress = None
-        given.update({k: options[k] for k in EXEC_OPTIONS if k in options})
-        setup = _Setup(model, str(data), given)
+        given = {**stored, **{k: options[k] for k in EXEC_OPTIONS if k in options}}
+        # where arms without SBN are measured: the sites of the first arm that has SBN
+        reference = next((a.recipe for a in parsed if a.recipe is not None and a.base != "none"),
+                         None)
+        setup = StudySetup(model, str(data), given, reference, source)
         records: list[RunRecord] = []
         total = len(parsed) * seeds
         for k in range(seed, seed + seeds):
@@ -203,12 +209,12 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
         if progress is not None:
             progress("study", total, total, info="done")
         growth = {a.dir: _growth(setup, a, out, seed, ctx.is_main) for a in parsed}
-        return summarize(out, given, parsed, records, growth, write=ctx.is_main)
+        return summarize(out, stored, parsed, records, growth, write=ctx.is_main)
     finally:
         ctx.close()
 
 
-def _growth(setup: _Setup, arm: Arm, out: Path, seed: int, main: bool) -> Optional[float]:
+def _growth(setup: StudySetup, arm: Arm, out: Path, seed: int, main: bool) -> Optional[float]:
     stored = store.read_growth(out / arm.dir)
     if stored is not None:
         value = stored["rms_growth"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-__all__ = ["T975", "t_quantile", "mean_std", "paired_difference", "verdict", "METHOD"]
+__all__ = ["T975", "t_quantile", "mean_std", "paired_difference", "verdict", "direction",
+           "METHOD"]
 
 #: Student's t, 0.975 quantile (two-sided 95 %), for 1..30 degrees of freedom.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -61,4 +62,16 @@ def verdict(ci95: Sequence[float], seeds: int) -> str:
         return "better"
     if hi < 0:
         return "worse"
+    return f"no difference resolvable with {seeds} seeds"
+
+
+def direction(ci95: Sequence[float], seeds: int) -> str:
+    """For a measure that is neither better nor worse by its sign (max |x|, entropy):
+    ``higher`` when the whole interval is above 0, ``lower`` when below, else that no
+    difference can be resolved with this many seeds."""
+    lo, hi = ci95
+    if lo > 0:
+        return "higher"
+    if hi < 0:
+        return "lower"
     return f"no difference resolvable with {seeds} seeds"

@@ -1,6 +1,10 @@
 """What a study keeps in its output directory besides the runs: ``study.json`` (its options,
-so a second invocation with other options is refused) and ``<arm>/init.json`` (the arm's
-feature-map RMS growth at initialization). Written atomically; read as untrusted JSON."""
+so a second invocation with other options is refused; once the study is done also every run's
+feature-map measures and their paired differences), ``<arm>/init.json`` (the arm's feature-map
+RMS growth at initialization) and each run's ``features.json`` (its measures per epoch, see
+:mod:`.features`). A finished run keeps what the report and a later ``--from-study`` need
+(``best.safetensors``, metrics, measures): its optimizer state, last and EMA weights go
+(:func:`tidy_run`). Written atomically; read as untrusted JSON."""
 
 from __future__ import annotations
 
@@ -14,7 +18,11 @@ from ..errors import SbnSurgeryError
 STUDY_FILE = "study.json"
 INIT_FILE = "init.json"
 PLOT_FILE = "study.png"
-FORMAT = 1
+FEATURES_PLOT_FILE = "study_features.png"
+FEATURES_FILE = "features.json"
+#: What a finished run no longer needs: a study is never extended (--epochs is one of its options).
+SPENT_FILES = ("state.pt", "last.safetensors", "ema.safetensors")
+FORMAT = 2  # 2: feature-map measures per run and epoch
 
 
 class StudyError(SbnSurgeryError):
@@ -71,6 +79,24 @@ def save_options(out: Path, options: dict[str, Any]) -> None:
     write_json(out / STUDY_FILE, {"format": FORMAT, "options": options})
 
 
+def save_results(out: Path, options: dict[str, Any], features: dict[str, Any]) -> None:
+    """study.json once the study is done: its options and the measures of every run."""
+    write_json(out / STUDY_FILE, {"format": FORMAT, "options": options, "features": features})
+
+
+def read_study(out: Path) -> dict[str, Any]:
+    """Another study's study.json (``--from-study``), checked to be one of this version."""
+    path = out / STUDY_FILE
+    if not path.is_file():
+        raise StudyError(f"--from-study {out}: no {STUDY_FILE} there; give the --output "
+                         "directory of a finished study")
+    stored = _read_json(path)
+    if not isinstance(stored, dict) or not isinstance(stored.get("options"), dict):
+        raise StudyError(f"{path} is not a study file of sbn-surgery; give the --output "
+                         "directory of a finished study")
+    return stored
+
+
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The finished epochs of a run (finetune's ``metrics.jsonl``), [] when there is none."""
     path = run_dir / "metrics.jsonl"
@@ -85,6 +111,48 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError, ValueError):
         return []  # unreadable: the run is resumed (or repeated), which rewrites it
     return rows
+
+
+def read_features(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """A run's measures by epoch ({} when there are none, or the file is unreadable: the
+    measures of a run that is still to train are taken again)."""
+    path = run_dir / FEATURES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    rows = data.get("epochs") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        return {}
+    return {int(r["epoch"]): r for r in rows
+            if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] >= 0}
+
+
+def read_features_about(run_dir: Path) -> dict[str, Any]:
+    """How a run was measured (its features.json without the epochs); {} when unreadable."""
+    try:
+        data = json.loads((run_dir / FEATURES_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if k != "epochs"} if isinstance(data, dict) else {}
+
+
+def write_features(run_dir: Path, rows: dict[int, dict[str, Any]], about: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / FEATURES_FILE, {**about, "epochs": [rows[e] for e in sorted(rows)]})
+
+
+def tidy_run(run_dir: Path) -> int:
+    """Delete a finished run's optimizer state, last and EMA weights; returns bytes freed."""
+    freed = 0
+    for name in SPENT_FILES:
+        path = run_dir / name
+        if path.is_file() and (run_dir / "best.safetensors").is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
 
 
 def read_growth(arm_dir: Path) -> Optional[dict[str, Any]]:

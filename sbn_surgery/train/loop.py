@@ -139,6 +139,7 @@ class _Run:
         self.best_top1, self.best_epoch = -1.0, 0
         self.rng: Optional[dict] = None
         self.stop: Optional[_StopFlag] = None
+        self.on_epoch = None  # finetune's on_epoch(model, epoch), on every rank
 
     # ------------------------------------------------------------------ state
     def load(self, state: dict[str, Any], extended: bool = False) -> None:
@@ -341,6 +342,9 @@ class _Run:
         self._finish_epoch(row)
 
     def _finish_epoch(self, row: dict[str, Any]) -> None:
+        if self.on_epoch is not None:  # before the epoch is saved: a resume repeats it; every
+            # rank at once, so the model's synchronized norm layers may run
+            self.on_epoch(self.net, self.epoch + 1)
         by_ema = self.opts.best_by == "ema"
         top1 = row["ema_top1"] if by_ema else row["top1"]
         improved = top1 > self.best_top1

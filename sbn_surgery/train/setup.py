@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from ..data import build_loaders, open_source
+from ..data.transforms import TRAIN_FLAGS
 from ..errors import CheckpointError, SbnSurgeryError
+from ..hub import is_hub_id
 from ..progress import ProgressFn
 from . import distributed as D
 from . import outputs as O
 from .config import load_config
 from .loop import FinetuneResult, _Parts, _Run
-from .model import build_model, record_serving, select_trainable
+from .model import build_model, eval_preprocessing, record_preprocessing, select_trainable
 from .optim import make_ema
-from .options import ALIASES, FIELDS, RunOptions, resolve
+from .options import ALIASES, DEFAULTS, FIELDS, RunOptions, resolve
 
 
 def finetune(
@@ -36,6 +38,7 @@ def finetune(
     overwrite: bool = False,
     progress: Optional[ProgressFn] = None,
     notify: Optional[Callable[[str], None]] = None,
+    on_epoch: Optional[Callable[[nn.Module, int], None]] = None,
     **options: Any,
 ) -> FinetuneResult:
     """Fine-tune a converted model (a timm name is converted with ``recipe`` first) on ``data``
@@ -49,7 +52,10 @@ def finetune(
     for the new total; ``notify`` gets one line saying so). A non-finite training loss (or
     model) stops the run with an error naming the epoch and step; the files of the last
     finished epoch are kept. Under torchrun this runs DistributedDataParallel; only rank 0
-    writes."""
+    writes. ``on_epoch(model, epoch)`` is called after each epoch's validation and before that
+    epoch is saved (a resumed run calls it again for an epoch it repeats), on every process at
+    once (a forward pass of a model with synchronized norm layers needs them all); it must not
+    change the model."""
     unknown = sorted(set(options) - set(FIELDS) - set(ALIASES))
     if unknown:
         raise TypeError(f"finetune() got unexpected options: {', '.join(unknown)}")
@@ -61,7 +67,8 @@ def finetune(
         say(line)
     try:
         return _run(model, data, out, ctx, options, cfg,
-                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say))
+                    dict(resume=resume, overwrite=overwrite, progress=progress, notify=say,
+                         on_epoch=on_epoch))
     finally:
         ctx.close()
 
@@ -136,6 +143,7 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
             how["notify"](f"extending the run in {out} from {state['options']['epochs']} to "
                           f"{opts.epochs} epochs: the learning-rate schedule is recomputed for "
                           f"the new total (recorded as schedule_epochs in {O.METRICS_FILE})")
+        _data_notices(spec, opts, ds, {**(cfg or {}), **options}, state, how["notify"])
     net = spec if isinstance(spec, nn.Module) else opts.model
     if state is not None:
         from ..checkpoint import load_converted
@@ -144,19 +152,45 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         # arm, which load_converted cannot rebuild); a name is rebuilt from last.safetensors
         net = net if isinstance(net, nn.Module) else load_converted(out / O.LAST_FILE)
         net.load_state_dict(state["model"])
-    net, data_config = build_model(net, opts, ds, progress)
-    record_serving(net, ds, data_config)  # what export writes into the file for serving
+    # a download only when asked for here (an argument, a flag), never by a --config file
+    download = bool(options.get("pretrained")) or is_hub_id(options.get("checkpoint"))
+    net, data_config = build_model(net, opts, ds, progress, download=download)
+    # before the EMA copy is made; what validation really does, which export writes
+    record_preprocessing(net, eval_preprocessing(ds, data_config), ds.classes)
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
-        reprob=opts.reprob)
+        reprob=opts.reprob, train_flags={k: getattr(opts, k) for k in TRAIN_FLAGS})
     run = _Run(opts, ctx, out, _prepare(net, opts, ctx), train_loader, val_loader, progress)
+    run.on_epoch = how["on_epoch"]
     if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
         O.write_args(out / O.ARGS_FILE, opts.to_dict())
     if state is not None:
         run.load(state, extended)
     run.loop()
     return run.result()
+
+
+def _data_notices(spec, opts: RunOptions, ds, given: dict[str, Any], state,
+                  notify: Callable[[str], None]) -> None:
+    """Lines on the weights and data flags the run was given: a name whose tag names
+    pretrained weights that are not loaded; timm's flags for images read from files, set to
+    other than their defaults, on an in-memory source, where they change nothing."""
+    from ..models import random_weights_notice
+    from .model import is_checkpoint_path
+
+    if state is None and isinstance(opts.model, str) and not isinstance(spec, nn.Module) \
+            and not is_checkpoint_path(opts.model):
+        line = random_weights_notice(opts.model, pretrained=bool(opts.pretrained),
+                                     checkpoint=opts.checkpoint)
+        if line:
+            notify(line)
+    idle = [f"--{k.replace('_', '-')}" for k in (*TRAIN_FLAGS, "crop_pct", "crop_mode")
+            if given.get(k) is not None and given[k] != DEFAULTS.get(k)]
+    if ds.kind == "tensor" and idle:
+        notify(f"{', '.join(idle)} shape timm's transforms of images read from files; "
+               f"{ds.name} is held in memory and augmented by shifts (and flips where they keep "
+               "the label), so they change nothing here")
 
 
 def _prepare(net: nn.Module, opts: RunOptions, ctx: D.DistContext) -> _Parts:
