@@ -123,6 +123,8 @@ def test_predict_cli_table_and_json(run_cli, model_file, tmp_path):
     res = run_cli("predict", model_file, image, "--top-k", "3", "--json")
     assert res.code == 0, res.stderr
     data = json.loads(res.stdout)
+    assert data["model"]["data_config"] == CFG and data["model"]["num_classes"] == 3
+    assert data["model"]["classes_source"] == "test colours"
     top = data["predictions"][0]["top_k"]
     assert [t["class"] for t in top][0] == "green" and len(top) == 3
     assert sum(t["prob"] for t in top) == pytest.approx(1.0)

@@ -43,9 +43,11 @@ class Predictions:
 
     onnx: str
     predictions: list[Prediction] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)  # the file's ServingInfo
 
     def to_json(self) -> dict[str, Any]:
-        return {"onnx": self.onnx, "predictions": [p.to_json() for p in self.predictions]}
+        return {"onnx": self.onnx, "model": self.model,
+                "predictions": [p.to_json() for p in self.predictions]}
 
 
 def _folder_images(folder: Path) -> list[str]:
@@ -97,7 +99,7 @@ def predict(model: Union[ServingModel, str, Path], images: Sequence[Union[str, P
     if not isinstance(model, ServingModel):
         model = ServingModel(model, threads)
     files = list_images(images)
-    out = Predictions(str(model.path))
+    out = Predictions(str(model.path), model=model.info.to_json())
     done = 0
     for chunk in batched(files, batch_size):
         idx, probs = top_k(model.logits(_load(chunk, model)), k)

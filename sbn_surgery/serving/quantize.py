@@ -70,22 +70,20 @@ def float_nodes(model, meta: dict[str, Any]) -> tuple[list[str], dict[str, str]]
     return names, reasons
 
 
-class _Batches:
-    """onnxruntime's CalibrationDataReader over preprocessed batches (built on first use, so
-    that importing this module does not import onnxruntime.quantization)."""
+def _reader(input_name: str, batches: Iterable[np.ndarray]):
+    """onnxruntime's CalibrationDataReader over preprocessed batches (the class is made here,
+    so that importing this module does not import onnxruntime.quantization)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __new__(cls, input_name: str, batches: Iterable[np.ndarray]):
-        from onnxruntime.quantization import CalibrationDataReader
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._it = iter(batches)
+        def get_next(self) -> Optional[dict[str, np.ndarray]]:
+            batch = next(self._it, None)
+            return None if batch is None else {input_name: np.ascontiguousarray(batch)}
 
-            def get_next(self) -> Optional[dict[str, np.ndarray]]:
-                batch = next(self._it, None)
-                return None if batch is None else {input_name: np.ascontiguousarray(batch)}
-
-        return Reader()
+    return Reader()
 
 
 def _preprocess(src: Path, dst: Path) -> Path:
@@ -140,7 +138,7 @@ def quantize_file(src: Union[str, Path], dst: Union[str, Path], batches: Iterabl
         pre = _preprocess(src, work / "pre.onnx")
         out = work / dst.name
         try:
-            quantize_static(str(pre), str(out), _Batches(input_name, batches),
+            quantize_static(str(pre), str(out), _reader(input_name, batches),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,

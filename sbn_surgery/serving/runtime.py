@@ -4,7 +4,7 @@ input, and batched logits, probabilities and top-k."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -93,9 +93,6 @@ class ServingModel:
                                    f"{tuple(chunk.shape)}: {text}") from None
             parts.append(np.asarray(out)[:n])
         return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
-
-    def runner(self) -> Callable[[np.ndarray], np.ndarray]:
-        return self.logits
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
