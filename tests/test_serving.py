@@ -403,3 +403,56 @@ def test_frequency_mode_sbn_nodes_stay_in_float():
     assert kept == names[2:4]
     assert list(reasons) == ["SpectralBatchNorm/layer4.0.bn2.sbn/"]
     assert float_nodes(helper.make_model(graph), {}) == ([], {})
+
+
+# --------------------------------------------------------------------------------------------
+# timm's data sets: WebDataset shards and a tar archive (the data sources' readers)
+# --------------------------------------------------------------------------------------------
+def _mean_model(path: Path, w: np.ndarray, b: np.ndarray, cfg: dict) -> Path:
+    """A 10-class ONNX model of 1-channel images: logits = w * mean(normalized image) + b."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sbn_surgery.onnx_io import set_onnx_metadata
+
+    inits = [numpy_helper.from_array(w.reshape(10, 1, 1, 1).astype(np.float32), "w"),
+             numpy_helper.from_array(b.astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["c"]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "mean", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    set_onnx_metadata(model, {"data_config": cfg, "classes": [str(i) for i in range(10)]})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_validate_and_quantize_read_timm_data_sets(run_cli, tmp_path):
+    from test_data_timm import CFG as DIGITS_CFG
+    from test_data_timm import _digits, _write_tar, _write_wds
+
+    train, val = _digits()
+    _write_wds(tmp_path / "wds", train, val)
+    _write_tar(tmp_path / "tar", train, val)
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal(10), rng.standard_normal(10)
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in DIGITS_CFG.items()}
+    model = _mean_model(tmp_path / "m.onnx", w, b, cfg)
+    # by hand: 8x8 images at their size are only normalized; the model sees their mean
+    means = (val[0].astype(np.float64) / 255.0 - 0.5).mean(axis=(1, 2)) / 0.5
+    want = float(np.mean(np.argmax(np.outer(means, w) + b, axis=1) == val[1]))
+    for where, dataset in (("wds", "wds/digits"), ("tar", "tar")):
+        res = run_cli("validate", model, "--data", tmp_path / where, "--dataset", dataset,
+                      "--json")
+        assert res.code == 0, res.stderr
+        data = json.loads(res.stdout)
+        assert data["images"] == len(val[1]) and data["top1"] == pytest.approx(want), where
+    res = run_cli("quantize", model, "--data", tmp_path / "wds", "--dataset", "wds/digits",
+                  "-o", tmp_path / "m.int8.onnx", "--calibration-images", "32",
+                  "--min-agreement", "0.5", "--max-top1-drop", "100", "--json")
+    assert res.code == 0, res.stderr
+    assert json.loads(res.stdout)["quantization"]["calibration_images"] == 32
