@@ -213,10 +213,11 @@ def parity(
 
 
 def bench(
-    onnx_file: Path = typer.Argument(..., help="The ONNX file to time."),
-    against: Optional[Path] = typer.Option(None, "--against", help="Another ONNX file (e.g. the "
-                                           "model without SBN) timed on the same input, "
-                                           "alternately; the ratio is latency / its latency."),
+    onnx_files: list[Path] = typer.Argument(..., help="The ONNX files to time, side by side; "
+                                            "the ratios are to the first unless --against is given."),
+    against: Optional[Path] = typer.Option(None, "--against", help="A baseline ONNX file (e.g. "
+                                           "the model without SBN) timed on the same input in "
+                                           "the same loop; the ratios are latency / its latency."),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size."),
     repeats: int = typer.Option(20, min=1, help="Timed runs per file (the median is reported)."),
     warmup: int = typer.Option(3, min=0, help="Untimed runs per file first."),
@@ -229,20 +230,20 @@ def bench(
                                   "whatever else the machine is doing."),
     json_out: bool = JSON,
 ) -> None:
-    """Measure onnxruntime CPU latency (median of repeats, warm-up excluded).
+    """Measure onnxruntime CPU latency of files side by side (median of repeats, interleaved).
 
     [bold]Examples[/bold]
 
-      sbn-surgery bench r18.onnx --against r18-dft.onnx --batch 8
+      sbn-surgery bench r18.int8.onnx r18.onnx --batch 16
 
-      sbn-surgery bench r18-dft.onnx --against r18.onnx --json
+      sbn-surgery bench r18.onnx --against r18-dft.onnx --batch 8
 
       sbn-surgery bench r18.onnx --against r18-dft.onnx --threads 1 --cpu-time
     """
     from sbn_surgery.parity import bench as run_bench
 
     with progress_bar(json_out) as progress:
-        report = run_bench(onnx_file, against, batch=batch, repeats=repeats, warmup=warmup,
+        report = run_bench(onnx_files, against, batch=batch, repeats=repeats, warmup=warmup,
                            threads=threads, input_size=input_size,
                            clock="cpu" if cpu_time else "wall", progress=progress)
     if json_out:
@@ -251,15 +252,17 @@ def bench(
     con = out(False)
     what = "CPU time" if report.clock == "cpu" else "latency"
     table = Table(title=f"onnxruntime on CPU: {what}, input "
-                        f"{'x'.join(map(str, report.input_shape))}, median of {report.repeats}")
+                        f"{'x'.join(map(str, report.input_shape))}, median of {report.repeats}, "
+                        "interleaved")
     table.add_column("file")
     table.add_column(f"{what} (ms)", justify="right")
-    table.add_row(report.onnx, f"{report.latency_ms:.2f}")
-    if report.against is not None:
-        table.add_row(report.against, f"{report.against_latency_ms:.2f}")
+    table.add_column("ratio", justify="right")
+    for row in report.files:
+        table.add_row(row.onnx, f"{row.latency_ms:.2f}", f"{row.ratio:.3f}")
     con.print(table)
-    if report.ratio is not None:
-        con.print(f"ratio: [bold]{report.ratio:.3f}[/] x {report.against}")
+    base = report.against or report.onnx
+    if len(report.files) > 1:
+        con.print(f"ratios: latency / latency of [bold]{base}[/]")
 
 
 def register(app: typer.Typer) -> None:

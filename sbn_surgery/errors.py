@@ -39,6 +39,11 @@ class ParityError(SbnSurgeryError):
     """An exported file does not match PyTorch within tolerance."""
 
 
+class ServingError(SbnSurgeryError):
+    """An exported file cannot be served as asked: its metadata, its input, an image, a data set
+    for validation or calibration, or a quantized file that misses its accuracy bounds."""
+
+
 def near_names(name: str, candidates, n: int = 5) -> list[str]:
     """Closest candidates to ``name`` (for 'did you mean' hints)."""
     import difflib

@@ -6,7 +6,11 @@ Metadata keys (``ModelProto.metadata_props``), all under the ``sbn_surgery.`` pr
 ``input_size`` (JSON [C, H, W]), ``dynamic_batch``, ``dynamic_size`` (JSON booleans) and
 ``sites`` (JSON list: module path, stats, form, spatial size, BatchNorm folded into, and the
 names of the graph tensors that hold the layer's output and flow into it, used by per-layer
-parity).
+parity); for serving (see :mod:`sbn_surgery.serving`, which reads them without the onnx
+package): ``data_config`` (JSON: timm's eval data config, ``input_size``, ``mean``, ``std``,
+``interpolation``, ``crop_pct``, ``crop_mode``), ``classes`` (JSON list: the name of each output
+index) and ``classes_source`` (where the names came from: the fine-tuning data, timm's label
+set, or ``indices`` when none is known).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ if TYPE_CHECKING:  # onnx is imported where a file is read: the CLI imports this
     import onnx
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "META_PREFIX", "load_onnx", "read_onnx_metadata", "set_onnx_metadata", "input_dims",
-           "with_extra_outputs"]
+           "with_extra_outputs", "decode_metadata"]
 
 #: The opset files are written at unless asked otherwise.
 DEFAULT_OPSET = 20
@@ -30,7 +34,7 @@ DEFAULT_OPSET = 20
 MIN_OPSET = 18
 META_PREFIX = "sbn_surgery."
 #: Metadata values stored as plain text; every other key holds JSON.
-_TEXT_KEYS = ("recipe", "model_name", "recipe_name", "mode", "version")
+_TEXT_KEYS = ("recipe", "model_name", "recipe_name", "mode", "version", "classes_source")
 
 
 def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
@@ -64,18 +68,25 @@ def read_onnx_metadata(model: onnx.ModelProto | str | Path) -> dict[str, Any]:
 
     if not isinstance(model, onnx.ModelProto):
         model = load_onnx(model, load_external_data=False)
+    return decode_metadata((prop.key, prop.value) for prop in model.metadata_props)
+
+
+def decode_metadata(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """The ``sbn_surgery.`` entries of (key, value) metadata pairs, prefix removed and JSON
+    values decoded (a value that is not JSON stays text); for ``metadata_props`` and for
+    onnxruntime's ``get_modelmeta().custom_metadata_map`` alike."""
     out: dict[str, Any] = {}
-    for prop in model.metadata_props:
-        if not prop.key.startswith(META_PREFIX):
+    for key, value in pairs:
+        if not key.startswith(META_PREFIX):
             continue
-        key = prop.key[len(META_PREFIX):]
+        key = key[len(META_PREFIX):]
         if key in _TEXT_KEYS:
-            out[key] = prop.value
+            out[key] = value
             continue
         try:
-            out[key] = json.loads(prop.value)
-        except json.JSONDecodeError:
-            out[key] = prop.value
+            out[key] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            out[key] = value
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import sys
 import types
 from pathlib import Path
 
@@ -25,16 +26,17 @@ LAYERS = {
     "errors.py": 0, "_version.py": 0, "_threads.py": 0, "_callable.py": 0, "progress.py": 0,
     "pretrained_cfg.py": 0, "setup_report.py": 0,
     # leaf modules that use the errors: file safety, ONNX file I/O, name patterns, weight files,
-    # the Hugging Face cache
+    # the Hugging Face cache, image files without torch
     "files.py": 1, "onnx_io.py": 1, "patterns.py": 1, "weights.py": 1, "hub.py": 1,
-    # the layer, recipes, timm models, data
-    "layers": 2, "recipe.py": 2, "models.py": 2, "data": 2,
+    "imaging.py": 1,
+    # the layer, recipes, timm models, data, serving an exported file without torch
+    "layers": 2, "recipe.py": 2, "models.py": 2, "data": 2, "serving": 2,
     # --recipe-->
     "surgery": 3,
     # converting in one call, saving converted models, --export-->, --parity-->
     "convert.py": 4, "checkpoint.py": 4, "export": 4, "parity": 4,
-    # --finetune-->, measuring feature maps, export then parity in one call
-    "train": 5, "diagnose": 5, "deploy.py": 5,
+    # --finetune-->, measuring feature maps, export then parity in one call, accuracy of files
+    "train": 5, "diagnose": 5, "deploy.py": 5, "accuracy.py": 5,
     # built on train and diagnose
     "study": 6,
     # the whole pipeline on a small data set
@@ -42,6 +44,13 @@ LAYERS = {
     # the public API
     "__init__.py": 8,
 }
+
+
+#: Entries that run on a serving box, where neither torch nor timm is installed: they import
+#: neither (at any depth, deferred imports included) and import no entry outside this set.
+TORCH_FREE = {"errors.py", "_version.py", "progress.py", "imaging.py", "onnx_io.py", "serving"}
+#: What a torch-free entry never imports.
+TORCH_PACKAGES = {"torch", "timm", "torchvision"}
 
 
 def _entry(path: Path) -> str:
@@ -159,6 +168,42 @@ def test_imports_run_down_the_layers(entry):
     assert not upward, "\n".join(
         f"{entry} (layer {LAYERS[entry]}) imports {dst} (layer {LAYERS.get(dst)}) at "
         f"{', '.join(where)}" for dst, where in upward.items())
+
+
+def _torch_imports(entry: str) -> list[str]:
+    """Where the files of ``entry`` import torch, timm or torchvision, or an entry of
+    sbn_surgery outside TORCH_FREE ("file:line module")."""
+    root = LIB / entry
+    files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+    found = []
+    for path in files:
+        for module, line in _imported(path.read_text(), path):
+            dst = _target(module)
+            bad = module.split(".")[0] in TORCH_PACKAGES or (
+                dst is not None and dst != entry and (LIB / dst).exists() and dst not in TORCH_FREE)
+            if bad:
+                found.append(f"{path.relative_to(ROOT)}:{line} {module}")
+    return found
+
+
+def test_the_torch_free_rule_sees_a_deferred_torch_import(tmp_path, monkeypatch):
+    probe = tmp_path / "sbn_surgery"
+    (probe / "serving").mkdir(parents=True)
+    (probe / "data").mkdir()
+    (probe / "serving" / "x.py").write_text("def f():\n    import timm.data\n"
+                                             "from ..data import y\nfrom .. import errors\n")
+    (probe / "errors.py").write_text("")
+    monkeypatch.setattr(sys.modules[__name__], "LIB", probe)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert {w.split(" ")[1] for w in _torch_imports("serving")} == {
+        "timm.data", "sbn_surgery.data", "sbn_surgery.data.y"}
+
+
+@pytest.mark.parametrize("entry", sorted(TORCH_FREE))
+def test_serving_entries_import_neither_torch_nor_timm(entry):
+    assert set(TORCH_FREE) <= set(LAYERS)
+    bad = _torch_imports(entry)
+    assert not bad, f"{entry} must run without torch and timm, but imports: " + "; ".join(bad)
 
 
 def _long_functions(text: str, path: Path) -> list[str]:

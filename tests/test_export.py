@@ -122,8 +122,15 @@ def test_graph_names_ops_and_metadata(tmp_path, mode):
     ops = _sbn_ops(path)
     assert set(ops) == {s.module for s in plan.sites}
     every = set().union(*ops.values())
-    if mode == "fold":  # elementwise only
-        assert not every & {"MatMul", "DFT", "Gemm", "Conv"}
+    if mode == "fold":  # elementwise, and the one-pixel term as a 1x1 conv of one channel
+        assert not every & {"MatMul", "DFT", "Gemm"}
+        proto = onnx.load(str(path))
+        shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+        convs = [n for n in proto.graph.node if n.op_type == "Conv"
+                 and n.name.startswith(NODE_PREFIX + "/")]
+        assert len(convs) == len(plan.sites)
+        for conv in convs:  # constant weights (C, 1, 1, 1): no work beyond one pass
+            assert conv.input[1] in shapes and shapes[conv.input[1]][1:] == (1, 1, 1)
     elif mode == "matmul":
         assert "MatMul" in every and "DFT" not in every
     else:

@@ -12,7 +12,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
@@ -90,13 +89,9 @@ def prepare_batch(images: Tensor, cfg: dict, gen: Optional[torch.Generator] = No
     ``extra`` (a :class:`~.augment.TensorAugment`), its auto-augment after the shift and its
     random erasing after the normalization, both under ``seed``."""
     c, h, w = (int(v) for v in cfg["input_size"])
+    if tuple(images.shape[-2:]) != (h, w):
+        images = resize_like_pil(images, (h, w), cfg.get("interpolation", "bilinear"))
     x = images.float().div_(255.0)
-    if tuple(x.shape[-2:]) != (h, w):
-        mode = {"bicubic": "bicubic", "nearest": "nearest-exact"}.get(
-            cfg.get("interpolation", "bilinear"), "bilinear")
-        smooth = dict(align_corners=False, antialias=True) if mode != "nearest-exact" else {}
-        x = F.interpolate(x, size=(h, w), mode=mode, **smooth)
-        x = x.clamp_(0.0, 1.0)
     if gen is not None:
         x = shift_flip(x, gen, hflip)
     if extra is not None:
@@ -112,6 +107,26 @@ def prepare_batch(images: Tensor, cfg: dict, gen: Optional[torch.Generator] = No
     std = torch.tensor(cfg["std"], dtype=x.dtype).view(1, -1, 1, 1)
     x = ((x - mean) / std).contiguous()
     return x if extra is None else extra.erase(x, seed)
+
+
+def resize_like_pil(images: Tensor, size: tuple[int, int], interpolation: str) -> Tensor:
+    """uint8 (B, c, h, w) resized to ``size`` (H, W) by PIL, one 8-bit channel at a time: what
+    timm's eval transform does to a PIL image of the same pixels (``Resize`` to the full size,
+    i.e. crop_pct 1.0 in squash mode), so that an exported file's recorded preprocessing
+    reproduces this path exactly. ``interpolation``: timm's name (``random``, a training
+    choice, resizes bilinearly, as timm's eval transform does)."""
+    from PIL import Image
+
+    from ..imaging import resample_filter
+
+    resample = resample_filter("bilinear" if interpolation == "random" else interpolation)
+    arr = images.numpy()
+    out = np.empty(arr.shape[:2] + tuple(size), dtype=np.uint8)
+    for i in range(arr.shape[0]):
+        for k in range(arr.shape[1]):
+            img = Image.fromarray(np.ascontiguousarray(arr[i, k]), "L")
+            out[i, k] = np.asarray(img.resize((size[1], size[0]), resample))
+    return torch.from_numpy(out)
 
 
 def shift_flip(x: Tensor, gen: torch.Generator, hflip: bool) -> Tensor:

@@ -120,12 +120,58 @@ def _pick_dynamic_size(dynamic_size: Optional[bool], mode: str, has_fixed: bool,
     return bool(dynamic_size)
 
 
+def _timm_labels(model: nn.Module) -> Optional[tuple[list[str], list[str]]]:
+    """(names, descriptions) of timm's label set for a model whose class count is one of its
+    ImageNet sets (``timm.data.infer_imagenet_subset``): WordNet ids and readable names."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    try:
+        info = ImageNetInfo(subset)
+        return list(info.label_names()), list(info.label_descriptions())
+    except Exception:  # noqa: BLE001 - a label set timm lists but cannot read: indices instead
+        return None
+
+
+def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
+    """What serving needs (``data_config``, ``classes``, ``classes_source``): timm's eval data
+    config for the model at the export's input size, with the preprocessing and class names
+    its checkpoint stores (``sbn_meta["pretrained_cfg"]``: fine-tuning records what its
+    validation did and its data's class names; converting records the weights' own) taking
+    precedence; without stored names, timm's label names where the class count is one of its
+    ImageNet label sets, else the indices. Checked: a checkpoint's metadata is untrusted."""
+    from ..data import data_config_for
+    from ..pretrained_cfg import EVAL_KEYS
+    from ..serving.metadata import check_classes, check_data_config
+
+    meta = getattr(model, "sbn_meta", None) or {}
+    stored = meta.get("pretrained_cfg") if isinstance(meta.get("pretrained_cfg"), dict) else {}
+    outputs = getattr(model, "num_classes", None) or None
+    where = f"the model's stored preprocessing ({meta.get('model_name', 'model')})"
+    cfg = dict(data_config_for(model, tuple(input_size)))
+    cfg.update({k: stored[k] for k in EVAL_KEYS if k in stored and k != "input_size"})
+    names = stored.get("label_names")
+    timm_labels = _timm_labels(model)
+    if names is not None and (outputs is None or len(names) == outputs) and \
+            not (timm_labels and list(names) == timm_labels[0]):
+        classes, source = check_classes(names, where, outputs), "checkpoint (label_names)"
+    elif timm_labels and (outputs is None or len(timm_labels[1]) == outputs):
+        classes, source = timm_labels[1], "timm label set"  # readable, not WordNet ids
+    else:
+        classes, source = [str(i) for i in range(int(outputs or 0))] or None, "indices"
+    data_config = check_data_config(cfg, where).to_json()
+    return {"data_config": data_config, "classes": classes, "classes_source": source}
+
+
 def _metadata(model: nn.Module, mode: str, opset: int, input_size, dynamic_batch: bool,
               dynamic_size: bool, records: list[SiteExport]) -> dict[str, Any]:
     meta = getattr(model, "sbn_meta", None) or {}
     name = meta.get("model_name") or getattr(model, "default_cfg", {}).get("architecture") \
         or type(model).__name__
     return {
+        **serving_metadata(model, input_size),
         "version": __version__,
         "mode": mode,
         "opset": opset,
@@ -199,7 +245,9 @@ def check_export_options(model: nn.Module, path: Union[str, Path], mode: str, op
                           f"{path / 'model.onnx'}")
     if path.suffix.lower() != ".onnx":
         raise ExportError(f"output file {path} should end in .onnx")
-    return ExportPlan(path, mode, int(opset), _resolve_input_size(model, input_size), dynamic_batch,
+    size = _resolve_input_size(model, input_size)
+    serving_metadata(model, size)  # a bad recorded data config fails before the slow trace
+    return ExportPlan(path, mode, int(opset), size, dynamic_batch,
                  dynamic_size, int(batch_size), _frequency_sites(model))
 
 

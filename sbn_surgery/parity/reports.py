@@ -9,7 +9,8 @@ from typing import Any, Optional, Union
 
 from ..errors import ParityError
 
-__all__ = ["ParityCase", "LayerParity", "ParityReport", "ParityFailed", "BenchReport"]
+__all__ = ["ParityCase", "LayerParity", "ParityReport", "ParityFailed", "BenchReport",
+           "FileLatency"]
 
 
 @dataclass
@@ -113,6 +114,16 @@ class ParityFailed(ParityError):
 
 
 @dataclass
+class FileLatency:
+    """One file of a bench run: its median latency and its ratio to the baseline (the
+    ``--against`` file, else the first file)."""
+
+    onnx: str
+    latency_ms: float
+    ratio: float
+
+
+@dataclass
 class BenchReport:
     onnx: str
     batch: int
@@ -125,6 +136,7 @@ class BenchReport:
     against: Optional[str] = None
     against_latency_ms: Optional[float] = None
     ratio: Optional[float] = None
+    files: list[FileLatency] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

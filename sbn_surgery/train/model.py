@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..data import Dataset, calibration_batches, data_config_for, default_input_size
-from ..data.transforms import EVAL_FLAGS
+from ..data.transforms import EVAL_FLAGS, fit_channels
 from ..errors import CheckpointError, SbnSurgeryError
 from ..layers import SpectralBatchNorm2d
 from ..setup_report import HeadReset, SetupReport
@@ -229,3 +229,18 @@ def describe(model: nn.Module) -> dict[str, Any]:
     meta = getattr(model, "sbn_meta", {}) or {}
     return {"model_name": meta.get("model_name"), "recipe": meta.get("recipe_name"),
             "sbn_layers": sum(isinstance(m, SpectralBatchNorm2d) for m in model.modules())}
+
+
+def eval_preprocessing(ds: Dataset, data_config: dict) -> dict:
+    """timm's eval data config of what this run's validation really does to an image, for
+    :func:`record_preprocessing` (and so for ``export``'s metadata): the built-in sources are
+    resized by PIL to the whole input size (``data.transforms.resize_like_pil``), which is timm's
+    eval transform with crop_pct 1.0 in squash mode; images read from files go through timm's
+    eval transform for the data config as it is (``random`` interpolation, a training choice,
+    is bilinear there)."""
+    cfg = fit_channels(data_config)
+    if cfg.get("interpolation") == "random":
+        cfg["interpolation"] = "bilinear"
+    if ds.kind == "tensor":
+        cfg.update(crop_pct=1.0, crop_mode="squash")
+    return cfg

@@ -24,7 +24,7 @@ from . import distributed as D
 from . import outputs as O
 from .config import load_config
 from .loop import FinetuneResult, _Parts, _Run
-from .model import build_model, record_preprocessing, select_trainable
+from .model import build_model, eval_preprocessing, record_preprocessing, select_trainable
 from .optim import make_ema
 from .options import ALIASES, DEFAULTS, FIELDS, RunOptions, resolve
 
@@ -164,7 +164,8 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
     net, data_config = build_model(net, opts, ds, progress, download=download, report=report)
     for line in report.lines():  # the head reset and the calibration images, as they happened
         how["notify"](line)
-    record_preprocessing(net, data_config, ds.classes)  # before the EMA copy is made
+    # before the EMA copy is made; what validation really does, which export writes
+    record_preprocessing(net, eval_preprocessing(ds, data_config), ds.classes)
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
