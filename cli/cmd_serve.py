@@ -27,7 +27,7 @@ DATA = typer.Option(..., "--data", "-d", help="Labelled images, as finetune take
                     "class), or with --dataset the root of one of timm's data sets.")
 SUBSET = typer.Option(None, "--subset", min=1, help="The --subset finetune used: N training "
                       "images and N/5 validation images, the same ones.")
-DATASET = typer.Option(None, "--dataset", metavar="NAME", help="timm's data set name: wds/NAME, hfds/NAME, tar, "
+DATASET = typer.Option(None, "--dataset", metavar="KIND", help="timm's data set name: wds/NAME, hfds/NAME, tar, "
                        "folder (as finetune takes it).")
 TRAIN_SPLIT = typer.Option(None, "--train-split", metavar="SPLIT", help="With --dataset: timm's training split.")
 VAL_SPLIT = typer.Option(None, "--val-split", metavar="SPLIT", help="With --dataset: timm's validation split.")
@@ -88,7 +88,7 @@ def predict(
 def validate(
     model: Path = typer.Argument(..., help="An ONNX file written by `sbn-surgery export`."),
     data: str = DATA,
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="The converted "
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT", help="The converted "
                                               "checkpoint the file was exported from: also its "
                                               "PyTorch accuracy on the same inputs."),
     subset: Optional[int] = SUBSET,
@@ -109,8 +109,9 @@ def validate(
 
       sbn-surgery validate r18.onnx --data digits
 
-      sbn-surgery validate r18.onnx -d fashion-mnist --subset 5000 \\
-          --checkpoint runs/r18/best.safetensors
+      sbn-surgery validate r18.onnx -d fashion-mnist --subset 5000
+
+      sbn-surgery validate r18.onnx -d digits -c runs/r18/best.safetensors
     """
     from sbn_surgery.accuracy import validate_onnx
 

@@ -27,7 +27,7 @@ _LEFT_MAX = 28
 #: Metavars by parameter name, for options that declare none (else the name in capitals).
 _METAVARS = {
     "input_size": "C H W", "model_kwargs": "KEY=VALUE", "recipe": "NAME|FILE",
-    "checkpoint": "FILE|DIR", "output": "PATH", "data": "SOURCE", "calibrate_data": "SOURCE",
+    "checkpoint": "CKPT", "output": "PATH", "data": "SOURCE", "calibrate_data": "SOURCE",
     "num_classes": "N", "batch_size": "N", "calibrate_batches": "N", "epochs": "N",
     "subset": "N", "workers": "N", "seed": "N", "batches": "N", "opset": "N",
     "data_images": "N", "batch": "N", "repeats": "N", "warmup": "N", "threads": "N",

@@ -87,7 +87,7 @@ class RunOptions(DataOptions):
                                    ".pth/.pth.tar, a snapshot directory, or hf-hub:ORG/NAME "
                                    "through the Hugging Face cache); without it (or "
                                    "--pretrained) training starts from timm's random init.",
-                                   short="-c", metavar="FILE|DIR", panel="Model and data")
+                                   short="-c", metavar="CKPT", panel="Model and data")
     checkpoint_key: Optional[str] = _o(None, "Where the weights sit in a --checkpoint that holds "
                                        "more than weights (e.g. state_dict_ema); default: found "
                                        "by timm's rules.", metavar="KEY", panel="Model and data")
