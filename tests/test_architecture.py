@@ -22,8 +22,9 @@ MAX_FUNCTION_LINES = 80
 LAYERS = {
     # leaf modules: the error types, version, threads, progress callback type
     "errors.py": 0, "_version.py": 0, "_threads.py": 0, "_callable.py": 0, "progress.py": 0,
-    # leaf modules that use the errors: file safety, ONNX file I/O, name patterns, weight files
-    "files.py": 1, "onnx_io.py": 1, "patterns.py": 1, "weights.py": 1,
+    # leaf modules that use the errors: file safety, ONNX file I/O, name patterns, weight files,
+    # the bounded YAML reader
+    "files.py": 1, "onnx_io.py": 1, "patterns.py": 1, "weights.py": 1, "yamlfile.py": 1,
     # the layer, recipes, timm models, data
     "layers": 2, "recipe.py": 2, "models.py": 2, "data": 2,
     # --recipe-->
