@@ -8,7 +8,9 @@ compared key by key, shape by shape, with the file's header before the real mode
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from .alloc import AllocationBudget
 from .files import atomic_write
 from .errors import CheckpointError, SbnSurgeryError
 from .models import check_model_kwargs, create_model, load_weights
@@ -168,12 +171,35 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 read_metadata = read_checkpoint_metadata
 
 
-def _build(meta: dict[str, Any], recipe: Recipe) -> nn.Module:
-    model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
-                         model_kwargs=meta.get("model_kwargs") or {})
+def _build(meta: dict[str, Any], recipe: Recipe, budget: Optional[AllocationBudget] = None
+           ) -> nn.Module:
+    with budget if budget is not None else contextlib.nullcontext():
+        model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
+                             model_kwargs=meta.get("model_kwargs") or {})
     input_size = tuple(meta["input_size"]) if meta.get("input_size") else None
     apply_recipe(model, recipe, input_size=input_size, force=True)  # checked at convert
     return model
+
+
+def _size_budget(path: Path, meta: dict[str, Any],
+                 shapes: dict[str, tuple[int, ...]]) -> AllocationBudget:
+    """What building the model that ``meta`` describes may allocate: twice the elements of the
+    file's tensors, plus 16 M for what a build makes and drops. Any kwarg that would make the
+    model larger (``stem_width=2**40``) is refused at the first allocation past it, on the meta
+    device or a real one, before that allocation; a model timm cannot build on the meta device
+    is still bounded."""
+    held = sum(math.prod(shape) for shape in shapes.values())
+    limit = 2 * held + (1 << 24)
+
+    def refuse(total: int) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: its metadata describes a model ({meta['model_name']}, "
+            f"{meta.get('num_classes')} classes, with its model_kwargs) that does not fit its "
+            f"tensors: building it asks for more than {total:,} tensor elements, the file holds "
+            f"{held:,}; refused before allocating. The metadata was edited or the file damaged: "
+            "convert the original weights again")
+
+    return AllocationBudget(limit, refuse)
 
 
 def _check_shapes(path: Path, meta: dict[str, Any], recipe: Recipe,
@@ -182,7 +208,8 @@ def _check_shapes(path: Path, meta: dict[str, Any], recipe: Recipe,
     state_dict with the file's header; a mismatch is refused before the real build."""
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in _build(meta, recipe).state_dict().items()}
+            model = _build(meta, recipe, _size_budget(path, meta, shapes))
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except SbnSurgeryError:
         raise
     except Exception:  # noqa: BLE001 - a model timm cannot build on meta: the schema bounds hold
@@ -210,7 +237,7 @@ def load_converted(path: str | Path, *, map_location: str | torch.device = "cpu"
     meta, shapes = _read(path)
     recipe = Recipe.from_yaml_text(meta["recipe"], source=f"{path} (embedded recipe)")
     _check_shapes(path, meta, recipe, shapes)
-    model = _build(meta, recipe)
+    model = _build(meta, recipe, _size_budget(path, meta, shapes))
     load_weights(model, load_safetensors(path), source=str(path))
     model.to(map_location)
     model.sbn_meta = {k: v for k, v in meta.items() if k not in ("format",)}

@@ -20,8 +20,9 @@ MAX_FUNCTION_LINES = 80
 #: layers. The pipeline (timm model --recipe--> converted --finetune--> checkpoint --export-->
 #: ONNX --parity--> report) reads upwards; docs/architecture.md has the same table.
 LAYERS = {
-    # leaf modules: the error types, version, threads, progress callback type
+    # leaf modules: the error types, version, threads, progress callback type, allocation budget
     "errors.py": 0, "_version.py": 0, "_threads.py": 0, "_callable.py": 0, "progress.py": 0,
+    "alloc.py": 0,
     # leaf modules that use the errors: file safety, ONNX file I/O, name patterns, weight files,
     # the bounded YAML reader
     "files.py": 1, "onnx_io.py": 1, "patterns.py": 1, "weights.py": 1, "yamlfile.py": 1,

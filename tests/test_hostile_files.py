@@ -8,11 +8,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import one_line_error
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import sbn_surgery as sbn
-from sbn_surgery.errors import RecipeError, SbnSurgeryError
+from sbn_surgery.errors import CheckpointError, RecipeError, SbnSurgeryError
 
 SMALL = ["--input-size", "3", "32", "32"]
 #: What a password or credentials file holds: none of it may come back in an error.
@@ -179,3 +182,89 @@ def test_hostile_config_files_are_one_line_in_bounded_time(run_cli, tmp_path, ca
 
     with pytest.raises(SbnSurgeryError):  # the Python API reads it the same way
         read_config(path)
+
+
+# ============================================================================================
+# metadata that would build a model larger than its tensors
+# ============================================================================================
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    model, _ = sbn.convert("resnet10t", "resnet", num_classes=10, input_size=(3, 32, 32),
+                           init="standard")
+    path = tmp_path_factory.mktemp("conv") / "good.safetensors"
+    sbn.save_converted(model, path)
+    return path
+
+
+def _with_kwargs(src: Path, dst: Path, kwargs: dict) -> Path:
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["model_kwargs"] = json.dumps(kwargs)
+    save_file(tensors, dst, metadata=meta)
+    return dst
+
+
+HUGE = "refused before allocating"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["export", "diagnose", "finetune"])
+def test_widening_kwargs_are_refused_before_allocation_on_every_path(run_cli, tmp_path,
+                                                                    converted, command):
+    """stem_width=2**40 (a stem of 10**25 elements: the meta-device build itself overflows)."""
+    path = _with_kwargs(converted, tmp_path / "huge.safetensors", {"stem_width": 2**40})
+    args = {"export": ("export", path, "-o", tmp_path / "m.onnx"),
+            "diagnose": ("diagnose", path, "--json"),
+            "finetune": ("finetune", path, "--data", "synthetic", "-o", tmp_path / "run")}
+    line = one_line_error(run_cli(*args[command]), "huge.safetensors", "does not fit its tensors",
+                          HUGE)
+    assert "MemoryError" not in line and not (tmp_path / "m.onnx").exists()
+    if command == "finetune":  # nothing written but the run directory's lock
+        assert {p.name for p in (tmp_path / "run").iterdir()} <= {".sbn-surgery.lock"}
+
+
+@pytest.mark.timeout(120)
+def test_budget_bounds_the_real_build_when_the_meta_build_is_impossible(tmp_path, converted,
+                                                                        monkeypatch):
+    """A model timm cannot build on the meta device skips the shape check; the real build is
+    still refused at the first allocation past the budget (here a 150 M element stem conv)."""
+    import torch
+
+    import sbn_surgery.checkpoint as C
+
+    path = _with_kwargs(converted, tmp_path / "wide.safetensors", {"stem_width": 4096})
+    built = []
+    original = torch.empty
+
+    def spy(*args, **kwargs):
+        t = original(*args, **kwargs)
+        built.append(t.numel() if t.device.type != "meta" else 0)
+        return t
+
+    monkeypatch.setattr(C, "_check_shapes", lambda *a, **k: None)  # as if meta were impossible
+    with pytest.raises(CheckpointError, match=HUGE):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", spy)
+            sbn.load_converted(path)
+    held = sum(int(np.prod(s)) for s in C.safetensors_shapes(path)[1].values())
+    assert sum(built) <= 2 * held + (1 << 24)  # nothing past the budget was allocated
+
+
+@pytest.mark.timeout(120)
+def test_budget_counts_what_models_really_allocate():
+    """The budget's count of a real build is within 1 % of the model's parameters and buffers
+    (so the 2x budget never refuses an honest file)."""
+    import timm
+
+    from sbn_surgery.alloc import AllocationBudget
+
+    for name in ("resnet10t", "vit_tiny_patch16_224", "efficientnet_b0"):
+        budget = AllocationBudget(10**12, RuntimeError)
+        with budget:
+            model = timm.create_model(name)
+        held = sum(t.numel() for t in list(model.parameters()) + list(model.buffers()))
+        assert abs(budget.total - held) <= 0.01 * held, (name, budget.total, held)
+    with pytest.raises(OverflowError):
+        with AllocationBudget(1000, lambda n: OverflowError(n)):
+            timm.create_model("resnet10t")
