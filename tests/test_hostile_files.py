@@ -4,8 +4,10 @@ member cannot climb out of its archive. Each is one red line and exit 2, in boun
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sbn_surgery as sbn
-from sbn_surgery.errors import CheckpointError, RecipeError, SbnSurgeryError
+from sbn_surgery.errors import CheckpointError, DataError, RecipeError, SbnSurgeryError
 
 SMALL = ["--input-size", "3", "32", "32"]
 #: What a password or credentials file holds: none of it may come back in an error.
@@ -268,3 +270,83 @@ def test_budget_counts_what_models_really_allocate():
     with pytest.raises(OverflowError):
         with AllocationBudget(1000, lambda n: OverflowError(n)):
             timm.create_model("resnet10t")
+
+
+# ============================================================================================
+# tar members that climb out of their archive
+# ============================================================================================
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _tar_root(root: Path, bad: str, inner: bool = False) -> Path:
+    root.mkdir()
+    png = _png()
+    for split in ("train", "validation"):
+        with tarfile.open(root / f"{split}.tar", "w") as tf:
+            for c in ("a", "b"):
+                for i in range(2):
+                    _add(tf, f"{c}/{i}.png", png)
+            if split == "train" and not inner:
+                _add(tf, bad, png)
+            elif split == "train":  # a tar inside the tar, under the bad name
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as child:
+                    _add(child, "a/9.png", png)
+                _add(tf, bad, buf.getvalue())
+    return root
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad, inner", [("../x.png", False), ("/tmp/x.png", False),
+                                        ("a/../../x.png", False), ("../c.tar", True)])
+def test_tar_members_with_dotdot_or_absolute_names_are_one_line(run_cli, tmp_path, bad, inner):
+    from sbn_surgery.data import open_source
+
+    root = _tar_root(tmp_path / "d", bad, inner)
+    with pytest.raises(DataError, match="tar member .* has a '..' component or an absolute path"):
+        open_source(root, dataset="tar")
+    out = tmp_path / "run"
+    one_line_error(run_cli("finetune", "resnet10t", "--data", root, "--dataset", "tar", "-o",
+                           out, *SMALL), "train.tar", repr(bad), "'..' component")
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_tar_with_relative_member_names_opens(tmp_path):
+    from sbn_surgery.data import open_source
+
+    root = _tar_root(tmp_path / "d", "b/..x.png")  # '..' inside a name is no component
+    ds = open_source(root, dataset="tar")
+    assert ds.classes == ["a", "b"] and len(ds.train) == 5
+
+
+@pytest.mark.timeout(60)
+def test_webdataset_keys_with_dotdot_are_one_line(tmp_path):
+    from sbn_surgery.data import build_loaders, open_source
+
+    root = tmp_path / "wds"
+    root.mkdir()
+    png = _png()
+    for split, names in (("train", ["0", "../1"]), ("validation", ["v0", "v1"])):
+        with tarfile.open(root / f"{split}-000000.tar", "w") as tf:
+            for i, name in enumerate(names):
+                _add(tf, f"{name}.png", png)
+                _add(tf, f"{name}.cls", str(i).encode())
+    ds = open_source(root, dataset="wds/x", train_split="train-000000.tar|2",
+                     val_split="validation-000000.tar|2")
+    cfg = {"input_size": (3, 8, 8), "interpolation": "bilinear", "crop_pct": 1.0,
+           "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    train, _, _ = build_loaders(ds, cfg, 2)
+    with pytest.raises(SbnSurgeryError, match=r"tar member '\.\./1' has a '\.\.' component"):
+        list(train.iter_epoch(0))
