@@ -85,7 +85,7 @@ def finetune(
             else:
                 err_console.print(f"[yellow]interrupted[/] in {where}; the last finished epoch "
                                   f"in {stopped.output} can be resumed", highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + stopped.signum)  # 130 Ctrl-C, 143 SIGTERM
     if not main_rank:
         return
     if json_out:

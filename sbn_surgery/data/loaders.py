@@ -164,13 +164,24 @@ class Loader:
             return
         loader = torch.utils.data.DataLoader(self._images, batch_sampler=keyed,
                                              num_workers=self.workers,
-                                             persistent_workers=False)
+                                             persistent_workers=False,
+                                             worker_init_fn=_leave_signals_to_the_main_process)
         try:
             for x, y in loader:
                 yield x, y
         except DataError as exc:  # from a worker, its message carries the worker's traceback
             last = [line for line in str(exc).splitlines() if line.strip()][-1]
             raise DataError(last.split("DataError: ", 1)[-1]) from None
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:  # noqa: ARG001
+    """A loader worker ignores Ctrl-C and SIGTERM: they reach every process of the group (a
+    terminal, a scheduler preempting the job), and the main process, which stops the run after
+    the step in progress, needs its workers until then; it ends them itself."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def usable_cpus() -> int:
