@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -26,6 +27,7 @@ from .models import check_model_kwargs, create_model, load_weights
 from .recipe import Recipe
 from .surgery import apply_recipe
 from .weights import load_safetensors, safetensors_shapes
+from .yamlfile import key_text
 
 __all__ = ["save_converted", "load_converted", "read_checkpoint_metadata", "read_metadata",
            "is_converted", "atomic_write",
@@ -42,6 +44,7 @@ MAX_RECIPE_CHARS = 256 * 1024
 _Scalar = Union[bool, int, float, str, None]
 #: A timm create_model argument: a scalar or a (nested, short) list of scalars, never a mapping.
 _KwargValue = Union[_Scalar, list[Union[_Scalar, list[_Scalar]]]]
+_ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _meta_of(model: nn.Module) -> dict[str, Any]:
@@ -97,6 +100,16 @@ class ConvertedMeta(BaseModel):
     init: Optional[str] = Field(None, max_length=32)
     extra: Optional[dict[str, Any]] = None
 
+    @field_validator("model_kwargs", mode="before")
+    @classmethod
+    def _argument_names(cls, v):
+        """A create_model argument is a Python name; any other key is refused without being
+        repeated (the file may hold anything, and the message may reach a log)."""
+        if isinstance(v, dict) and not all(isinstance(k, str) and _ARG_NAME.fullmatch(k)
+                                           for k in v):
+            raise ValueError("has a key that is not a Python argument name")
+        return v
+
     @field_validator("input_size")
     @classmethod
     def _size(cls, v):
@@ -107,7 +120,8 @@ class ConvertedMeta(BaseModel):
 
 def _meta_error(path: Path, exc: ValidationError) -> CheckpointError:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "metadata"
+    where = ".".join(str(p) if isinstance(p, int) or key_text(p) else "?"
+                     for p in err["loc"]) or "metadata"
     return CheckpointError(f"{path}: metadata field {where!r} is invalid: {err['msg']}"
                            f"{f' ({len(exc.errors())} problems)' if len(exc.errors()) > 1 else ''}; "
                            "the file was edited or damaged, convert the original weights again")

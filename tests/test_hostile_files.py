@@ -226,6 +226,18 @@ def test_widening_kwargs_are_refused_before_allocation_on_every_path(run_cli, tm
         assert {p.name for p in (tmp_path / "run").iterdir()} <= {".sbn-surgery.lock"}
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kwargs", [{"AKIAIOSFODNN7EXAMPLE hunter2": 1},
+                                    {"s3cret s3cret": {"nested": 1}}, {"x" * 100: 1}])
+def test_metadata_kwargs_that_are_not_argument_names_are_not_echoed(run_cli, tmp_path,
+                                                                    converted, kwargs):
+    path = _with_kwargs(converted, tmp_path / "k.safetensors", kwargs)
+    line = one_line_error(run_cli("diagnose", path, "--json"), "k.safetensors",
+                          "'model_kwargs' is invalid", "not a Python argument name")
+    _no_secret(line)
+    assert "x" * 100 not in line
+
+
 @pytest.mark.timeout(120)
 def test_budget_bounds_the_real_build_when_the_meta_build_is_impossible(tmp_path, converted,
                                                                         monkeypatch):
