@@ -1,4 +1,6 @@
-"""The typer app. Each command lives in its own module and registers itself here."""
+"""The typer app. Each command lives in its own module (``cli/cmd_*.py``) and registers itself
+here; a command is made into a click command only when it runs or shows its help, and no module
+imports torch or timm at its top, so ``--help``, ``recipes`` and ``version`` start at once."""
 
 from __future__ import annotations
 
@@ -6,10 +8,13 @@ import errno
 import importlib
 import inspect
 import sys
+from collections.abc import MutableMapping
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.markup import escape
 from typer.core import TyperCommand
+from typer.models import CommandInfo
 
 from sbn_surgery import __version__
 from sbn_surgery.errors import SbnSurgeryError
@@ -17,9 +22,57 @@ from sbn_surgery.errors import SbnSurgeryError
 from .common import err_console
 from .help import HelpCommand, HelpGroup
 
+
+class LazyCommands(MutableMapping):
+    """The root group's commands: every name is listed at once, and a command becomes a click
+    command (its options read, e.g. the run options that need pydantic) when first looked up.
+    ``sbn-surgery --help`` lists them from :meth:`summaries` without making any."""
+
+    def __init__(self, infos: list[CommandInfo]) -> None:
+        self._infos = {info.name or info.callback.__name__.lower().replace("_", "-"): info
+                       for info in infos}
+        self._made: dict[str, Any] = {}
+
+    def summaries(self) -> list[tuple[str, Optional[str], str, bool]]:
+        """(name, help panel, help text, hidden) of every command, in help order."""
+        return [(name, info.rich_help_panel, info.help or "", bool(info.hidden))
+                for name, info in self._infos.items()]
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._made:
+            info = self._infos[name]  # KeyError: no such command
+            one = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False,
+                              add_completion=False)
+            one.registered_commands.append(info)
+            self._made[name] = typer.main.get_command(one)
+        return self._made[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self._made[name] = command
+        self._infos.setdefault(name, CommandInfo(name=name))
+
+    def __delitem__(self, name: str) -> None:
+        del self._infos[name]
+        self._made.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+
+class RootGroup(HelpGroup):
+    """The root group: its commands are made on first use (see :class:`LazyCommands`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = LazyCommands(_COMMANDS)  # made below, before app() runs
+
+
 app = typer.Typer(
     name="sbn-surgery",
-    cls=HelpGroup,
+    cls=RootGroup,
     help=(
         "Put Spectral Batch Normalization into a timm model, fine-tune it, export it to ONNX "
         "and prove parity.\n\n"
@@ -31,7 +84,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-def _command_modules() -> list[str]:
+
+def _command_modules() -> list:
     """Every ``cli/cmd_*.py`` module; each defines ``ORDER`` (help order) and ``register(app)``."""
     import pkgutil
 
@@ -69,13 +123,20 @@ def _reflow(doc: str) -> str:
     return "\n\n".join(paragraphs)
 
 
-for _module in _command_modules():
-    _module.register(app)
-for _info in app.registered_commands:
-    if _info.cls in (None, TyperCommand):
-        _info.cls = HelpCommand
-    if _info.help is None and _info.callback is not None and _info.callback.__doc__:
-        _info.help = _reflow(_info.callback.__doc__)
+def _registered() -> list[CommandInfo]:
+    """Every command the modules register, with help made from its docstring."""
+    registry = typer.Typer()
+    for module in _command_modules():
+        module.register(registry)
+    for info in registry.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = HelpCommand
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = _reflow(info.callback.__doc__)
+    return registry.registered_commands
+
+
+_COMMANDS = _registered()
 
 
 #: OS errors that mean a path could not be written (or opened) as the user asked (no space, a

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from sbn_surgery.errors import SbnSurgeryError, SurgeryError
 
-from .common import FORCE_HELP, out, parse_kv, print_json, progress_bar
+from .common import FORCE_HELP, err_console, out, parse_kv, print_json, progress_bar
 
 ORDER = 20
 
@@ -18,6 +18,13 @@ RECIPE_HELP = "A shipped recipe name (see `sbn-surgery recipes`) or a path to a 
               "Default: the shipped recipe whose `models` patterns fit MODEL, else `default`."
 CHECKPOINT_KEY_HELP = "The key of --checkpoint holding the weights, e.g. state_dict_ema in a timm " \
                       "train.py checkpoint. Default: state_dict, else model, module, state_dict_ema."
+PRETRAINED_HELP = "Start from timm's pretrained weights for MODEL's tag (e.g. resnet50.a1_in1k; " \
+                  "no tag: timm's default one), from the Hugging Face cache (HF_HOME, " \
+                  "HF_HUB_CACHE), downloaded there once; with HF_HUB_OFFLINE=1 the cache only."
+CHECKPOINT_HELP = "The model's trained weights: .safetensors, .pth/.pt/.pth.tar (read with " \
+                  "weights_only=True; timm train.py checkpoints too), a Hugging Face/timm " \
+                  "snapshot directory, or hf-hub:ORG/NAME (a Hub repository, through the " \
+                  "cache). Without it (or --pretrained): timm's random init."
 INPUT_SIZE_HELP = "C H W of the probe forward (execution order, channel counts, frequency-mode " \
                   "statistics size). Default: the model's timm input size."
 
@@ -59,6 +66,9 @@ def inspect(
     model_kwargs: Optional[list[str]] = typer.Option(None, "--model-kwargs", help="Extra timm "
                                                      "create_model arguments as key=value; repeat."),
     input_size: Optional[tuple[int, int, int]] = typer.Option(None, help=INPUT_SIZE_HELP),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Plan for the model as timm "
+                                    "builds it for MODEL's pretrained weights (their input "
+                                    "size); the weights themselves are not needed, nor read."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
@@ -74,7 +84,8 @@ def inspect(
     from sbn_surgery.surgery import apply_recipe
 
     name = _recipe_or_auto(recipe, model)
-    net = create_model(model, num_classes=num_classes, model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
+    net = create_model(model, num_classes=num_classes, pretrained=pretrained, with_weights=False,
+                       model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
     plan = apply_recipe(net, name, input_size=input_size, force=force)
     plan.model = model
     if json_out:
@@ -88,18 +99,15 @@ def convert(
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the converted "
                                 "checkpoint (.safetensors)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="The model's trained "
-                                              "weights: .safetensors, .pth/.pt/.pth.tar (read with "
-                                              "weights_only=True; timm train.py checkpoints too), or "
-                                              "a Hugging Face/timm snapshot directory. Without it: "
-                                              "timm's random init."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help=CHECKPOINT_HELP),
     checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
+    pretrained: bool = typer.Option(False, "--pretrained", help=PRETRAINED_HELP),
     num_classes: Optional[int] = typer.Option(None, help="Classifier size (timm's num_classes); "
                                               "a checkpoint head of another size is left out."),
     model_kwargs: Optional[list[str]] = typer.Option(None, "--model-kwargs", help="Extra timm "
                                                      "create_model arguments as key=value; repeat."),
     init: Optional[str] = typer.Option(None, help="identity: calibrate, then make each SBN the "
-                                       "identity in eval (the default with --checkpoint); standard: "
+                                       "identity in eval (the default with weights); standard: "
                                        "gamma=1, beta=0, or gamma=0 after a norm timm "
                                        "zero-initializes (the default without)."),
     calibrate_data: str = typer.Option("synthetic", help="Calibration images: synthetic, digits, "
@@ -117,6 +125,8 @@ def convert(
 
     [bold]Examples[/bold]
 
+      sbn-surgery convert resnet50.a1_in1k --pretrained -o r50-sbn.safetensors
+
       sbn-surgery convert resnet50 -r resnet -c resnet50.pth -o r50-sbn.safetensors
 
       sbn-surgery convert resnet18 --num-classes 10 -o r18.safetensors --json
@@ -130,32 +140,47 @@ def convert(
     if output.suffix != ".safetensors":
         raise SbnSurgeryError(f"--output {output}: converted checkpoints are .safetensors files; "
                               f"use e.g. {output.with_suffix('.safetensors')}")
-    if checkpoint is not None and checkpoint.suffix == ".safetensors" and is_converted(checkpoint):
+    if checkpoint is not None and checkpoint.endswith(".safetensors") and is_converted(checkpoint):
         raise SurgeryError(
             f"{checkpoint} is already converted; a recipe is applied once. Use it "
             "as it is (finetune/export take it), or convert the original weights.")
     kwargs = parse_kv(model_kwargs, "--model-kwargs")
     name = _recipe_or_auto(recipe, model)
+    weights = dict(checkpoint=checkpoint, pretrained=pretrained)
     calibration = None
     if calibrate_data != "synthetic":
         from sbn_surgery.data import calibration_batches, data_config_for
 
-        probe = create_model(model, num_classes=num_classes, model_kwargs=kwargs)
+        probe = create_model(model, num_classes=num_classes, model_kwargs=kwargs,
+                             with_weights=False, **weights)
         cfg = data_config_for(probe, input_size or input_size_of(probe))
         calibration = calibration_batches(calibrate_data, cfg, batch_size, calibrate_batches)
+    _notice(model, **weights)
     with progress_bar(json_out) as cb:
-        net, plan = do_convert(model, name, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+        net, plan = do_convert(model, name, checkpoint_key=checkpoint_key, **weights,
                                num_classes=num_classes,
                                model_kwargs=kwargs, init=init, calibration=calibration,
                                calibrate_batches=calibrate_batches, calibrate_batch_size=batch_size,
                                input_size=input_size, progress=cb, force=force)
     save_converted(net, output)
     plan.model = model
+    checked = getattr(plan, "identity_error", None)
     if json_out:
-        print_json({"output": str(output), "init": net.sbn_meta["init"], **plan.to_json()})
+        print_json({"output": str(output), "init": net.sbn_meta["init"],
+                    "identity_max_rel_err": checked, **plan.to_json()})
     else:
         _print_plan(plan, False, f"{model} + recipe {plan.recipe}")
-        out(False).print(f"init [bold]{net.sbn_meta['init']}[/]; wrote [bold green]{output}[/]")
+        same = "" if checked is None else f" (identity check passed: eval output within {checked:.1e})"
+        out(False).print(f"init [bold]{net.sbn_meta['init']}[/]{same}; wrote [bold green]{output}[/]")
+
+
+def _notice(model: str, **weights) -> None:
+    """One line when MODEL's tag names pretrained weights that are not loaded."""
+    from sbn_surgery.models import random_weights_notice
+
+    line = random_weights_notice(model, **weights)
+    if line:
+        err_console.print(line, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

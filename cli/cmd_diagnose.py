@@ -9,8 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .cmd_convert import CHECKPOINT_KEY_HELP
-from .common import FORCE_HELP, out, parse_kv, print_json, progress_bar
+from .cmd_convert import CHECKPOINT_KEY_HELP, PRETRAINED_HELP
+from .common import FORCE_HELP, err_console, out, parse_kv, print_json, progress_bar
 
 ORDER = 40
 
@@ -92,10 +92,11 @@ def diagnose(
                                 "checkpoint (.safetensors) from convert/finetune."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Trained weights "
                                               "for MODEL (.safetensors, .pth/.pt/.pth.tar read with "
-                                              "weights_only=True, a snapshot directory), or a "
-                                              "converted checkpoint. "
+                                              "weights_only=True, a snapshot directory, "
+                                              "hf-hub:ORG/NAME), or a converted checkpoint. "
                                               "Without it: timm's random initialization."),
     checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help=CHECKPOINT_KEY_HELP),
+    pretrained: bool = typer.Option(False, "--pretrained", help=PRETRAINED_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Insert SBN with this "
                                          "recipe (shipped name or YAML path) before measuring. "
                                          "With --compare the default is the shipped recipe that "
@@ -148,7 +149,7 @@ def diagnose(
     if norm_stats not in ("batch", "running"):
         raise SbnSurgeryError(f"--norm-stats must be 'batch' or 'running'; got {norm_stats!r}")
     con = out(json_out)
-    net = _load(model, checkpoint, checkpoint_key, num_classes, model_kwargs, seed)
+    net = _load(model, checkpoint, checkpoint_key, num_classes, model_kwargs, seed, pretrained)
     meta = getattr(net, "sbn_meta", None) or {}
     name = str(meta.get("model_name") or model)
     if input_size is None:
@@ -160,26 +161,36 @@ def diagnose(
         recipe=recipe, norm_stats=norm_stats, input_size=input_size, model_name=name,
         force=force), remove_bn, json_out)
     if plot is not None:
-        _plot(reports, plot, checkpoint, bool(meta))
+        _plot(reports, plot, checkpoint, bool(meta), pretrained)
     _render(reports, con, name, compare, json_out, plot)
 
 
-def _plot(reports: list, plot: Path, checkpoint: Optional[Path], converted: bool) -> None:
+def _plot(reports: list, plot: Path, checkpoint: Optional[Path], converted: bool,
+          pretrained: bool = False) -> None:
     from sbn_surgery.diagnose import plot_rms
 
     weights = f"(weights {checkpoint.name})" if checkpoint is not None else \
-        ("(converted checkpoint)" if converted else "at initialization")
+        ("(converted checkpoint)" if converted else
+         "(pretrained weights)" if pretrained else "at initialization")
     plot_rms(reports, plot, weights=weights)
 
 
-def _load(model: str, checkpoint, checkpoint_key, num_classes, model_kwargs, seed: int):
+def _load(model: str, checkpoint, checkpoint_key, num_classes, model_kwargs, seed: int,
+          pretrained: bool):
     import torch
 
     from sbn_surgery.diagnose import load_model
+    from sbn_surgery.models import random_weights_notice
 
     torch.manual_seed(seed)  # the initialization, when no weights are given
-    return load_model(model, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
-                      num_classes=num_classes, model_kwargs=parse_kv(model_kwargs, "--model-kwargs"))
+    net = load_model(model, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+                     num_classes=num_classes, model_kwargs=parse_kv(model_kwargs, "--model-kwargs"),
+                     pretrained=pretrained)
+    line = None if getattr(net, "sbn_meta", None) else random_weights_notice(
+        model, pretrained=pretrained, checkpoint=checkpoint)
+    if line:
+        err_console.print(line, highlight=False, soft_wrap=True)
+    return net
 
 
 def _measure(net, images, compare: bool, options: dict, remove_bn: bool, json_out: bool) -> list:

@@ -55,6 +55,7 @@ def study(
     data = options.pop("data", None)
     if data is None:
         raise SbnSurgeryError("study needs --data (e.g. --data digits)")
+    _notice(model, options)
     stopped = None
     with progress_bar(json_out, quiet=not main_rank) as progress:
         try:
@@ -73,6 +74,16 @@ def study(
         print_json(result.to_json())
         return
     _print_tables(out(False), result)
+
+
+def _notice(model: str, options: dict) -> None:
+    """One line when MODEL's tag names pretrained weights that are not loaded."""
+    from sbn_surgery.models import random_weights_notice
+
+    line = random_weights_notice(model, pretrained=bool(options.get("pretrained")),
+                                 checkpoint=options.get("checkpoint"))
+    if line:
+        err_console.print(line, highlight=False, soft_wrap=True)
 
 
 def _pct(v: Optional[float]) -> str:

@@ -117,6 +117,20 @@ def _panels(params: list[Any], ctx: Any) -> dict[str, list[tuple[str, Any]]]:
     return panels
 
 
+def _commands(group: Any, ctx: Any) -> list[tuple[str, Optional[str], str]]:
+    """(name, panel, help) of the group's visible commands; from the summaries of lazily made
+    commands where the group has them, so listing them makes none."""
+    summaries = getattr(group.commands, "summaries", None)
+    if summaries is not None:
+        return [(name, panel, text) for name, panel, text, hidden in summaries() if not hidden]
+    rows = []
+    for name in group.list_commands(ctx):
+        sub = group.get_command(ctx, name)
+        if sub is not None and not sub.hidden:
+            rows.append((name, getattr(sub, "rich_help_panel", None), sub.help or ""))
+    return rows
+
+
 def _usage(cmd: Any, ctx: Any) -> str:
     pieces = ["[OPTIONS]"]
     for p in cmd.get_params(ctx):
@@ -137,13 +151,10 @@ def render_help(cmd: Any, ctx: Any) -> None:
         _print_text(console, cmd.help)
     sections = _panels(cmd.get_params(ctx), ctx)
     if hasattr(cmd, "list_commands"):  # the root group (typer's is no click.Group)
-        for name in cmd.list_commands(ctx):
-            sub = cmd.get_command(ctx, name)
-            if sub is None or sub.hidden:
-                continue
-            panel = getattr(sub, "rich_help_panel", None) or "Commands"
-            first = (sub.help or "").split("\n\n")[0]
-            sections.setdefault(panel, []).append((name, Text.from_markup(first, emoji=False)))
+        for name, panel, text in _commands(cmd, ctx):
+            first = text.split("\n\n")[0]
+            sections.setdefault(panel or "Commands", []).append(
+                (name, Text.from_markup(first, emoji=False)))
     for title, rows in sections.items():
         console.print(Text(f" {title}", style="bold"))
         console.print(Padding(_rows(rows, width - 2), (0, 0, 0, 2)))

@@ -18,12 +18,12 @@ from typing import Any, Callable, Optional
 import typer
 
 from sbn_surgery.errors import SbnSurgeryError
-from sbn_surgery.train.options import FIELDS, flag
 
 from .common import parse_kv
 
 #: Fields typed as a comma-separated text on the command line, and the type of each item.
-_COMMA_LISTS = {"opt_betas": float, "decay_milestones": int}
+_COMMA_LISTS = {"opt_betas": float, "decay_milestones": int, "mean": float, "std": float,
+                "scale": float, "ratio": float}
 
 
 def _choices(annotation: Any) -> Optional[tuple[str, ...]]:
@@ -54,7 +54,7 @@ def _help(field: Any) -> str:
         if isinstance(default, bool):
             shown = "on" if default else "off"
         elif isinstance(default, list):
-            shown = ",".join(str(v) for v in default)
+            shown = ",".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in default)
         else:
             shown = f"{default:g}" if isinstance(default, float) else str(default)
         text += f" [default: {shown}]"
@@ -63,6 +63,8 @@ def _help(field: Any) -> str:
 
 def option_parameters(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One keyword parameter with a ``typer.Option`` per run option not in ``exclude``."""
+    from sbn_surgery.train.options import FIELDS, flag
+
     params = []
     for name, field in FIELDS.items():
         if name in exclude:
@@ -104,6 +106,8 @@ def parse_given(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _comma_list(name: str, text: str) -> list:
+    from sbn_surgery.train.options import flag
+
     kind = _COMMA_LISTS[name]
     try:
         return [kind(part) for part in text.replace(" ", "").split(",") if part]
@@ -114,26 +118,49 @@ def _comma_list(name: str, text: str) -> list:
                               ) from None
 
 
+class _RunOptionsCommand:
+    """A command function with the run options added to its signature, built on first use: the
+    options come from ``RunOptions`` (pydantic), which ``sbn-surgery --help`` need not import.
+    Called, it hands the given flags to the function as one ``options`` dict."""
+
+    def __init__(self, func: Callable, exclude: tuple[str, ...]) -> None:
+        functools.update_wrapper(self, func, assigned=("__module__", "__name__", "__qualname__",
+                                                       "__doc__"), updated=())
+        self._func, self._exclude = func, exclude
+        self._built: Optional[tuple[inspect.Signature, dict[str, Any], list[str]]] = None
+
+    def _build(self) -> tuple[inspect.Signature, dict[str, Any], list[str]]:
+        if self._built is None:
+            own = [p for p in inspect.signature(self._func).parameters.values()
+                   if p.name != "options"]
+            extra = option_parameters(self._exclude + tuple(p.name for p in own))
+            hints = typing.get_type_hints(self._func)
+            hints.pop("options", None)
+            hints.pop("return", None)
+            self._built = (inspect.Signature(own + extra),
+                           {**hints, **{p.name: p.annotation for p in extra}},
+                           [p.name for p in extra])
+        return self._built
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # read by inspect.signature (typer)
+        return self._build()[0]
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # read by typing.get_type_hints (typer)
+        return self._build()[1]
+
+    def __call__(self, **kwargs: Any) -> Any:
+        options = parse_given({n: kwargs.pop(n) for n in self._build()[2]})
+        return self._func(options=options, **kwargs)
+
+
 def with_run_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorator: the command gets the run options as flags, and receives the given ones as
-    ``options`` (a dict). The command's own parameters come first, in their order."""
+    ``options`` (a dict). The command's own parameters come first, in their order. The flags are
+    made when typer first reads the command's signature (running or helping that command)."""
 
     def wrap(func: Callable) -> Callable:
-        own = [p for p in inspect.signature(func).parameters.values() if p.name != "options"]
-        extra = option_parameters(exclude + tuple(p.name for p in own))
-        names = [p.name for p in extra]
-
-        @functools.wraps(func)
-        def command(**kwargs: Any) -> Any:
-            options = parse_given({n: kwargs.pop(n) for n in names})
-            return func(options=options, **kwargs)
-
-        command.__signature__ = inspect.Signature(own + extra)  # type: ignore[attr-defined]
-        hints = typing.get_type_hints(func)
-        hints.pop("options", None)
-        hints.pop("return", None)
-        command.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
-        del command.__wrapped__  # typer must read the new signature, not func's
-        return command
+        return _RunOptionsCommand(func, exclude)  # type: ignore[return-value]
 
     return wrap

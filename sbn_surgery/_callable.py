@@ -1,6 +1,7 @@
-"""Packages that are also their main function: ``sbn_surgery.diagnose`` and ``sbn_surgery.study``
-are the subpackages, whatever the import order, and calling one calls the function of the same
-name inside it (``sbn_surgery.diagnose(...)`` is ``sbn_surgery.diagnose.diagnose(...)``)."""
+"""Modules that are also their main function: ``sbn_surgery.diagnose``, ``sbn_surgery.study`` and
+``sbn_surgery.convert`` are the subpackages (the module), whatever the import order, and calling
+one calls the function of the same name inside it (``sbn_surgery.diagnose(...)`` is
+``sbn_surgery.diagnose.diagnose(...)``)."""
 
 from __future__ import annotations
 

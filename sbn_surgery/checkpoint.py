@@ -4,7 +4,12 @@ A converted file is untrusted when read back (it may come from a colleague, or h
 its metadata is validated by :class:`ConvertedMeta` (types and bounds; create_model arguments
 that would read a file or download are refused), its embedded recipe goes through the recipe
 loader (``yaml.safe_load``), and the model it describes is built on the ``meta`` device and
-compared key by key, shape by shape, with the file's header before the real model is built."""
+compared key by key, shape by shape, with the file's header before the real model is built.
+
+The weights' preprocessing (``pretrained_cfg``: input size, mean, std, interpolation, crop, class
+count and names; see :mod:`.pretrained_cfg`) is validated like the rest, becomes the rebuilt
+model's timm ``pretrained_cfg`` (so timm's ``resolve_data_config(model=...)`` gives it), and
+:func:`read_data_config` gives the eval data config of a file."""
 
 from __future__ import annotations
 
@@ -24,18 +29,19 @@ from .alloc import AllocationBudget
 from .files import atomic_write
 from .errors import CheckpointError, SbnSurgeryError
 from .models import check_model_kwargs, create_model, load_weights
+from .pretrained_cfg import EVAL_KEYS, PretrainedCfg
 from .recipe import Recipe
 from .surgery import apply_recipe
 from .weights import load_safetensors, safetensors_shapes
 from .yamlfile import key_text
 
 __all__ = ["save_converted", "load_converted", "read_checkpoint_metadata", "read_metadata",
-           "is_converted", "atomic_write",
+           "is_converted", "atomic_write", "read_data_config", "data_config_of_meta",
            "ConvertedMeta", "FORMAT"]
 
 FORMAT = "sbn-surgery/converted-v1"
 #: Metadata fields stored as JSON strings in the safetensors header.
-_JSON_FIELDS = ("model_kwargs", "num_classes", "input_size", "extra")
+_JSON_FIELDS = ("model_kwargs", "num_classes", "input_size", "extra", "pretrained_cfg")
 #: Sanity bounds on metadata (the header's tensor shapes bound the model itself).
 MAX_CLASSES = 1_000_000
 MAX_CHANNELS = 64
@@ -99,6 +105,8 @@ class ConvertedMeta(BaseModel):
     input_size: Optional[list[StrictInt]] = Field(None, min_length=3, max_length=3)
     init: Optional[str] = Field(None, max_length=32)
     extra: Optional[dict[str, Any]] = None
+    #: the weights' preprocessing (bounded, unknown keys dropped; nothing in it names a source)
+    pretrained_cfg: Optional[PretrainedCfg] = None
 
     @field_validator("model_kwargs", mode="before")
     @classmethod
@@ -189,7 +197,10 @@ def _build(meta: dict[str, Any], recipe: Recipe, budget: Optional[AllocationBudg
            ) -> nn.Module:
     with budget if budget is not None else contextlib.nullcontext():
         model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
-                             model_kwargs=meta.get("model_kwargs") or {})
+                             model_kwargs=meta.get("model_kwargs") or {})  # no weights: the file's
+    if meta.get("pretrained_cfg") and isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in meta["pretrained_cfg"].items()})
     input_size = tuple(meta["input_size"]) if meta.get("input_size") else None
     apply_recipe(model, recipe, input_size=input_size, force=True)  # checked at convert
     return model
@@ -256,3 +267,29 @@ def load_converted(path: str | Path, *, map_location: str | torch.device = "cpu"
     model.to(map_location)
     model.sbn_meta = {k: v for k, v in meta.items() if k not in ("format",)}
     return model
+
+
+def data_config_of_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The eval data config (timm's ``resolve_data_config`` keys: input_size, mean, std,
+    interpolation, crop_pct, crop_mode) of a converted model's validated metadata (or its
+    ``model.sbn_meta``): the stored ``pretrained_cfg``, completed from timm's config for the
+    model name where a key is missing (files written before it was stored), at the file's
+    ``input_size``."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    stored = dict(meta.get("pretrained_cfg") or {})
+    base = get_pretrained_cfg(str(meta.get("model_name", "")))
+    cfg: dict[str, Any] = base.to_dict() if base is not None else {}
+    cfg.update({k: v for k, v in stored.items() if k in EVAL_KEYS})
+    if "input_size" not in stored and meta.get("input_size"):
+        cfg["input_size"] = meta["input_size"]
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    resolved = resolve_data_config({}, pretrained_cfg=cfg)
+    return {k: resolved[k] for k in EVAL_KEYS if k in resolved}
+
+
+def read_data_config(path: str | Path) -> dict[str, Any]:
+    """The eval data config of the converted file ``path`` (see :func:`data_config_of_meta`),
+    for preprocessing images as the model expects them, e.g. in an exported file's metadata."""
+    return data_config_of_meta(read_checkpoint_metadata(path))

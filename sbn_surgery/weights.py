@@ -12,8 +12,10 @@
   ``module``, ``state_dict_ema``, ``model_ema``); ``module.`` (DDP) and ``_orig_mod.``
   (torch.compile) prefixes shared by every key are removed, in any combination.
 * A directory is a Hugging Face / timm snapshot: ``model.safetensors`` (else
-  ``pytorch_model.bin``) beside an optional ``config.json``, of which only ``architecture`` and
-  ``num_classes`` are read (with :mod:`json`); no path inside it is ever followed.
+  ``pytorch_model.bin``) beside an optional ``config.json``, of which only ``architecture``,
+  ``num_classes`` and the preprocessing of the weights (``pretrained_cfg``: input size, mean,
+  std, interpolation, crop, class names; see :mod:`.pretrained_cfg`) are read (with :mod:`json`,
+  bounded); no path, URL or repository named inside it is ever followed.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import argparse
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
 from .errors import CheckpointError
+from .pretrained_cfg import check_cfg, subset
 
-__all__ = ["Weights", "read_weights", "regular_file", "safetensors_shapes", "STATE_DICT_KEYS"]
+__all__ = ["Weights", "read_weights", "read_config", "regular_file", "safetensors_shapes",
+           "STATE_DICT_KEYS"]
 
 #: Keys of a training checkpoint tried in order when no key is given.
 STATE_DICT_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
@@ -54,6 +58,8 @@ class Weights:
     source: str
     architecture: Optional[str] = None
     num_classes: Optional[int] = None
+    #: What config.json says of the weights' preprocessing (validated; see .pretrained_cfg).
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
 
 
 def regular_file(path: PathLike, what: str = "checkpoint") -> Path:
@@ -187,7 +193,9 @@ def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         state = {k[len(prefix):]: v for k, v in state.items()}
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """What a snapshot folder's config.json says (architecture, num_classes, pretrained_cfg);
+    {} without one."""
     config = path / "config.json"
     if not config.exists():
         return {}
@@ -214,7 +222,25 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{config}: 'num_classes' is not a class count (an integer "
                                   "from 0 to 10000000); fix or remove it")
         out["num_classes"] = n
+    out["pretrained_cfg"] = _preprocessing(config, data, n)
     return out
+
+
+def _preprocessing(config: Path, data: dict[str, Any], num_classes: Optional[int]) -> dict:
+    """The weights' preprocessing in a timm config.json: its ``pretrained_cfg`` (or, in the
+    older single-dict form, the top level), with ``label_names`` (``labels`` in the old form)."""
+    cfg = data.get("pretrained_cfg")
+    cfg = cfg if isinstance(cfg, dict) else data
+    kept = subset(cfg)
+    labels = data.get("label_names", cfg.get("label_names", cfg.get("labels")))
+    if labels is not None:
+        kept["label_names"] = labels
+    if num_classes is not None:
+        kept["num_classes"] = num_classes
+    try:
+        return check_cfg(kept)
+    except ValueError as exc:
+        raise CheckpointError(f"{config}: pretrained_cfg {exc}; fix it or remove it") from None
 
 
 def _snapshot_file(path: Path) -> Path:
@@ -230,7 +256,7 @@ def read_weights(path: PathLike, key: Optional[str] = None) -> Weights:
     path = Path(path)
     config: dict[str, Any] = {}
     if path.is_dir():
-        config = _read_config(path)
+        config = read_config(path)
         path = _snapshot_file(path)
     path = regular_file(path)
     if path.suffix == ".safetensors":
@@ -243,4 +269,4 @@ def read_weights(path: PathLike, key: Optional[str] = None) -> Weights:
     else:
         state = select_state_dict(torch_load(path), key, str(path))
     return Weights(strip_wrappers(dict(state)), str(path), config.get("architecture"),
-                   config.get("num_classes"))
+                   config.get("num_classes"), config.get("pretrained_cfg") or {})

@@ -154,3 +154,57 @@ def converted(name: str, stats=None, seed: int = 0):
     gamma/beta, so no SBN is close to the identity. A fresh copy each call."""
     model, plan, size = _converted(name, stats, seed)
     return copy.deepcopy(model), plan, size
+
+
+#: The Hub repositories of the test cache (tests/hub_cache.py): timm's resnet10t.c3_in1k, and a
+#: user's 10-class resnet10t stored as a pickle, with its own preprocessing and class names.
+HUB_NAME = "resnet10t.c3_in1k"
+#: A tag whose preprocessing is not ImageNet's default (mean = std = 0.5).
+HUB_NAME_HALF = "mobilenetv4_conv_small_050.e3000_r224_in1k"
+HUB_USER_REPO = "me/r10t-ten"
+HUB_USER_CFG = {"input_size": [3, 48, 48], "mean": [0.3, 0.3, 0.3], "std": [0.2, 0.25, 0.3],
+                "interpolation": "bilinear", "crop_pct": 0.9, "crop_mode": "center",
+                "label_names": [f"digit{i}" for i in range(10)]}
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory):
+    """A Hugging Face cache in the Hub's layout, built once (see tests/hub_cache.py)."""
+    from hub_cache import add_repo, hub_model, timm_config
+
+    root = tmp_path_factory.mktemp("hf-cache")
+    timm_model = hub_model(HUB_NAME, seed=0)
+    add_repo(root, "timm/" + HUB_NAME, timm_model, config=timm_config(timm_model))
+    half = hub_model(HUB_NAME_HALF, seed=1)
+    add_repo(root, "timm/" + HUB_NAME_HALF, half, config=timm_config(half))
+    user = hub_model("resnet10t", seed=2, num_classes=10)
+    add_repo(root, HUB_USER_REPO, user, config=timm_config(user, **HUB_USER_CFG),
+             weights="pytorch_model.bin")
+    return root
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch):
+    """HF_HUB_CACHE at the test cache, HF_HUB_OFFLINE=1, no other Hub setting in the way."""
+    for var in ("HF_HOME", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return hub_cache
+
+
+@pytest.fixture
+def no_fetch(monkeypatch):
+    """Any attempt to reach the Hub or a weights URL fails the test."""
+    import urllib.request
+
+    import torch
+
+    import sbn_surgery.hub as H
+
+    def network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    for target, name in ((H, "_probe"), (H, "_download"), (torch.hub, "download_url_to_file"),
+                         (urllib.request, "urlopen")):
+        monkeypatch.setattr(target, name, network)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -288,8 +289,13 @@ def test_a_timm_args_yaml_is_read_as_timm_reads_it():
     assert (values["mixup"], values["cutmix"], values["reprob"]) == (0.2, 1.0, 0.25)
     assert values["aa"] == "rand-m9-mstd0.5-inc1" and values["drop_path"] == 0.05
     assert values["sched_on_updates"] is False and values["warmup_epochs"] == 5
-    for key in ("device", "amp", "dataset", "train_split", "val_split", "checkpoint", "lr"):
+    for key in ("device", "amp", "dataset", "train_split", "val_split", "checkpoint", "lr",
+                "interpolation", "mean", "std", "crop_pct"):
         assert key not in values, key  # timm's device, '' and null mean: the default here
+    # timm's data flags are taken, under their names (train_interpolation: timm's random)
+    assert (values["scale"], values["ratio"]) == ([0.08, 1.0], [0.75, 4 / 3])
+    assert (values["hflip"], values["vflip"], values["color_jitter"]) == (0.5, 0.0, 0.4)
+    assert values["train_interpolation"] == "random" and values["pretrained"] is False
     # no lr: timm's rule, lr_base x sqrt(global batch / lr_base_size) for lamb
     opts = resolve({}, config=values, world=2)
     assert opts.lr == pytest.approx(0.005 * math.sqrt(16 * 2 / 256))
@@ -304,16 +310,21 @@ def test_a_timm_args_yaml_names_what_it_drops(tmp_path):
                       ("opt: lamb", "opt: sgd"), ("ratio:\n- 0.75", "ratio:\n- 0.5"),
                       ("amp_dtype: bfloat16", "amp_dtype: float16"),
                       ("dataset: ''", "dataset: wds/imagenet"),
-                      ("mean: null", "mean: [" + ", ".join(["0.5"] * 1000) + "]"),
+                      ("lr_noise: null", "lr_noise: [" + ", ".join(["0.5"] * 1000) + "]"),
+                      ("mean: null", "mean: [0.5, 0.4, 0.3]"),
+                      ("interpolation: ''", "interpolation: bilinear"),
                       extra="foo_bar: 1\n" + "x" * 500 + ": 2\n")
     values, notes = load_config(path)
     assert len(notes) == 1 and notes[0].startswith(f"{path}: read as timm train.py options")
-    for part in ("layer_decay=0.65", "pretrained=True", "--checkpoint FILE",
-                 "ratio=[0.5, 1.3333333333333333]", "amp_dtype='float16'", "foo_bar"):
+    for part in ("layer_decay=0.65", "amp_dtype='float16'", "foo_bar"):
         assert part in notes[0], part
-    assert "mean=[0.5, 0.5," in notes[0] and len(notes[0]) < 1000  # long values are cut
-    for same in ("hflip", "scale", "remode", "eval_metric", "dist_bn"):
-        assert same not in notes[0], same
+    assert "lr_noise=[0.5, 0.5," in notes[0] and len(notes[0]) < 1000  # long values are cut
+    for taken in ("hflip", "scale", "ratio", "mean", "interpolation", "pretrained", "remode",
+                  "eval_metric", "dist_bn"):
+        assert taken not in notes[0], taken
+    # timm's data flags are taken; timm loads initial_checkpoint over the pretrained weights
+    assert values["ratio"] == [0.5, 4 / 3] and values["mean"] == [0.5, 0.4, 0.3]
+    assert values["interpolation"] == "bilinear" and "pretrained" not in values
     assert values["checkpoint"] == "/w/r50.pth" and values["input_size"] == [3, 160, 160]
     assert values["sync_stats"] is True and values["lr_base_scale"] == "linear"  # sgd: linear
     assert (values["dataset"], values["train_split"], values["val_split"]) == (
@@ -323,6 +334,24 @@ def test_a_timm_args_yaml_names_what_it_drops(tmp_path):
                                                       "amp_dtype: float16"),
                                            ("amp: true", "amp: false")))
     assert notes == [] and values["amp"] is False  # amp: true is the default here; false stays
+
+
+def test_a_timm_args_yaml_asks_for_pretrained_weights_and_bounds_its_data_flags(tmp_path):
+    values, notes = load_config(_timm_args(tmp_path, ("pretrained: false", "pretrained: true"),
+                                           ("model: resnet50", "model: resnet50.a1_in1k")))
+    assert notes == [] and values["pretrained"] is True and values["model"] == "resnet50.a1_in1k"
+    # a hostile value is refused in one short line, not echoed in full
+    huge = _timm_args(tmp_path, ("mean: null", "mean: [" + ", ".join(["0.5"] * 100000) + "]"))
+    with pytest.raises(SbnSurgeryError, match=r"--mean expects 1 to 64 .*\(100000 values\)") as e:
+        load_config(huge)
+    assert len(str(e.value)) < 400
+    for edit, flag in ((("scale:\n- 0.08\n- 1.0", "scale:\n- 0.9\n- 0.1"), "--scale"),
+                       (("std: null", "std: [0.2, 0.0, 0.2]"), "--std values must be > 0"),
+                       (("hflip: 0.5", "hflip: 1.5"), "--hflip must be"),
+                       (("train_interpolation: random", "train_interpolation: cubic"),
+                        "--train-interpolation 'cubic' is not one of")):
+        with pytest.raises(SbnSurgeryError, match=re.escape(flag)):
+            load_config(_timm_args(tmp_path, edit))
 
 
 def test_our_own_lr_base_options_follow_timms_rule():

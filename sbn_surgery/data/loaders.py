@@ -14,7 +14,8 @@ from .augment import TensorAugment, check_aa, check_reprob, keep_zero_bit_poster
 from .shards import RawReader, epoch_stream, rank_count
 from .sources import (SPLIT_SEED, Dataset, TensorSplit, _apply_subset, _split_generator,
                       is_builtin, open_source)
-from .transforms import IndexedReader, SeededImages, fit_channels, prepare_batch, seed_of
+from .transforms import (IndexedReader, SeededImages, fit_channels, prepare_batch, seed_of,
+                         train_transform_args)
 
 #: Default input size (H = W) for the built-in sources, whose native images are 8x8 to 32x32:
 #: big enough for a ResNet's five stride-2 stages, small enough for a CPU.
@@ -39,7 +40,7 @@ class Loader:
     def __init__(self, ds: Dataset, split: Any, cfg: dict, batch_size: int, *, train: bool,
                  seed: int = 0, rank: int = 0, world: int = 1, workers: int = 0,
                  augment: Optional[bool] = None, aa: Optional[str] = None,
-                 reprob: float = 0.0) -> None:
+                 reprob: float = 0.0, train_flags: Optional[dict] = None) -> None:
         if batch_size < 1:
             raise DataError(f"--batch-size must be at least 1; got {batch_size}")
         self.dataset = ds
@@ -54,6 +55,7 @@ class Loader:
         self.rank, self.world = int(rank), int(world)
         self.workers = min(int(workers), usable_cpus())  # more only oversubscribe the cores
         self.epoch = 0
+        self.train_flags = dict(train_flags or {})  # timm's scale, ratio, hflip, ...
         self.classes = ds.classes
         self._images = None  # per-image path: (SeededImages, reader of one item)
         self._extra = None  # in-memory path: auto-augment and random erasing
@@ -69,11 +71,13 @@ class Loader:
         from timm.data import create_transform
 
         cfg = self.data_config
-        extra = dict(auto_augment=self.aa, re_prob=self.reprob) if self.augment else {}
+        extra: dict = dict(interpolation=cfg["interpolation"])
+        if self.augment:
+            extra = dict(auto_augment=self.aa, re_prob=self.reprob,
+                         **train_transform_args(self.train_flags, cfg["interpolation"]))
         return keep_zero_bit_posterize(create_transform(
-            cfg["input_size"], is_training=self.augment, interpolation=cfg["interpolation"],
-            mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct"),
-            crop_mode=cfg.get("crop_mode"), **extra,
+            cfg["input_size"], is_training=self.augment, mean=cfg["mean"], std=cfg["std"],
+            crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"), **extra,
         ))
 
     @property
@@ -215,14 +219,16 @@ def default_augment(ds: Dataset) -> bool:
 def build_loaders(source: Union[str, Path, Dataset], data_config: dict, batch_size: int, *,
                   subset: Optional[int] = None, seed: int = 0, workers: int = 0,
                   distributed: bool = False, augment: Optional[bool] = None,
-                  aa: Optional[str] = None,
-                  reprob: float = 0.0) -> tuple[Loader, Loader, int]:
+                  aa: Optional[str] = None, reprob: float = 0.0,
+                  train_flags: Optional[dict] = None) -> tuple[Loader, Loader, int]:
     """(train loader, val loader, number of classes) for ``source`` preprocessed per
     ``data_config`` (timm's: input_size, interpolation, mean, std, crop_pct). ``augment``
     (training only): None for :func:`default_augment`; images read from files get timm's
     training transform, in-memory ones a random shift of up to 1/8 and, where label-preserving,
     a flip. ``aa`` (timm's auto-augment string, e.g. ``rand-m9-mstd0.5``) and ``reprob``
-    (random erasing probability) apply to training only and turn augmentation on."""
+    (random erasing probability) apply to training only and turn augmentation on.
+    ``train_flags``: timm's training flags for images read from files (scale, ratio, hflip,
+    vflip, color_jitter, train_interpolation; see ``transforms.TRAIN_FLAGS``)."""
     aa = check_aa(aa)
     reprob = check_reprob(reprob)
     if (aa or reprob) and augment is False:
@@ -236,7 +242,7 @@ def build_loaders(source: Union[str, Path, Dataset], data_config: dict, batch_si
     rank, world = _dist_info(distributed)
     common = dict(seed=seed, rank=rank, world=world, workers=workers)
     train = Loader(ds, ds.train, cfg, batch_size, train=True, augment=augment, aa=aa,
-                   reprob=reprob, **common)
+                   reprob=reprob, train_flags=train_flags, **common)
     val = Loader(ds, ds.val, cfg, batch_size, train=False, **common)
     if len(ds.train) < 2:
         raise DataError(f"the training split of {ds.name} has {len(ds.train)} image(s); need 2+")

@@ -22,10 +22,20 @@ from .images import load_image
 # --------------------------------------------------------------------------------------------
 # preprocessing
 # --------------------------------------------------------------------------------------------
+#: timm's eval data flags (resolve_data_config's keys besides input_size) and the training
+#: ones (create_transform's arguments, under timm train.py's names).
+EVAL_FLAGS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+TRAIN_FLAGS = ("scale", "ratio", "hflip", "vflip", "color_jitter", "train_interpolation")
+
+
 def data_config_for(model: torch.nn.Module, input_size: Optional[Sequence[int]] = None,
-                    in_chans: Optional[int] = None) -> dict:
-    """timm's data config for ``model`` (resize, interpolation, mean, std), at ``input_size``
-    ((C, H, W) or (H, W)) when given; the channel count follows the model's ``in_chans``."""
+                    in_chans: Optional[int] = None,
+                    overrides: Optional[dict[str, Any]] = None) -> dict:
+    """timm's data config for ``model`` (resize, interpolation, mean, std, crop), from its
+    ``pretrained_cfg`` (the weights' preprocessing), at ``input_size`` ((C, H, W) or (H, W))
+    when given; the channel count follows the model's ``in_chans``. ``overrides``: timm's eval
+    flags given by the user (mean, std, interpolation, crop_pct, crop_mode; None: not given),
+    which win; a mean or std of one value is used for every channel."""
     from timm.data import resolve_data_config
 
     args: dict[str, Any] = {}
@@ -39,7 +49,26 @@ def data_config_for(model: torch.nn.Module, input_size: Optional[Sequence[int]] 
     cfg = dict(resolve_data_config(args, model=model))
     if in_chans is not None and cfg["input_size"][0] != in_chans:
         cfg["input_size"] = (in_chans,) + tuple(cfg["input_size"][1:])
+    given = {k: v for k, v in (overrides or {}).items() if k in EVAL_FLAGS and v is not None}
+    c = int(cfg["input_size"][0])
+    for key in ("mean", "std"):
+        if key in given:
+            values = tuple(float(v) for v in given[key])
+            if len(values) not in (1, c):
+                raise DataError(f"--{key} has {len(values)} values; the model takes {c} input "
+                                f"channel(s): give 1 value or {c}")
+            given[key] = values * c if len(values) == 1 else values
+    cfg.update(given)
     return fit_channels(cfg)
+
+
+def train_transform_args(flags: dict[str, Any], interpolation: str) -> dict[str, Any]:
+    """timm ``create_transform`` arguments of the training flags (see TRAIN_FLAGS; None: timm's
+    default), the training resize at ``interpolation`` unless ``train_interpolation``."""
+    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()
+           if k in TRAIN_FLAGS and k != "train_interpolation" and v is not None}
+    out["interpolation"] = flags.get("train_interpolation") or interpolation
+    return out
 
 
 def fit_channels(cfg: dict) -> dict:
@@ -63,8 +92,10 @@ def prepare_batch(images: Tensor, cfg: dict, gen: Optional[torch.Generator] = No
     c, h, w = (int(v) for v in cfg["input_size"])
     x = images.float().div_(255.0)
     if tuple(x.shape[-2:]) != (h, w):
-        mode = "bicubic" if cfg.get("interpolation", "bilinear") == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=(h, w), mode=mode, align_corners=False, antialias=True)
+        mode = {"bicubic": "bicubic", "nearest": "nearest-exact"}.get(
+            cfg.get("interpolation", "bilinear"), "bilinear")
+        smooth = dict(align_corners=False, antialias=True) if mode != "nearest-exact" else {}
+        x = F.interpolate(x, size=(h, w), mode=mode, **smooth)
         x = x.clamp_(0.0, 1.0)
     if gen is not None:
         x = shift_flip(x, gen, hflip)

@@ -114,14 +114,19 @@ def make_variant(model: nn.Module, *, recipe: Any = None, sbn: bool = False,
 def load_model(model: str, *, checkpoint: Optional[Union[str, os.PathLike]] = None,
                num_classes: Optional[int] = None,
                model_kwargs: Optional[dict[str, Any]] = None,
-               checkpoint_key: Optional[str] = None) -> nn.Module:
+               checkpoint_key: Optional[str] = None, pretrained: bool = False) -> nn.Module:
     """The model to diagnose: a converted checkpoint (``model`` is a .safetensors path, or
     ``checkpoint`` is one written by convert/finetune) with its SBN layers, else the timm model
-    ``model`` with ``checkpoint``'s weights, or at initialization without one."""
+    ``model`` with ``checkpoint``'s weights (a file, folder or ``hf-hub:ORG/NAME``), timm's
+    pretrained weights for its tag (``pretrained``, through the Hugging Face cache), or at
+    initialization without either."""
     from ..checkpoint import is_converted, load_converted, read_checkpoint_metadata
     from ..models import create_model
 
     if os.path.isfile(model) or str(model).endswith(".safetensors"):
+        if pretrained or checkpoint is not None:
+            raise CheckpointError(f"{model} is a converted checkpoint with its own weights; "
+                                  "leave out --pretrained and --checkpoint")
         return load_converted(model)
     if checkpoint is not None and is_converted(checkpoint):  # else plain weights
         meta = read_checkpoint_metadata(checkpoint)
@@ -134,7 +139,8 @@ def load_model(model: str, *, checkpoint: Optional[Union[str, os.PathLike]] = No
                 )
             return load_converted(checkpoint)
     return create_model(model, num_classes=num_classes, model_kwargs=model_kwargs,
-                        checkpoint=checkpoint, checkpoint_key=checkpoint_key)
+                        checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+                        pretrained=pretrained)
 
 
 def _check_recipe(model: nn.Module, recipe: Any) -> None:

@@ -144,6 +144,7 @@ def parse_arms(specs: Sequence[str]) -> list[Arm]:
 
 def build_arm_model(arm: Arm, model_name: str, *, seed: int, num_classes: int,
                     checkpoint: Optional[str], model_kwargs: Optional[dict],
+                    pretrained: bool = False,
                     input_size: Sequence[int], calibration: list[torch.Tensor],
                     force: bool = False) -> nn.Module:
     """The arm's model at initialization. ``torch.manual_seed(seed)`` right before timm builds it,
@@ -157,12 +158,13 @@ def build_arm_model(arm: Arm, model_name: str, *, seed: int, num_classes: int,
     size = tuple(int(v) for v in input_size)
     if arm.recipe is None:
         net = create_model(model_name, num_classes=num_classes, model_kwargs=model_kwargs,
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, pretrained=pretrained)
         net.sbn_meta = {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}),
                         "num_classes": num_classes, "recipe": NONE_RECIPE_TEXT,
                         "recipe_name": "none", "input_size": list(size), "init": "none"}
     else:
-        net, _ = convert(model_name, arm.recipe, checkpoint=checkpoint, num_classes=num_classes,
+        net, _ = convert(model_name, arm.recipe, checkpoint=checkpoint, pretrained=pretrained,
+                         num_classes=num_classes,
                          model_kwargs=model_kwargs, calibration=calibration, input_size=size,
                          force=force)
     if arm.remove_bn:

@@ -22,7 +22,7 @@ RUN_OPTIONS = tuple(k for k in RUN_KEYS
 EXEC_OPTIONS = EXEC_KEYS
 #: What each arm's model is built with (the rest goes to finetune).
 #: (--drop/--drop-path are built in too, and still passed on, so finetune records them.)
-BUILD_OPTIONS = ("checkpoint", "model_kwargs", "force")
+BUILD_OPTIONS = ("checkpoint", "pretrained", "model_kwargs", "force")
 
 
 @dataclass
@@ -102,10 +102,12 @@ class _Setup:
                                                                  "val_split")})
             in_chans = int((g.get("model_kwargs") or {}).get("in_chans", 3))
             n_cls = g.get("num_classes") or ds.num_classes
-            probe = create_model(self.model, num_classes=n_cls, model_kwargs=self.kwargs())
+            probe = create_model(self.model, num_classes=n_cls, model_kwargs=self.kwargs(),
+                                 checkpoint=g.get("checkpoint"),
+                                 pretrained=bool(g.get("pretrained")), with_weights=False)
             size = (tuple(int(v) for v in g["input_size"]) if g.get("input_size") else
                     default_input_size(ds, input_size_of(probe), in_chans))
-            cfg = data_config_for(probe, size, in_chans)
+            cfg = data_config_for(probe, size, in_chans, g)  # timm's --mean, --std, ... if given
             batch = min(g.get("batch_size") or DEFAULTS["batch_size"], 32)
             calib = calibration_batches(ds, cfg, batch, CALIBRATION_BATCHES)
             self._ready = (n_cls, size, calib)
@@ -122,7 +124,8 @@ class _Setup:
         n_cls, size, calib = self.get()
         g = self.given
         return build_arm_model(arm, self.model, seed=seed, num_classes=n_cls,
-                               checkpoint=g.get("checkpoint"), model_kwargs=self.kwargs(),
+                               checkpoint=g.get("checkpoint"),
+                               pretrained=bool(g.get("pretrained")), model_kwargs=self.kwargs(),
                                input_size=size, calibration=calib, force=bool(g.get("force")))
 
     def growth(self, net) -> Optional[float]:

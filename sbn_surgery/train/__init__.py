@@ -11,9 +11,23 @@ Parts, by what each owns:
   ``curves.png`` (atomic writes).
 * ``setup``: ``finetune`` itself: options resolved, model, data and optimizer built.
 * ``loop``: epochs, validation, resume and Ctrl-C.
+
+The package imports its parts on first use (PEP 562), so ``options`` (which the CLI reads to
+make its flags) imports neither torch nor timm.
 """
 
-from .loop import FinetuneResult, TrainingInterrupted
-from .setup import finetune
+from __future__ import annotations
 
-__all__ = ["finetune", "FinetuneResult", "TrainingInterrupted"]
+import importlib
+
+_LAZY = {"finetune": ".setup", "FinetuneResult": ".loop", "TrainingInterrupted": ".loop"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

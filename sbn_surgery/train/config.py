@@ -6,15 +6,19 @@ unknown key is refused, since it is most likely a typo. A file written by timm's
 that have an equivalent here are taken, under their name here where it differs: ``data_dir`` is
 ``data``, ``initial_checkpoint`` is ``checkpoint``, ``sync_bn`` is ``sync_stats``, ``img_size``
 and ``in_chans`` make ``input_size``, ``torchcompile`` turns on ``compile``, and ``lr_base``,
-``lr_base_size`` and ``lr_base_scale`` give the lr by timm's rule. Its other options are
+``lr_base_size`` and ``lr_base_scale`` give the lr by timm's rule. Its data flags (``mean``,
+``std``, ``interpolation``, ``crop_pct``, ``scale``, ``ratio``, ``hflip``, ``vflip``,
+``color_jitter``, ``train_interpolation``) are taken under their own names (timm's ``''``
+interpolation: the model's). ``pretrained: true`` is taken too, but a file never starts a
+download: the weights must be in the Hugging Face cache (or ``--pretrained`` given on the
+command line). Its other options are
 ignored: those that would change the trained weights and hold a value other than the one a run
 here behaves as (timm's default, mostly) are named in one notice line, so nothing of the recipe
 is dropped unseen; unknown keys are named too, since timm's own reader ignores them. A file is
 timm's when it names an option that only timm's ``train.py`` has.
 
-The timm names and defaults below are those of timm 1.0's ``train.py``. Two differences hold at
-timm's defaults: the training resize uses the model's interpolation (timm's ``train_interpolation``
-is ``random``), and the device comes from ``--device`` (auto), not the file. ``amp: true`` is
+The timm names and defaults below are those of timm 1.0's ``train.py``. One difference holds at
+timm's defaults: the device comes from ``--device`` (auto), not the file. ``amp: true`` is
 taken as this tool's default (bfloat16 autocast with CUDA, none on CPU, where it is slow).
 """
 
@@ -29,10 +33,12 @@ from .options import ALIASES, FIELDS, canonical, validate
 
 MAX_BYTES = 1 << 20
 #: How a --config file is read: the bounded reader recipes use (regular files only, no blocking
-#: read, a size cap, nesting and alias limits); an options file is flat, so the limits are low.
+#: read, a size cap, nesting and alias limits). An options file is flat; every value takes two
+#: bytes or more, so only aliases can take one past the node limit (a long list, e.g. --mean
+#: with 100000 values, is left to the option's own check, which names it).
 RULES = YamlRules(label="--config", noun="an options file", error=SbnSurgeryError,
                   shape_hint="an options file maps option names to values. Flatten it.",
-                  max_bytes=MAX_BYTES, max_depth=16, max_nodes=10_000)
+                  max_bytes=MAX_BYTES, max_depth=16, max_nodes=MAX_BYTES // 2 + 1)
 
 #: timm options that only say how or where timm ran, or what it logged: nothing of the weights.
 TIMM_NO_EFFECT = frozenset({
@@ -50,8 +56,7 @@ TIMM_NO_EFFECT = frozenset({
 #: float16, which matters only with ``amp``). Another value is named in the notice.
 TIMM_DEFAULTS: dict[str, Any] = {
     # model
-    "pretrained": False, "gp": None, "crop_pct": None, "mean": None, "std": None,
-    "interpolation": "", "bn_momentum": None, "bn_eps": None, "drop_block": None,
+    "gp": None, "bn_momentum": None, "bn_eps": None, "drop_block": None,
     "drop_connect": None, "head_init_scale": None, "head_init_bias": None, "class_map": "",
     "model_dtype": None,
     # optimizer and schedule
@@ -59,11 +64,10 @@ TIMM_DEFAULTS: dict[str, Any] = {
     "lr_noise_std": 1.0, "lr_cycle_mul": 1.0, "lr_cycle_decay": 0.5, "lr_cycle_limit": 1,
     "lr_k_decay": 1.0, "warmup_prefix": False, "epoch_repeats": 0.0, "start_epoch": None,
     # data, augmentation and loss
-    "no_aug": False, "scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "hflip": 0.5, "vflip": 0.0,
-    "color_jitter": 0.4, "aug_repeats": 0, "aug_splits": 0, "jsd_loss": False,
+    "no_aug": False, "aug_repeats": 0, "aug_splits": 0, "jsd_loss": False,
     "bce_loss": False, "bce_target_thresh": None, "bce_sum": False, "bce_pos_weight": None,
     "remode": "pixel", "recount": 1, "resplit": False, "cutmix_minmax": None,
-    "mixup_off_epoch": 0, "train_interpolation": "random", "split_bn": False,
+    "mixup_off_epoch": 0, "split_bn": False,
     "train_num_samples": None, "val_num_samples": None, "input_img_mode": None,
     "input_key": None, "target_key": None,
     # evaluation and precision
@@ -158,8 +162,12 @@ def _from_timm(raw: dict[str, Any], where: str,
         del out["amp"]
     out["data"] = out.get("data") or raw.get("data_dir")
     out["checkpoint"] = out.get("checkpoint") or raw.get("initial_checkpoint") or None
+    if out["checkpoint"] and out.get("pretrained"):  # timm loads it over the pretrained weights
+        del out["pretrained"]
     if raw.get("sync_bn") and out.get("sync_stats") is None:
         out["sync_stats"] = True
+    if out.get("interpolation") == "":  # timm's "the model's"
+        del out["interpolation"]
     if raw.get("torchcompile") and out.get("compile") is None:
         out["compile"] = True
     if out.get("input_size") is None and raw.get("img_size"):
@@ -186,9 +194,7 @@ def _from_timm(raw: dict[str, Any], where: str,
             parts.append("ignored (no equivalent here): " + ", ".join(dropped))
         if unknown:
             parts.append("ignored: " + _keys_text(unknown, lines, "unknown key"))
-        hint = (" pretrained weights are never downloaded: give them with --checkpoint FILE."
-                if raw.get("pretrained") else "")
-        notes.append(f"{where}read as timm train.py options; " + "; ".join(parts) + "." + hint)
+        notes.append(f"{where}read as timm train.py options; " + "; ".join(parts) + ".")
     return {k: v for k, v in out.items() if v is not None}, notes
 
 

@@ -1,7 +1,13 @@
 """The model, its data config and its optimizer for a fine-tuning run.
 
 * A timm name is converted first (``sbn_surgery.convert`` with ``--recipe``, by default the
-  shipped recipe for its family; SBN statistics calibrated on the run's own training images); a converted checkpoint is loaded as it is (``load_converted``).
+  shipped recipe for its family, and the weights of ``--checkpoint`` or ``--pretrained``; SBN
+  statistics calibrated on the run's own training images); a converted checkpoint is loaded as
+  it is (``load_converted``).
+* Images are preprocessed as the weights expect (their ``pretrained_cfg``: mean, std,
+  interpolation, crop), unless timm's flags (``--mean``, ``--std``, ...) say otherwise; what the
+  run used is recorded in the checkpoints' metadata (:func:`record_preprocessing`), with the
+  data's class names.
   The classifier is reset (timm ``reset_classifier``) when its class count differs from the data.
 * ``--train all|norm|sbn``: which parameters train. The classifier always trains: after a head
   reset it is random, and a frozen random head cannot learn anything.
@@ -17,6 +23,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..data import Dataset, calibration_batches, data_config_for, default_input_size
+from ..data.transforms import EVAL_FLAGS
 from ..errors import CheckpointError, SbnSurgeryError
 from ..layers import SpectralBatchNorm2d
 from .options import RunOptions
@@ -72,9 +79,16 @@ def is_checkpoint_path(spec: Union[str, Path]) -> bool:
     return s.endswith(".safetensors") or Path(s).is_file()
 
 
+def eval_flags(opts: RunOptions) -> dict[str, Any]:
+    """timm's eval flags the run was given (mean, std, interpolation, crop_pct, crop_mode)."""
+    return {k: getattr(opts, k) for k in EVAL_FLAGS if getattr(opts, k) is not None}
+
+
 def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset,
-                progress=None) -> tuple[nn.Module, dict]:
-    """(model with ``sbn_meta`` and a head for ``ds``, timm data config for it)."""
+                progress=None, download: bool = True) -> tuple[nn.Module, dict]:
+    """(model with ``sbn_meta`` and a head for ``ds``, timm data config for it). ``download``:
+    whether ``--pretrained``/``hf-hub:`` weights may be downloaded (not when only a --config
+    file asks for them)."""
     from ..checkpoint import load_converted
     from ..convert import convert
     from ..models import create_model
@@ -97,6 +111,7 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         given = [name for name, value in (("--recipe", opts.recipe),
                                           ("--checkpoint", opts.checkpoint),
                                           ("--checkpoint-key", opts.checkpoint_key),
+                                          ("--pretrained", opts.pretrained),
                                           ("--num-classes", opts.num_classes),
                                           ("--model-kwargs", opts.model_kwargs),
                                           ("--drop", opts.drop),
@@ -113,19 +128,43 @@ def build_model(spec: Union[str, Path, nn.Module], opts: RunOptions, ds: Dataset
         kwargs = model_kwargs_of(opts.model_kwargs, opts.drop, opts.drop_path)
         in_chans = _in_chans(kwargs)
         n_cls = opts.num_classes or ds.num_classes
-        probe = create_model(str(spec), num_classes=n_cls, model_kwargs=kwargs)
+        weights = dict(checkpoint=opts.checkpoint, pretrained=bool(opts.pretrained),
+                       download=download)
+        probe = create_model(str(spec), num_classes=n_cls, model_kwargs=kwargs,
+                             with_weights=False, **weights)  # the weights' preprocessing
         size = _input_size(opts, ds, probe, in_chans)
-        cfg = data_config_for(probe, size, in_chans)
+        cfg = data_config_for(probe, size, in_chans, eval_flags(opts))
         del probe
         calib = calibration_batches(ds, cfg, min(opts.batch_size, 32), CALIBRATION_BATCHES,
                                     subset=opts.subset)
         recipe = opts.recipe or recipe_for_model(str(spec))
-        model, _ = convert(str(spec), recipe, checkpoint=opts.checkpoint,
-                           checkpoint_key=opts.checkpoint_key,
+        model, _ = convert(str(spec), recipe, checkpoint_key=opts.checkpoint_key,
                            num_classes=n_cls, model_kwargs=kwargs, calibration=calib,
-                           input_size=size, progress=progress, force=bool(opts.force))
+                           input_size=size, progress=progress, force=bool(opts.force),
+                           **weights)
     reset_head(model, ds.num_classes)
-    return model, data_config_for(model, size, in_chans)
+    return model, data_config_for(model, size, in_chans, eval_flags(opts))
+
+
+def record_preprocessing(model: nn.Module, cfg: dict, classes: list[str]) -> None:
+    """Store in ``model.sbn_meta["pretrained_cfg"]`` what the run feeds the model: timm's eval
+    data config ``cfg`` and the data's class names (kept only within the metadata's bounds), so
+    the checkpoints say how to preprocess images for them and what each output is."""
+    from ..pretrained_cfg import check_cfg
+
+    meta = getattr(model, "sbn_meta", None)
+    if not isinstance(meta, dict):
+        return
+    kept: dict[str, Any] = {k: list(cfg[k]) if isinstance(cfg[k], (tuple, list)) else cfg[k]
+                            for k in ("input_size", *EVAL_FLAGS) if cfg.get(k) is not None}
+    kept["num_classes"] = int(getattr(model, "num_classes", len(classes)))
+    if len(classes) == kept["num_classes"]:
+        kept["label_names"] = [str(c) for c in classes]
+    try:
+        meta["pretrained_cfg"] = check_cfg(kept)
+    except ValueError:  # class names beyond the bounds: the rest still holds
+        kept.pop("label_names", None)
+        meta["pretrained_cfg"] = check_cfg(kept)
 
 
 def reset_head(model: nn.Module, num_classes: int) -> None:

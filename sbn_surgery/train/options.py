@@ -22,9 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, ValidationError, model_validator
 
 from ..errors import SbnSurgeryError
+from .data_options import DataOptions, option, order_fields
 
 TrainMode = Literal["all", "norm", "sbn"]
 SchedName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh"]
@@ -48,17 +49,12 @@ def _family(opt: str) -> str:
     return "lion" if "lion" in name else "adaptive"
 
 
-def _o(default: Any, help: str, *, kind: str = "run", short: Optional[str] = None,
-       metavar: Optional[str] = None, alias: Optional[str] = None, panel: str = "Run",
-       **constraints: Any) -> Any:
-    """A field: ``None`` until resolved; ``default`` is what :func:`resolve` fills in."""
-    extra = {"default": default, "kind": kind, "short": short, "metavar": metavar,
-             "alias": alias, "panel": panel}
-    return Field(None, description=help, json_schema_extra=extra, **constraints)
+_o = option  # a field: ``None`` until resolved; its ``default`` is what resolve() fills in
 
 
-class RunOptions(BaseModel):
-    """Everything that defines a fine-tuning run, and how it runs. ``None``: not given."""
+class RunOptions(DataOptions):
+    """Everything that defines a fine-tuning run, and how it runs. ``None``: not given. timm's
+    data flags (mean, std, crop, augmentation) are :class:`~.data_options.DataOptions`'."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
                               strict=True, validate_assignment=False)
@@ -88,12 +84,18 @@ class RunOptions(BaseModel):
     force: Optional[bool] = _o(False, "Apply --recipe even where its `models:` patterns do not "
                                "name the model.", panel="Model and data")
     checkpoint: Optional[str] = _o(None, "Trained weights for a timm name (.safetensors, "
-                                   ".pth/.pth.tar, or a snapshot directory); without it training "
-                                   "starts from timm's random init.", short="-c",
-                                   metavar="FILE|DIR", panel="Model and data")
+                                   ".pth/.pth.tar, a snapshot directory, or hf-hub:ORG/NAME "
+                                   "through the Hugging Face cache); without it (or "
+                                   "--pretrained) training starts from timm's random init.",
+                                   short="-c", metavar="FILE|DIR", panel="Model and data")
     checkpoint_key: Optional[str] = _o(None, "Where the weights sit in a --checkpoint that holds "
                                        "more than weights (e.g. state_dict_ema); default: found "
                                        "by timm's rules.", metavar="KEY", panel="Model and data")
+    pretrained: Optional[bool] = _o(False, "Start from timm's pretrained weights for MODEL's tag "
+                                    "(e.g. resnet50.a1_in1k; no tag: timm's default), from the "
+                                    "Hugging Face cache (HF_HOME, HF_HUB_CACHE), downloaded "
+                                    "there once unless HF_HUB_OFFLINE. Given in a --config "
+                                    "file, the cache must hold them.", panel="Model and data")
     num_classes: Optional[int] = _o(None, "Classes of the model as built (e.g. 1000 to load an "
                                     "ImageNet --checkpoint); the head is then reset to the "
                                     "data's class count.", metavar="N", ge=1, le=1_000_000,
@@ -253,10 +255,12 @@ class RunOptions(BaseModel):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
+        """Every option, in the order of FIELDS (args.yaml's order)."""
+        dumped = self.model_dump()
+        return {k: dumped[k] for k in FIELDS}
 
 
-FIELDS = RunOptions.model_fields
+FIELDS = order_fields(RunOptions.model_fields)
 RUN_KEYS = tuple(k for k, f in FIELDS.items() if f.json_schema_extra["kind"] == "run")
 EXEC_KEYS = tuple(k for k, f in FIELDS.items() if f.json_schema_extra["kind"] == "exec")
 DEFAULTS = {k: f.json_schema_extra["default"] for k, f in FIELDS.items()

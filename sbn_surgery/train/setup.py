@@ -16,15 +16,17 @@ import torch
 from torch import nn
 
 from ..data import build_loaders, open_source
+from ..data.transforms import TRAIN_FLAGS
 from ..errors import CheckpointError, SbnSurgeryError
+from ..hub import is_hub_id
 from ..progress import ProgressFn
 from . import distributed as D
 from . import outputs as O
 from .config import load_config
 from .loop import FinetuneResult, _Parts, _Run
-from .model import build_model, select_trainable
+from .model import build_model, record_preprocessing, select_trainable
 from .optim import make_ema
-from .options import ALIASES, FIELDS, RunOptions, resolve
+from .options import ALIASES, DEFAULTS, FIELDS, RunOptions, resolve
 
 
 def finetune(
@@ -139,6 +141,7 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
             how["notify"](f"extending the run in {out} from {state['options']['epochs']} to "
                           f"{opts.epochs} epochs: the learning-rate schedule is recomputed for "
                           f"the new total (recorded as schedule_epochs in {O.METRICS_FILE})")
+        _data_notices(spec, opts, ds, {**(cfg or {}), **options}, state, how["notify"])
     net = spec if isinstance(spec, nn.Module) else opts.model
     if state is not None:
         from ..checkpoint import load_converted
@@ -147,11 +150,14 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         # arm, which load_converted cannot rebuild); a name is rebuilt from last.safetensors
         net = net if isinstance(net, nn.Module) else load_converted(out / O.LAST_FILE)
         net.load_state_dict(state["model"])
-    net, data_config = build_model(net, opts, ds, progress)
+    # a download only when asked for here (an argument, a flag), never by a --config file
+    download = bool(options.get("pretrained")) or is_hub_id(options.get("checkpoint"))
+    net, data_config = build_model(net, opts, ds, progress, download=download)
+    record_preprocessing(net, data_config, ds.classes)  # before the EMA copy is made
     train_loader, val_loader, _ = build_loaders(
         ds, data_config, opts.batch_size, subset=opts.subset, seed=opts.seed,
         workers=opts.workers, distributed=ctx.distributed, augment=opts.augment, aa=opts.aa,
-        reprob=opts.reprob)
+        reprob=opts.reprob, train_flags={k: getattr(opts, k) for k in TRAIN_FLAGS})
     run = _Run(opts, ctx, out, _prepare(net, opts, ctx), train_loader, val_loader, progress)
     if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
         O.write_args(out / O.ARGS_FILE, opts.to_dict())
@@ -159,6 +165,28 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
         run.load(state, extended)
     run.loop()
     return run.result()
+
+
+def _data_notices(spec, opts: RunOptions, ds, given: dict[str, Any], state,
+                  notify: Callable[[str], None]) -> None:
+    """Lines on the weights and data flags the run was given: a name whose tag names
+    pretrained weights that are not loaded; timm's flags for images read from files, set to
+    other than their defaults, on an in-memory source, where they change nothing."""
+    from ..models import random_weights_notice
+    from .model import is_checkpoint_path
+
+    if state is None and isinstance(opts.model, str) and not isinstance(spec, nn.Module) \
+            and not is_checkpoint_path(opts.model):
+        line = random_weights_notice(opts.model, pretrained=bool(opts.pretrained),
+                                     checkpoint=opts.checkpoint)
+        if line:
+            notify(line)
+    idle = [f"--{k.replace('_', '-')}" for k in (*TRAIN_FLAGS, "crop_pct", "crop_mode")
+            if given.get(k) is not None and given[k] != DEFAULTS.get(k)]
+    if ds.kind == "tensor" and idle:
+        notify(f"{', '.join(idle)} shape timm's transforms of images read from files; "
+               f"{ds.name} is held in memory and augmented by shifts (and flips where they keep "
+               "the label), so they change nothing here")
 
 
 def _prepare(net: nn.Module, opts: RunOptions, ctx: D.DistContext) -> _Parts:
