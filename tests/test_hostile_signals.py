@@ -232,3 +232,82 @@ def test_ddp_ranks_agree_on_the_step_a_sigterm_stops_at(tmp_path):
     for rank in range(2):
         _assert_same_weights(torch.load(tmp_path / f"run-resume{rank}.pt", weights_only=True),
                              full)
+
+
+# ============================================================================================
+# DataLoader workers: outlive a SIGTERM while the main process finishes its step, never forever
+# ============================================================================================
+CFG = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0,
+       "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+
+def _loader_workers() -> list[int]:
+    """This process's DataLoader worker processes."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if int(fields.split()[1]) == os.getpid() and name == "pt_data_worker":
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """train/ and val/ of 2 classes x 48 small PNGs: a source read by loader workers (the
+    built-in in-memory sources need none)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(48):
+                Image.fromarray(np.full((8, 8, 3), 40 * i % 256, np.uint8)).save(
+                    root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.timeout(120)
+def test_a_loader_worker_goes_on_serving_after_a_sigterm(image_folder):
+    """As a scheduler signals every process of a job: the worker still makes every batch the
+    main process asks for (more than it had made ahead) until the main process ends it."""
+    from sbn_surgery.data import build_loaders
+
+    train, _, _ = build_loaders(str(image_folder), CFG, 8, workers=1)
+    batches = train.iter_epoch(0)
+    got = [next(batches)]
+    workers = _loader_workers()
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGTERM)
+    got += list(batches)  # 11 more batches; at most 2 were made ahead of the signal
+    assert len(got) == 12
+
+
+#: Leaves a loader iterator with a live worker to the interpreter's exit, where multiprocessing
+#: SIGTERMs its daemonic children and waits for them.
+ABANDONED = """
+import sys
+import sbn_surgery.data.loaders as L
+from sbn_surgery.data import build_loaders
+
+L.WORKER_TERM_GRACE_S = 1.0  # the forked worker inherits it
+cfg = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0,
+       "mean": (0.5,) * 3, "std": (0.5,) * 3}
+train, _, _ = build_loaders(sys.argv[1], cfg, 8, workers=1)
+ITERATOR = train.iter_epoch(0)
+next(ITERATOR)
+KEEP = [ITERATOR]  # never closed
+"""
+
+
+@pytest.mark.timeout(180)
+def test_an_abandoned_loader_does_not_hold_the_process_at_exit(image_folder):
+    res = subprocess.run([sys.executable, "-c", ABANDONED, str(image_folder)],
+                         capture_output=True, text=True, timeout=150, env=_env(),
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr

@@ -228,29 +228,32 @@ class _Run:
             self.progress(desc, self.step, total, info=self._info())
         bad = None
         t0 = time.perf_counter()  # images/s counts loading and the step, not the progress bar
-        for x, y in loader.iter_epoch(self.epoch, start=self.step):
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=self.mem)
-            y = y.to(dev, non_blocking=True)
-            update = (self.step + 1) % self.accum == 0 or self.step + 1 == total
-            logits, y, value = self._forward_backward(x, y, update, total)
-            if update:
-                self._optimizer_step()
-            p["loss_sum"] += value * y.numel()
-            p["correct"] += (logits.argmax(1) == y).sum().item()
-            p["seen"] += y.numel()
-            p["time"] += time.perf_counter() - t0
-            self.step += 1
-            if self.progress:
-                self.progress(desc, self.step, total, info=self._info())
-            if not math.isfinite(value) and bad is None:
-                bad = f"the training loss is {value} at step {self.step} of {total}"
-            # ranks agree once an optimizer step: stop (or fail) only between updates
-            if update and D.any_rank(stop.set or bad is not None, self.ctx):
-                if D.any_rank(bad is not None, self.ctx):
-                    raise self._diverged(bad or "the training loss is not finite on another "
-                                         "process")
-                raise _Interrupt
-            t0 = time.perf_counter()
+        # closed on any way out: the loader's workers end now, not when the exception is
+        # collected (a worker outlives a SIGTERM by a grace period)
+        with contextlib.closing(loader.iter_epoch(self.epoch, start=self.step)) as batches:
+            for x, y in batches:
+                x = x.to(dev, non_blocking=True).contiguous(memory_format=self.mem)
+                y = y.to(dev, non_blocking=True)
+                update = (self.step + 1) % self.accum == 0 or self.step + 1 == total
+                logits, y, value = self._forward_backward(x, y, update, total)
+                if update:
+                    self._optimizer_step()
+                p["loss_sum"] += value * y.numel()
+                p["correct"] += (logits.argmax(1) == y).sum().item()
+                p["seen"] += y.numel()
+                p["time"] += time.perf_counter() - t0
+                self.step += 1
+                if self.progress:
+                    self.progress(desc, self.step, total, info=self._info())
+                if not math.isfinite(value) and bad is None:
+                    bad = f"the training loss is {value} at step {self.step} of {total}"
+                # ranks agree once an optimizer step: stop (or fail) only between updates
+                if update and D.any_rank(stop.set or bad is not None, self.ctx):
+                    if D.any_rank(bad is not None, self.ctx):
+                        raise self._diverged(bad or "the training loss is not finite on another "
+                                             "process")
+                    raise _Interrupt
+                t0 = time.perf_counter()
 
     def _forward_backward(self, x, y, update: bool, total: int):
         """One batch's loss and gradients (added up over --grad-accum-steps batches). With
@@ -365,8 +368,9 @@ class _Run:
         total = len(loader)
         desc = f"{what} {self.epoch + 1}/{self.total_epochs}"
         try:
-            with torch.no_grad():
-                for i, (x, y) in enumerate(loader.iter_epoch(0)):
+            # closed on any way out: its loader workers end now (see _train_epoch)
+            with torch.no_grad(), contextlib.closing(loader.iter_epoch(0)) as batches:
+                for i, (x, y) in enumerate(batches):
                     x = x.to(dev).contiguous(memory_format=self.mem)
                     y = y.to(dev)
                     with self._autocast():
