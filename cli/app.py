@@ -4,6 +4,7 @@ imports torch or timm at its top, so ``--help``, ``recipes`` and ``version`` sta
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import sys
@@ -160,6 +161,18 @@ class _Tail:
         return False
 
 
+#: OS errors that mean a path could not be written (or opened) as the user asked (no space, a
+#: read-only file system, permissions): one line, like a user error, wherever they come from.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                           errno.EPERM})
+
+
+def _error_line(text: str) -> None:
+    # user text (paths, patterns) may hold [brackets], :emoji: codes or newlines: one plain line
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(text.split()))}", highlight=False,
+                      soft_wrap=True, emoji=False)
+
+
 def main() -> None:
     """Console entry point: user errors are one red line and exit code 2. Under torchrun only
     rank 0 speaks: another rank's stderr (its user errors, notices and warnings, which repeat
@@ -181,7 +194,7 @@ def main() -> None:
         code = 1
     finally:
         sys.stderr = real
-    if code not in (None, 0, 2, 130):
+    if code not in (None, 0, 2, 130, 143):  # a bug: not a user error, Ctrl-C or SIGTERM
         real.write(held.text)
     if code not in (None, 0):  # torchrun stops the other ranks when one exits: let rank 0,
         time.sleep(QUIET_RANK_DELAY_S)  # failing on the same input, print its line first
@@ -192,9 +205,15 @@ def _main() -> None:
     try:
         app()
     except SbnSurgeryError as exc:
-        # user text (paths, patterns) may hold [brackets] or newlines: escaped, one line
-        text = escape(" ".join(str(exc).split()))
-        err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+        _error_line(str(exc))
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error_line(f"{where}{exc.strerror or exc} ([Errno {exc.errno}] "
+                    f"{errno.errorcode.get(exc.errno, '?')}); free space there, fix the "
+                    "permissions or choose another path")
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

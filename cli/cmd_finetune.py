@@ -85,7 +85,7 @@ def finetune(
     if stopped is not None:  # after the progress bar is closed, so the message is the last line
         if main_rank:
             _print_interrupted(stopped)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + stopped.signum)  # 130 Ctrl-C, 143 SIGTERM
     if not main_rank:
         return
     if json_out:

@@ -83,7 +83,7 @@ def study(
         if main_rank:
             err_console.print(f"[yellow]interrupted[/] in {stopped.output}; run the same "
                               "command again to continue the study", highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + stopped.signum)  # 130 Ctrl-C, 143 SIGTERM
     if not main_rank:
         return
     if json_out:

@@ -13,7 +13,10 @@ model's timm ``pretrained_cfg`` (so timm's ``resolve_data_config(model=...)`` gi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -22,6 +25,7 @@ from torch import nn
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from .alloc import AllocationBudget
 from .files import atomic_write
 from .errors import CheckpointError, SbnSurgeryError
 from .models import check_model_kwargs, create_model, load_weights
@@ -29,6 +33,7 @@ from .pretrained_cfg import EVAL_KEYS, PretrainedCfg
 from .recipe import Recipe
 from .surgery import apply_recipe
 from .weights import load_safetensors, safetensors_shapes
+from .yamlfile import key_text
 
 __all__ = ["save_converted", "load_converted", "read_checkpoint_metadata", "read_metadata",
            "is_converted", "atomic_write", "read_data_config", "data_config_of_meta",
@@ -45,6 +50,7 @@ MAX_RECIPE_CHARS = 256 * 1024
 _Scalar = Union[bool, int, float, str, None]
 #: A timm create_model argument: a scalar or a (nested, short) list of scalars, never a mapping.
 _KwargValue = Union[_Scalar, list[Union[_Scalar, list[_Scalar]]]]
+_ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _meta_of(model: nn.Module) -> dict[str, Any]:
@@ -102,6 +108,16 @@ class ConvertedMeta(BaseModel):
     #: the weights' preprocessing (bounded, unknown keys dropped; nothing in it names a source)
     pretrained_cfg: Optional[PretrainedCfg] = None
 
+    @field_validator("model_kwargs", mode="before")
+    @classmethod
+    def _argument_names(cls, v):
+        """A create_model argument is a Python name; any other key is refused without being
+        repeated (the file may hold anything, and the message may reach a log)."""
+        if isinstance(v, dict) and not all(isinstance(k, str) and _ARG_NAME.fullmatch(k)
+                                           for k in v):
+            raise ValueError("has a key that is not a Python argument name")
+        return v
+
     @field_validator("input_size")
     @classmethod
     def _size(cls, v):
@@ -112,7 +128,8 @@ class ConvertedMeta(BaseModel):
 
 def _meta_error(path: Path, exc: ValidationError) -> CheckpointError:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "metadata"
+    where = ".".join(str(p) if isinstance(p, int) or key_text(p) else "?"
+                     for p in err["loc"]) or "metadata"
     return CheckpointError(f"{path}: metadata field {where!r} is invalid: {err['msg']}"
                            f"{f' ({len(exc.errors())} problems)' if len(exc.errors()) > 1 else ''}; "
                            "the file was edited or damaged, convert the original weights again")
@@ -199,9 +216,11 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 read_metadata = read_checkpoint_metadata
 
 
-def _build(meta: dict[str, Any], recipe: Recipe) -> nn.Module:
-    model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
-                         model_kwargs=meta.get("model_kwargs") or {})  # no weights: the file's
+def _build(meta: dict[str, Any], recipe: Recipe, budget: Optional[AllocationBudget] = None
+           ) -> nn.Module:
+    with budget if budget is not None else contextlib.nullcontext():
+        model = create_model(meta["model_name"], num_classes=meta.get("num_classes"),
+                             model_kwargs=meta.get("model_kwargs") or {})  # no weights: the file's
     if meta.get("pretrained_cfg") and isinstance(getattr(model, "pretrained_cfg", None), dict):
         model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v
                                      for k, v in meta["pretrained_cfg"].items()})
@@ -210,13 +229,35 @@ def _build(meta: dict[str, Any], recipe: Recipe) -> nn.Module:
     return model
 
 
+def _size_budget(path: Path, meta: dict[str, Any],
+                 shapes: dict[str, tuple[int, ...]]) -> AllocationBudget:
+    """What building the model that ``meta`` describes may allocate: twice the elements of the
+    file's tensors, plus 16 M for what a build makes and drops. Any kwarg that would make the
+    model larger (``stem_width=2**40``) is refused at the first allocation past it, on the meta
+    device or a real one, before that allocation; a model timm cannot build on the meta device
+    is still bounded."""
+    held = sum(math.prod(shape) for shape in shapes.values())
+    limit = 2 * held + (1 << 24)
+
+    def refuse(total: int) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: its metadata describes a model ({meta['model_name']}, "
+            f"{meta.get('num_classes')} classes, with its model_kwargs) that does not fit its "
+            f"tensors: building it asks for more than {total:,} tensor elements, the file holds "
+            f"{held:,}; refused before allocating. The metadata was edited or the file damaged: "
+            "convert the original weights again")
+
+    return AllocationBudget(limit, refuse)
+
+
 def _check_shapes(path: Path, meta: dict[str, Any], recipe: Recipe,
                   shapes: dict[str, tuple[int, ...]]) -> None:
     """Build the described model on the meta device (nothing allocated) and compare its
     state_dict with the file's header; a mismatch is refused before the real build."""
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in _build(meta, recipe).state_dict().items()}
+            model = _build(meta, recipe, _size_budget(path, meta, shapes))
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except SbnSurgeryError:
         raise
     except Exception:  # noqa: BLE001 - a model timm cannot build on meta: the schema bounds hold
@@ -244,7 +285,7 @@ def load_converted(path: str | Path, *, map_location: str | torch.device = "cpu"
     meta, shapes = _read(path)
     recipe = Recipe.from_yaml_text(meta["recipe"], source=f"{path} (embedded recipe)")
     _check_shapes(path, meta, recipe, shapes)
-    model = _build(meta, recipe)
+    model = _build(meta, recipe, _size_budget(path, meta, shapes))
     load_weights(model, load_safetensors(path), source=str(path))
     model.to(map_location)
     model.sbn_meta = {k: v for k, v in meta.items() if k not in ("format",)}

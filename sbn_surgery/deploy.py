@@ -11,7 +11,6 @@ import copy
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ExportError
+from .files import staging_dir, write_error
 from .export import DEFAULT_OPSET, EXPORT_STEPS, ExportResult, check_export_options, write_onnx
 from .export.exporter import WRITE_STEPS
 from .parity import ParityFailed, ParityReport, check_parity
@@ -80,8 +80,8 @@ def export_onnx(
         result = write_onnx(model, plan, plan.path, layout=layout, progress=progress)
         _step(progress, EXPORT_STEPS, "done")
         return result
-    staging = _staging_path(plan.path)  # checked there; moved to the path only once it passes
-    try:
+    with staging_dir(plan.path) as folder:  # checked there; moved to the path once it passes
+        staging = folder / plan.path.name
         result = write_onnx(model, plan, staging, layout=layout, progress=progress)
         _step(progress, WRITE_STEPS, "parity")
         result.parity = check_parity(staging, _float_cpu(model), images=images, rtol=rtol,
@@ -90,7 +90,7 @@ def export_onnx(
         if _only_other_size_failed(result, dynamic_size):
             # the symbolic-size graph only holds at the export size (e.g. adaptive pooling
             # written for one size): write a fixed-size file instead, and say so
-            shutil.rmtree(staging.parent, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
             fixed = export_onnx(model, plan.path, mode, opset, plan.size, dynamic_batch,
                                 dynamic_size=False, batch_size=batch_size, layout=layout,
                                 parity=True, images=images, rtol=rtol, min_top1=min_top1,
@@ -100,8 +100,6 @@ def export_onnx(
         if not result.parity.passed:
             raise ParityFailed(result.parity, _keep_failed(staging, plan.path), target=plan.path)
         _publish(staging, plan.path)
-    finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
     _step(progress, EXPORT_STEPS, "done")
     return result
 
@@ -143,19 +141,15 @@ def _fixed_size_note(report: ParityReport) -> str:
             "fixed spatial size")
 
 
-def _staging_path(path: Path) -> Path:
-    """``path``'s name in a fresh hidden folder beside it (same file system, so the move is a
-    rename; an external-data file keeps the name its ``.onnx`` refers to)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".parity", dir=path.parent)) / path.name
-
-
 def _publish(staging: Path, path: Path) -> None:
     """Move a file that passed parity (and its external data, if any) to ``path``."""
     data = staging.with_name(staging.name + ".data")
-    if data.exists():
-        os.replace(data, path.with_name(path.name + ".data"))
-    os.replace(staging, path)
+    try:
+        if data.exists():
+            os.replace(data, path.with_name(path.name + ".data"))
+        os.replace(staging, path)
+    except OSError as exc:  # e.g. a folder made read-only meanwhile
+        raise write_error(path, exc) from None
 
 
 def _keep_failed(staging: Path, path: Path) -> Path:

@@ -44,6 +44,16 @@ class ServingError(SbnSurgeryError):
     for validation or calibration, or a quantized file that misses its accuracy bounds."""
 
 
+class WriteError(SbnSurgeryError, OSError):
+    """A file could not be written (no space, a read-only file system, permissions): ``path``
+    and ``errno`` (None when the cause had no OS error number). Also an OSError, so code that
+    catches those for a failed write still does."""
+
+    def __init__(self, message: str, path=None, errno=None) -> None:
+        super().__init__(message)
+        self.path, self.errno = path, errno
+
+
 def near_names(name: str, candidates, n: int = 5) -> list[str]:
     """Closest candidates to ``name`` (for 'did you mean' hints)."""
     import difflib

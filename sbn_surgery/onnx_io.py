@@ -16,16 +16,20 @@ set, or ``indices`` when none is known).
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 from .errors import ExportError
 
 if TYPE_CHECKING:  # onnx is imported where a file is read: the CLI imports this module to start
     import onnx
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "META_PREFIX", "load_onnx", "read_onnx_metadata", "set_onnx_metadata", "input_dims",
-           "with_extra_outputs", "decode_metadata"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "META_PREFIX", "load_onnx", "check_external_data",
+           "read_onnx_metadata", "set_onnx_metadata", "input_dims", "with_extra_outputs",
+           "decode_metadata"]
 
 #: The opset files are written at unless asked otherwise.
 DEFAULT_OPSET = 20
@@ -38,16 +42,94 @@ _TEXT_KEYS = ("recipe", "model_name", "recipe_name", "mode", "version", "classes
 
 
 def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read an ONNX file, with a clear error when it is missing or not ONNX."""
+    """Read an ONNX file, with a clear error when it is missing or not ONNX. Its external-data
+    locations are checked (:func:`check_external_data`) before any is read, and before
+    onnxruntime is given the file."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"ONNX file {path} not found; write one with `sbn-surgery export`.")
     try:
-        return onnx.load(str(path), load_external_data=load_external_data)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
         raise ExportError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    check_external_data(model, path)
+    if load_external_data:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # noqa: BLE001 - a short or unreadable data file
+            raise ExportError(f"the external data of {path} cannot be read ({type(exc).__name__}"
+                              f": {' '.join(str(exc).split())[:200]})") from None
+    return model
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor in ``model``: initializers (sparse ones too) and attribute tensors, in the
+    main graph, every subgraph and every local function."""
+    graphs = [model.graph]
+    nodes = [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            g = graphs.pop()
+            yield from g.initializer
+            for sparse in g.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            nodes.extend(g.node)
+            continue
+        for attr in nodes.pop().attribute:
+            yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + \
+                    list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            graphs.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+
+
+def _location_problem(location: str, folder: Path) -> Optional[str]:
+    """Why an external-data ``location`` may not be read, or None: it must name a regular file
+    inside ``folder`` (no absolute path, no ``..``, no link that leads out, not a link itself)."""
+    if not location:
+        return "an empty location"
+    parts = location.replace("\\", "/").split("/")
+    if location.startswith(("/", "\\")) or os.path.isabs(location) or re.match(r"[A-Za-z]:", location):
+        return "an absolute path"
+    if ".." in parts:
+        return "a '..' component"
+    base = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(base, location))
+    if os.path.commonpath([base, target]) != base:
+        return "a link that leads outside the model's folder"
+    if os.path.islink(os.path.join(base, location)):  # as onnx itself refuses (1.18 and newer)
+        return "a symbolic link"
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return "a file that does not exist"
+    if not stat.S_ISREG(mode):
+        return "something other than a regular file"
+    return None
+
+
+def check_external_data(model: onnx.ModelProto, path: str | Path) -> None:
+    """Refuse an ONNX file whose tensors keep their data outside the file's folder: an absolute
+    location, a ``..`` component, a symbolic link leading out, or no regular file at all. This
+    tool checks it itself, before onnx or onnxruntime read any of it, whatever their versions
+    check."""
+    import onnx
+
+    path = Path(path)
+    for tensor in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        problem = _location_problem(location, path.parent)
+        if problem:
+            shown = repr(location[:100] + ("..." if len(location) > 100 else ""))
+            raise ExportError(f"{path}: tensor {tensor.name[:60]!r} keeps its data at {shown}, "
+                              f"{problem}; external data must be a file in the model's folder "
+                              f"({path.parent}). Refused before reading it.")
 
 
 def set_onnx_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:

@@ -7,8 +7,6 @@ package data ``sbn_surgery.recipes``.
 
 from __future__ import annotations
 
-import os
-import stat
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import RecipeError, near_names
 from .patterns import check_pattern, match_pattern
+from .yamlfile import YamlRules, key_text, parse_yaml, read_text
 
 __all__ = ["Recipe", "Rule", "SbnOptions", "Expect", "load_recipe", "shipped_recipes",
            "recipe_for_model", "check_fits", "match_pattern"]
@@ -30,6 +29,11 @@ MAX_RECIPE_BYTES = 1 << 20
 #: is about 5 deep and has a few hundred nodes; the limits stop recursion and alias bombs.
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 20_000
+#: How a recipe file is read (:mod:`.yamlfile`, shared with ``--config``).
+RULES = YamlRules(label="recipe file", noun="a recipe", error=RecipeError,
+                  shape_hint="a recipe is a flat mapping of rules. Flatten it.",
+                  max_bytes=MAX_RECIPE_BYTES, max_depth=MAX_YAML_DEPTH,
+                  max_nodes=MAX_YAML_NODES)
 
 
 class _Strict(BaseModel):
@@ -223,60 +227,8 @@ def _node_at(root: yaml.Node, loc: tuple) -> yaml.Node:
     return node
 
 
-def _check_shape(root: Optional[yaml.Node], source: str) -> None:
-    """Refuse YAML nested deeper than :data:`MAX_YAML_DEPTH` or with more than
-    :data:`MAX_YAML_NODES` nodes once aliases are expanded (a "billion laughs" alias bomb), or
-    whose aliases refer to themselves. Iterative, so deep input cannot exhaust the stack."""
-    if root is None:
-        return
-    size: dict[int, int] = {}
-    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
-    open_ids: set[int] = set()
-    while stack:
-        node, depth, done = stack.pop()
-        where = f"{source}:{node.start_mark.line + 1}"
-        if depth > MAX_YAML_DEPTH:
-            raise RecipeError(f"{where}: YAML nested more than {MAX_YAML_DEPTH} levels deep; a "
-                              "recipe is a flat mapping of rules. Flatten it.")
-        kids = [c for pair in node.value for c in (pair if isinstance(pair, tuple) else (pair,))] \
-            if isinstance(node.value, list) else []
-        if done:
-            open_ids.discard(id(node))
-            size[id(node)] = 1 + sum(size[id(c)] for c in kids)
-            if size[id(node)] > MAX_YAML_NODES:
-                raise RecipeError(f"{where}: YAML expands to more than {MAX_YAML_NODES} values "
-                                  "(aliases repeat what they refer to); write the recipe out plainly.")
-            continue
-        if id(node) in size:
-            continue
-        if id(node) in open_ids:
-            raise RecipeError(f"{where}: a YAML alias refers to itself (a recursive structure); "
-                              "remove the alias.")
-        open_ids.add(id(node))
-        stack.append((node, depth, True))
-        stack.extend((c, depth + 1, False) for c in kids if id(c) not in size)
-
-
-def _load_yaml(text: str, source: str) -> tuple[Optional[yaml.Node], Any]:
-    if len(text) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{source}: {len(text)} characters; a recipe has at most "
-                          f"{MAX_RECIPE_BYTES}. Is this the right file?")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_shape(root, source)
-        return root, yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{where}: YAML syntax error: {problem}. Fix the YAML at that line.") from None
-    except RecursionError:
-        raise RecipeError(f"{source}: YAML nested too deeply to parse; a recipe is a flat "
-                          "mapping of rules. Flatten it.") from None
-
-
 def _parse(text: str, source: str) -> Recipe:
-    root, data = _load_yaml(text, source)
+    root, data = parse_yaml(text, source, RULES)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}:1: a recipe is a YAML mapping with 'name' and 'rules'; got "
                           f"{type(data).__name__}")
@@ -288,16 +240,25 @@ def _parse(text: str, source: str) -> Recipe:
             loc = tuple(err["loc"])
             node = _node_at(root, loc) if root is not None else None
             line = f"{node.start_mark.line + 1}" if node is not None else "?"
-            key = ".".join(str(p) for p in loc) or "<root>"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                allowed = _allowed_keys(loc[:-1])
-                msg = f"unknown key {loc[-1]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-            lines.append(f"{source}:{line}: key '{key}': {msg}")
+            lines.append(f"{source}:{line}: {_problem(err, loc)}")
         raise RecipeError("invalid recipe: " + "; ".join(lines)) from None
     recipe._source = source
     recipe._text = text
     return recipe
+
+
+def _problem(err: dict[str, Any], loc: tuple) -> str:
+    """What is wrong at ``loc``. A key is quoted only when it looks like a field name: the file
+    may be any file (e.g. one of passwords), and this line may reach a log or a web page."""
+    if err["type"] != "extra_forbidden":
+        return f"key '{'.'.join(str(p) for p in loc) or '<root>'}': {err['msg']}"
+    allowed = _allowed_keys(loc[:-1])
+    hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+    shown = key_text(loc[-1])
+    if shown:
+        return f"key '{'.'.join(str(p) for p in loc)}': unknown key {shown}{hint}"
+    parent = ".".join(str(p) for p in loc[:-1])
+    return f"a key that is not a field name{f' in {parent!r}' if parent else ''}{hint}"
 
 
 def _allowed_keys(parent_loc: tuple) -> list[str]:
@@ -358,36 +319,13 @@ def load_recipe(spec: Union[str, Path, Recipe]) -> Recipe:
 
 
 def _read_recipe_file(path: Path, shipped: dict) -> str:
-    """The text of a recipe file: a regular file of at most :data:`MAX_RECIPE_BYTES`, UTF-8.
-    A directory, FIFO or device is refused before it is opened (a FIFO would block)."""
+    """The text of a recipe file, read by the bounded reader (:mod:`.yamlfile`): a regular file
+    of at most :data:`MAX_RECIPE_BYTES`, UTF-8, never a blocking read."""
     try:
-        st = os.stat(path)
+        return read_text(path, RULES)
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} not found. Shipped recipes: "
                           f"{', '.join(shipped)}") from None
-    except OSError as exc:
-        raise RecipeError(f"recipe file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise RecipeError(f"recipe file {path} is {kind}; give a .yaml file.")
-    if st.st_size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe file {path} is {st.st_size} bytes; a recipe has at most "
-                          f"{MAX_RECIPE_BYTES}. Is this the right file?")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RECIPE_BYTES + 1)
-    except OSError as exc:
-        raise RecipeError(f"recipe file {path} cannot be read: {exc.strerror}") from None
-    if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe file {path} is over {MAX_RECIPE_BYTES} bytes; a recipe has at "
-                          "most that.")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: "
-                          f"{data[exc.start:exc.start + 1]!r}); a recipe is a UTF-8 YAML file. "
-                          "Save it as UTF-8.") from None
 
 
 def recipe_for_model(model_name: str) -> str:

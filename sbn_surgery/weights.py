@@ -213,12 +213,14 @@ def read_config(path: Path) -> dict[str, Any]:
     arch = data.get("architecture")
     if arch is not None:
         if not isinstance(arch, str) or not arch or len(arch) > 200:
-            raise CheckpointError(f"{config}: 'architecture' is not a model name: {str(arch)[:80]!r}")
+            raise CheckpointError(f"{config}: 'architecture' is not a model name (a string of 1 "
+                                  "to 200 characters); fix or remove it")
         out["architecture"] = arch
     n = data.get("num_classes")
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 10_000_000:
-            raise CheckpointError(f"{config}: 'num_classes' is not a class count: {str(n)[:80]!r}")
+            raise CheckpointError(f"{config}: 'num_classes' is not a class count (an integer "
+                                  "from 0 to 10000000); fix or remove it")
         out["num_classes"] = n
     out["pretrained_cfg"] = _preprocessing(config, data, n)
     return out

@@ -22,13 +22,13 @@ MAX_FUNCTION_LINES = 80
 #: ONNX --parity--> report) reads upwards; docs/architecture.md has the same table.
 LAYERS = {
     # leaf modules: the error types, version, threads, progress callback type, the schema of
-    # the weights' preprocessing
+    # the weights' preprocessing, the allocation budget
     "errors.py": 0, "_version.py": 0, "_threads.py": 0, "_callable.py": 0, "progress.py": 0,
-    "pretrained_cfg.py": 0, "setup_report.py": 0,
+    "pretrained_cfg.py": 0, "setup_report.py": 0, "alloc.py": 0,
     # leaf modules that use the errors: file safety, ONNX file I/O, name patterns, weight files,
-    # the Hugging Face cache, image files without torch
+    # the Hugging Face cache, the bounded YAML reader, image files without torch
     "files.py": 1, "onnx_io.py": 1, "patterns.py": 1, "weights.py": 1, "hub.py": 1,
-    "imaging.py": 1,
+    "yamlfile.py": 1, "imaging.py": 1,
     # the layer, recipes, timm models, data, serving an exported file without torch
     "layers": 2, "recipe.py": 2, "models.py": 2, "data": 2, "serving": 2,
     # --recipe-->

@@ -7,7 +7,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -245,9 +244,9 @@ def test_recipe_alias_bomb_is_refused_quickly(run_cli, converted, guarded):
         f"x{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n" for i in range(1, 9))
     path = _edited(converted, guarded / "bomb.safetensors",
                    recipe=bomb + "name: b\nmodels: [*l8]\nrules: [*l8]\n")
-    start = time.monotonic()
-    one_line_error(_checked(run_cli, guarded, "diagnose", path), "embedded recipe")
-    assert time.monotonic() - start < 30
+    # the alias limit refuses it before anything expands (no clock: the timeout bounds it)
+    one_line_error(_checked(run_cli, guarded, "diagnose", path), "embedded recipe",
+                   "expands to more than")
 
 
 @pytest.mark.timeout(120)

@@ -168,13 +168,43 @@ class Loader:
             return
         loader = torch.utils.data.DataLoader(self._images, batch_sampler=keyed,
                                              num_workers=self.workers,
-                                             persistent_workers=False)
+                                             persistent_workers=False,
+                                             worker_init_fn=_worker_signals)
         try:
             for x, y in loader:
                 yield x, y
         except DataError as exc:  # from a worker, its message carries the worker's traceback
             last = [line for line in str(exc).splitlines() if line.strip()][-1]
             raise DataError(last.split("DataError: ", 1)[-1]) from None
+
+
+#: How long a loader worker goes on after a SIGTERM before it exits on its own (status 0).
+WORKER_TERM_GRACE_S = 30.0
+_leaving = None  # a worker's exit timer, once a SIGTERM started it
+
+
+def _worker_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn
+    """A loader worker leaves Ctrl-C to the main process and outlives a SIGTERM by
+    :data:`WORKER_TERM_GRACE_S`: both reach every process of the group (a terminal, a scheduler
+    preempting the job), and the main process, which stops a run after the step in progress, may
+    still wait for that step's batch; it then ends its workers itself. Should it not (a SIGTERM
+    from it: multiprocessing terminates daemonic children at exit), the worker exits once the
+    grace is over, so no process waits for it forever."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
+
+
+def _exit_after_grace(signum, frame) -> None:  # noqa: ARG001 - a signal handler
+    import os
+    import threading
+
+    global _leaving
+    if _leaving is None:
+        _leaving = threading.Timer(WORKER_TERM_GRACE_S, os._exit, (0,))
+        _leaving.daemon = True
+        _leaving.start()
 
 
 def usable_cpus() -> int:

@@ -110,8 +110,25 @@ def _label(sample: dict, split: WdsSplit, where: str) -> int:
     return label
 
 
+def unsafe_member(name: str) -> bool:
+    """Whether a tar member's name climbs out of the archive: a ``..`` component, or an
+    absolute path (a name such as ``../x.png`` would otherwise make a class named ``..``)."""
+    return name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/")
+
+
+def member_error(name: str, archive: str) -> DataError:
+    """The one line for a tar member whose name climbs out of its archive."""
+    shown = repr(name[:100] + ("..." if len(name) > 100 else ""))
+    return DataError(f"{archive}: the tar member {shown} has a '..' component or an absolute "
+                     "path; member names are relative paths inside the archive (class/image."
+                     "png). Write the archive again from inside its folder")
+
+
 def _to_raw(sample: dict, split: WdsSplit, url: str) -> RawSample:
-    where = f"{sample.get('__key__', '?')} in {url}"
+    key = str(sample.get("__key__", "?"))
+    if unsafe_member(key):
+        raise member_error(key, url)
+    where = f"{key} in {url}"
     for ext in IMAGE_EXTS:
         if ext in sample:
             return where, bytes(sample[ext]), ext, _label(sample, split, where)

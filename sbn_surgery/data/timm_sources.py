@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..errors import DataError
-from .shards import WdsSplit, missing_local, scan_labels
+from .shards import WdsSplit, member_error, missing_local, scan_labels, unsafe_member
 
 __all__ = ["TIMM_DATASETS", "open_timm", "search_split"]
 
@@ -225,6 +225,7 @@ def _open_tar(source: Path, train_split: str, val_split: str) -> dict:
             raise DataError(f"cannot read the tar archive(s) at {root}: {exc or type(exc).__name__}"
                             f"; write them again (tar with one folder per class)") from None
         reader = ds.reader
+        _check_member_names(reader, root)
         splits[role] = ReaderSplit(reader, reader.targets, str(root))
         classes[role] = sorted(reader.class_name_to_idx, key=reader.class_name_to_idx.get)
     if classes["train"] != classes["val"]:
@@ -233,6 +234,16 @@ def _open_tar(source: Path, train_split: str, val_split: str) -> dict:
     _check_labels(splits, len(classes["train"]), str(source))
     return dict(name=str(source), classes=classes["train"], train=splits["train"],
                 val=splits["val"], kind="timm")
+
+
+def _check_member_names(reader: Any, root: Path) -> None:
+    """Refuse a member (an image, or a tar inside the tar) whose name has a ``..`` component
+    or starts with ``/``: timm would make its folder a class (``..``, ``tmp``)."""
+    for sample in reader.samples:
+        for info in (sample[0], sample[2]):  # the image's TarInfo, the inner tar's (or None)
+            name = getattr(info, "name", None)
+            if isinstance(name, str) and unsafe_member(name):
+                raise member_error(name, str(root))
 
 
 def _open_folder(source: Path, train_split: str, val_split: str) -> dict:

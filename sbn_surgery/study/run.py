@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -173,6 +174,7 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
     """
     from ..recipe import recipe_for_model
     from ..train import distributed as D
+    from ..train.outputs import run_lock
     from .report import summarize
 
     unknown = sorted(set(options) - set(RUN_OPTIONS) - set(EXEC_OPTIONS) - set(ALIASES))
@@ -188,8 +190,10 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
     stored = _options(model, str(data), parsed, seeds, seed, options)
     stored["from_study"] = None if source is None else str(source)
     ctx = D.setup(options.get("device"))  # under torchrun: one process group for every run
+    held = contextlib.ExitStack()
     try:
         if ctx.is_main:
+            held.enter_context(run_lock(out, "study"))  # one study at a time in --output
             if not store.check_output(out, stored):
                 store.save_options(out, stored)
         else:
@@ -211,6 +215,7 @@ def study(model: str, data: Union[str, Path], *, arms: Optional[Sequence[str]] =
         growth = {a.dir: _growth(setup, a, out, seed, ctx.is_main) for a in parsed}
         return summarize(out, stored, parsed, records, growth, write=ctx.is_main)
     finally:
+        held.close()
         ctx.close()
 
 

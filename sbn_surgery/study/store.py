@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..files import atomic_write
+from ..files import LOCK_NAME, atomic_write
 from ..errors import SbnSurgeryError
 
 STUDY_FILE = "study.json"
@@ -53,7 +53,7 @@ def check_output(out: Path, options: dict[str, Any]) -> bool:
     if out.exists() and not out.is_dir():
         raise StudyError(f"--output {out} is a file; give a directory for the study")
     if not path.exists():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
             raise StudyError(f"--output {out} holds files but no {STUDY_FILE}: it is not a study "
                              "directory; choose an empty or new directory")
         return False

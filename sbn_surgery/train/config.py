@@ -28,9 +28,17 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import SbnSurgeryError
+from ..yamlfile import YamlRules, key_lines, key_text, read_yaml_file
 from .options import ALIASES, FIELDS, canonical, validate
 
 MAX_BYTES = 1 << 20
+#: How a --config file is read: the bounded reader recipes use (regular files only, no blocking
+#: read, a size cap, nesting and alias limits). An options file is flat; every value takes two
+#: bytes or more, so only aliases can take one past the node limit (a long list, e.g. --mean
+#: with 100000 values, is left to the option's own check, which names it).
+RULES = YamlRules(label="--config", noun="an options file", error=SbnSurgeryError,
+                  shape_hint="an options file maps option names to values. Flatten it.",
+                  max_bytes=MAX_BYTES, max_depth=16, max_nodes=MAX_BYTES // 2 + 1)
 
 #: timm options that only say how or where timm ran, or what it logged: nothing of the weights.
 TIMM_NO_EFFECT = frozenset({
@@ -79,17 +87,18 @@ def load_config(path: Union[str, Path]) -> tuple[dict[str, Any], list[str]]:
     """The options in a YAML file, validated, and the notice lines reading it gave (a timm
     file's ignored options); see the module's docstring."""
     p = Path(path)
-    raw = {str(k): v for k, v in _load_yaml(p).items()}
+    root, values = _load_yaml(p)
+    raw = {str(k): v for k, v in values.items()}
+    lines = key_lines(root)
     where = f"{p}: "
     notes: list[str] = []
     if any(k in TIMM_ONLY for k in raw):
-        raw, notes = _from_timm(raw, where)
+        raw, notes = _from_timm(raw, where, lines)
     unknown = [k for k in raw if k not in FIELDS and k not in ALIASES]
     if unknown:
-        raise SbnSurgeryError(f"{where}unknown option{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(repr(k) for k in unknown)}; the options are the long "
-                              "flags of `sbn-surgery finetune --help`, with _ for -; remove "
-                              "the others")
+        raise SbnSurgeryError(f"{where}{_keys_text(unknown, lines, 'unknown option')}; the "
+                              "options are the long flags of `sbn-surgery finetune --help`, "
+                              "with _ for -; remove the others")
     values = canonical({k: _number(k, v) for k, v in raw.items()}, where)
     validate(values, where)
     return values, notes
@@ -100,28 +109,37 @@ def read_config(path: Union[str, Path]) -> dict[str, Any]:
     return load_config(path)[0]
 
 
-def _load_yaml(p: Path) -> dict[Any, Any]:
-    import yaml
-
+def _load_yaml(p: Path) -> tuple[Any, dict[Any, Any]]:
+    """(root node, mapping) of a --config file, read by the bounded reader recipes use too."""
     try:
-        if p.stat().st_size > MAX_BYTES:
-            raise SbnSurgeryError(f"--config {p} is over 1 MiB; an options file is a few lines")
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SbnSurgeryError(f"--config {p} cannot be read ({exc}); give a YAML file of "
-                              "options, e.g. a run's args.yaml") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise SbnSurgeryError(f"--config {p}{line} is not valid YAML; fix it there") from None
+        _, root, values = read_yaml_file(p, RULES)
+    except FileNotFoundError:
+        raise SbnSurgeryError(f"--config {p} cannot be read (no such file); give a YAML file "
+                              "of options, e.g. a run's args.yaml") from None
     if values is None:
-        return {}
+        return root, {}
     if not isinstance(values, dict):
         raise SbnSurgeryError(f"--config {p} must map option names to values (e.g. `opt: "
                               f"adamw`); it holds a {type(values).__name__}")
-    return values
+    return root, values
+
+
+def _keys_text(keys: list[str], lines: dict[str, int], what: str) -> str:
+    """``keys`` as a message names them: quoted where they look like option names, else only
+    counted, with their lines (a file of secrets must not come back in an error)."""
+    def at(k: str) -> str:
+        return f" (line {lines[k]})" if k in lines else ""
+
+    named = [f"{key_text(k)}{at(k)}" for k in keys if key_text(k)]
+    others = [k for k in keys if not key_text(k)]
+    parts = [f"{what}{'s' if len(named) > 1 else ''} {', '.join(named)}"] if named else []
+    if others:
+        at_lines = sorted({lines[k] for k in others if k in lines})
+        shown = ", ".join(map(str, at_lines[:5])) + (" ..." if len(at_lines) > 5 else "")
+        parts.append(f"{len(others)} key{'s' if len(others) > 1 else ''} that "
+                     f"{'are not option names' if len(others) > 1 else 'is not an option name'}"
+                     + (f" (line{'s' if len(at_lines) > 1 else ''} {shown})" if at_lines else ""))
+    return " and ".join(parts)
 
 
 def _number(key: str, value: Any) -> Any:
@@ -135,7 +153,8 @@ def _number(key: str, value: Any) -> Any:
     return value
 
 
-def _from_timm(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+def _from_timm(raw: dict[str, Any], where: str,
+               lines: dict[str, int]) -> tuple[dict[str, Any], list[str]]:
     """A timm train.py file's options as this tool's, and the notice naming what is dropped."""
     out = {k: v for k, v in raw.items() if k in FIELDS or k in ALIASES}
     out.pop("device", None)  # where timm ran (e.g. cuda:0); here --device, auto by default
@@ -174,8 +193,7 @@ def _from_timm(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[st
         if dropped:
             parts.append("ignored (no equivalent here): " + ", ".join(dropped))
         if unknown:
-            parts.append("unknown to this tool, ignored: " + ", ".join(_short(k, quote=False)
-                                                                    for k in unknown))
+            parts.append("ignored: " + _keys_text(unknown, lines, "unknown key"))
         notes.append(f"{where}read as timm train.py options; " + "; ".join(parts) + ".")
     return {k: v for k, v in out.items() if v is not None}, notes
 

@@ -5,9 +5,11 @@ data order from (seed, epoch) and every batch's augmentation from (seed, epoch, 
 of E epochs therefore equals one stopped after any epoch and resumed, and a run stopped in the
 middle of an epoch resumes at the next batch with the RNG state it had there.
 
-Ctrl-C: the first SIGINT only raises a flag; the loop stops after the batch in progress (on every
-rank at the same batch), writes ``last.safetensors`` and ``state.pt`` and raises
-:class:`TrainingInterrupted`. A second Ctrl-C interrupts at once.
+Ctrl-C and SIGTERM (what SLURM and Kubernetes send before preempting a job): the first only
+raises a flag; the loop stops after the optimizer step in progress, on every rank at the same
+step (the flag is all-reduced once a step), writes ``last.safetensors`` and ``state.pt`` with the
+partial epoch and raises :class:`TrainingInterrupted`; ``--resume`` goes on from there. A second
+signal interrupts at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,18 @@ from . import outputs as O
 from .optim import (clip_gradients, load_scheduler_state, make_criterion, make_mixup, make_optimizer, make_scheduler, scheduler_state,
                     updates_on_steps)
 from .options import RunOptions
+from .stop import StopFlag as _StopFlag
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during fine-tuning, after a resumable state was written (``state_path``)."""
+    """Ctrl-C or SIGTERM during fine-tuning (``signum``), after a resumable state was written
+    into ``output`` (``saved``)."""
 
-    def __init__(self, output: Path, epoch: int, step: int, saved: bool) -> None:
+    def __init__(self, output: Path, epoch: int, step: int, saved: bool,
+                 signum: int = signal.SIGINT) -> None:
         super().__init__(f"interrupted in epoch {epoch + 1} after batch {step}")
         self.output, self.epoch, self.step, self.saved = output, epoch, step, saved
+        self.signum = int(signum)
 
 
 @dataclass
@@ -66,28 +71,6 @@ class FinetuneResult:
         return {"val_top1": self.val_top1, "val_loss": self.val_loss, "epochs": self.epochs,
                 "checkpoint": self.checkpoint, "images_per_s": self.images_per_s,
                 **self.setup.to_json()}
-
-
-class _StopFlag:
-    """SIGINT sets a flag (checked between batches); a second SIGINT raises at once."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old = None
-
-    def _handler(self, signum, frame):  # noqa: ARG002
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 class _Interrupt(Exception):
@@ -203,10 +186,10 @@ class _Run:
 
     # ------------------------------------------------------------------ loop
     def loop(self) -> None:
-        if self.ctx.is_main and self.epoch == 0 and self.step == 0:
-            O.write_metrics(self.out / O.METRICS_FILE, [])
-        with _StopFlag() as stop:
+        with _StopFlag() as stop:  # from here a signal stops the run with its state saved
             self.stop = stop
+            if self.ctx.is_main and self.epoch == 0 and self.step == 0:
+                O.write_metrics(self.out / O.METRICS_FILE, [])
             try:
                 while self.epoch < self.total_epochs:
                     self._train_epoch(stop)
@@ -215,12 +198,14 @@ class _Run:
                 ranks = D.gather_objects(self._rank_state(), self.ctx)
                 D.average_running_stats(self.net, self.ctx)  # the checkpoint holds their mean
                 self.save(ranks)
-                raise TrainingInterrupted(self.out, self.epoch, self.step, True) from None
+                raise TrainingInterrupted(self.out, self.epoch, self.step, True,
+                                          stop.signum) from None
             except KeyboardInterrupt:
                 saved = not self.ctx.distributed  # a lone rank cannot gather the others' state
                 if saved:
                     self.save([self._rank_state()])
-                raise TrainingInterrupted(self.out, self.epoch, self.step, saved) from None
+                raise TrainingInterrupted(self.out, self.epoch, self.step, saved,
+                                          stop.signum) from None
 
     def _autocast(self):
         if not self.amp:
@@ -247,29 +232,32 @@ class _Run:
             self.progress(desc, self.step, total, info=self._info())
         bad = None
         t0 = time.perf_counter()  # images/s counts loading and the step, not the progress bar
-        for x, y in loader.iter_epoch(self.epoch, start=self.step):
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=self.mem)
-            y = y.to(dev, non_blocking=True)
-            update = (self.step + 1) % self.accum == 0 or self.step + 1 == total
-            logits, y, value = self._forward_backward(x, y, update, total)
-            if update:
-                self._optimizer_step()
-            p["loss_sum"] += value * y.numel()
-            p["correct"] += (logits.argmax(1) == y).sum().item()
-            p["seen"] += y.numel()
-            p["time"] += time.perf_counter() - t0
-            self.step += 1
-            if self.progress:
-                self.progress(desc, self.step, total, info=self._info())
-            if not math.isfinite(value) and bad is None:
-                bad = f"the training loss is {value} at step {self.step} of {total}"
-            # ranks agree once an optimizer step: stop (or fail) only between updates
-            if update and D.any_rank(stop.set or bad is not None, self.ctx):
-                if D.any_rank(bad is not None, self.ctx):
-                    raise self._diverged(bad or "the training loss is not finite on another "
-                                         "process")
-                raise _Interrupt
-            t0 = time.perf_counter()
+        # closed on any way out: the loader's workers end now, not when the exception is
+        # collected (a worker outlives a SIGTERM by a grace period)
+        with contextlib.closing(loader.iter_epoch(self.epoch, start=self.step)) as batches:
+            for x, y in batches:
+                x = x.to(dev, non_blocking=True).contiguous(memory_format=self.mem)
+                y = y.to(dev, non_blocking=True)
+                update = (self.step + 1) % self.accum == 0 or self.step + 1 == total
+                logits, y, value = self._forward_backward(x, y, update, total)
+                if update:
+                    self._optimizer_step()
+                p["loss_sum"] += value * y.numel()
+                p["correct"] += (logits.argmax(1) == y).sum().item()
+                p["seen"] += y.numel()
+                p["time"] += time.perf_counter() - t0
+                self.step += 1
+                if self.progress:
+                    self.progress(desc, self.step, total, info=self._info())
+                if not math.isfinite(value) and bad is None:
+                    bad = f"the training loss is {value} at step {self.step} of {total}"
+                # ranks agree once an optimizer step: stop (or fail) only between updates
+                if update and D.any_rank(stop.set or bad is not None, self.ctx):
+                    if D.any_rank(bad is not None, self.ctx):
+                        raise self._diverged(bad or "the training loss is not finite on another "
+                                             "process")
+                    raise _Interrupt
+                t0 = time.perf_counter()
 
     def _forward_backward(self, x, y, update: bool, total: int):
         """One batch's loss and gradients (added up over --grad-accum-steps batches). With
@@ -387,8 +375,9 @@ class _Run:
         total = len(loader)
         desc = f"{what} {self.epoch + 1}/{self.total_epochs}"
         try:
-            with torch.no_grad():
-                for i, (x, y) in enumerate(loader.iter_epoch(0)):
+            # closed on any way out: its loader workers end now (see _train_epoch)
+            with torch.no_grad(), contextlib.closing(loader.iter_epoch(0)) as batches:
+                for i, (x, y) in enumerate(batches):
                     x = x.to(dev).contiguous(memory_format=self.mem)
                     y = y.to(dev)
                     with self._autocast():

@@ -15,24 +15,34 @@
 
 Every file is written to a temporary file in the same directory and moved into place with
 ``os.replace`` (``files.atomic_write``): a crash or Ctrl-C while writing leaves the
-previous file as it was.
+previous file as it was, and the next run there removes what a killed one left.
+
+One run at a time writes into a directory: :func:`run_lock` holds ``.sbn-surgery.lock`` there
+(an advisory lock, which the kernel releases when the process ends, kill -9 included), and a
+second run is refused with one line naming the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import random
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoint import save_converted
-from ..files import atomic_write_bytes
-from ..errors import CheckpointError
+from ..files import (FolderBusy, atomic_write_bytes, cause_text, lock_folder, probe_folder, remove_stale,
+                     unlock_folder)
+from ..errors import CheckpointError, WriteError
 
 STATE_FILE = "state.pt"
 LAST_FILE = "last.safetensors"
@@ -48,6 +58,59 @@ STATE_FORMAT = 2  # 2: timm optimizer and scheduler, EMA; no AMP scaler
 def save_checkpoint(model: nn.Module, path: Path) -> None:
     """A converted checkpoint (``save_converted``'s format; its write is atomic)."""
     save_converted(model, path)
+
+
+# --------------------------------------------------------------------------------------------
+# one run per directory
+# --------------------------------------------------------------------------------------------
+def _describe_holder(holder: dict[str, Any]) -> str:
+    """Who holds a run directory, from its lock file's (checked) record."""
+    if not holder:
+        return "another process (it has not said which)"
+    parts = [f"pid {holder['pid']}" if "pid" in holder else "another process"]
+    if holder.get("host") and holder["host"] != socket.gethostname():
+        parts.append(f"on {holder['host']}")
+    if "started" in holder:
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            parts.append("started " + time.strftime("%Y-%m-%d %H:%M:%S",
+                                                    time.localtime(holder["started"])))
+    text = ", ".join(parts)
+    return text + (f": {holder['command']}" if holder.get("command") else "")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, what: str = "run") -> Iterator[None]:
+    """Hold ``out`` (created if need be) for this process while the block runs: a second run
+    there is refused with one :class:`CheckpointError` naming the first (pid, start time,
+    command). On entry, the temporary files a killed run left there are removed, and the
+    directory is proven to take a file."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--output {out} is a file; give a directory for the {what}")
+    info = {"pid": os.getpid(), "started": time.time(), "host": socket.gethostname(),
+            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}
+    try:
+        fd = lock_folder(out, info)
+    except FolderBusy as busy:
+        raise CheckpointError(
+            f"--output {out} is in use by another run of this tool: "
+            f"{_describe_holder(busy.holder)}. Wait for it to end, or choose another --output"
+        ) from None
+    except WriteError as exc:
+        raise _unwritable(out, exc, what) from None
+    try:
+        remove_stale(out)
+        try:
+            probe_folder(out)
+        except WriteError as exc:
+            raise _unwritable(out, exc, what) from None
+        yield
+    finally:
+        unlock_folder(fd)
+
+
+def _unwritable(out: Path, exc: WriteError, what: str) -> CheckpointError:
+    cause = cause_text(exc.errno) if exc.errno is not None else str(exc)
+    return CheckpointError(f"--output {out} cannot hold the {what}'s files: {cause}")
 
 
 # --------------------------------------------------------------------------------------------

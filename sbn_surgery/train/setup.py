@@ -6,6 +6,7 @@ epoch by epoch is :mod:`.loop`'s.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -70,9 +71,10 @@ def finetune(
     for line in notes:  # e.g. a timm args.yaml's options that have no equivalent here
         say(line)
     try:
-        return _run(model, data, out, ctx, options, cfg,
-                    dict(resume=resume, overwrite=overwrite, keep_state=keep_state,
-                         progress=progress, notify=say, on_epoch=on_epoch))
+        with contextlib.ExitStack() as held:  # the output directory's lock, once taken
+            return _run(model, data, out, ctx, options, cfg,
+                        dict(resume=resume, overwrite=overwrite, keep_state=keep_state,
+                             progress=progress, notify=say, on_epoch=on_epoch, held=held))
     finally:
         ctx.close()
 
@@ -136,8 +138,8 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed % 2**32)
     ds = open_source(opts.data, **_data_kwargs(opts))  # a bad --data fails before --output exists
-    if ctx.is_main:
-        _check_output_dir(out)
+    if ctx.is_main:  # one run at a time in --output; a killed one's temporary files go
+        how["held"].enter_context(O.run_lock(out))
         if opts.sync_stats and not ctx.distributed:
             how["notify"]("--sync-stats synchronizes batch statistics across torchrun's "
                           "processes; this run has one process, so it changes nothing")
@@ -222,17 +224,3 @@ def _prepare(net: nn.Module, opts: RunOptions, ctx: D.DistContext) -> _Parts:
     if opts.compile:
         runner = torch.compile(runner)
     return _Parts(net, runner, amp, mem, ema)
-
-
-def _check_output_dir(out: Path) -> None:
-    """Create --output now and prove it takes a file: not after minutes of model building."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sbn-surgery-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise CheckpointError(
-            f"--output {out} cannot hold the run's files ({exc.strerror or exc}); give a "
-            "directory you can write to"
-        ) from None
