@@ -143,8 +143,8 @@ class Rule(_Strict):
         given = [k for k in ("stages", "deepest_stages", "deepest_fraction")
                  if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"give one of 'stages', 'deepest_stages', 'deepest_fraction', not "
-                             f"{' and '.join(repr(g) for g in given)}")
+            raise ValueError(f"give one of 'stages', 'deepest_stages', 'deepest_fraction' (not "
+                             f"both {' and '.join(repr(g) for g in given)})")
         return self
 
     def label(self, index: int) -> str:

@@ -153,9 +153,11 @@ def _new_sbn(name: str, mod: nn.Module, index: int, rule: Rule, opts, probe: _Pr
         lay = _site_layout(name, mod, rule.position, probe, rule.layout)
     except LayoutError as exc:
         what = "input" if rule.position != "after" else "output"
+        shape = (probe.in_shape if what == "input" else probe.out_shape).get(name)
+        has = f", whose {what} has shape {shape}" if shape is not None else ""
         raise SurgeryError(
-            f"{rule.label(index)} matched {name} ({type(mod).__name__}), whose {what} is no 2-D "
-            f"feature map SBN can take: {exc}. Exclude it from the rule or choose another point."
+            f"{rule.label(index)} matched {name} ({type(mod).__name__}){has}: {exc}. SBN "
+            "needs a 2-D feature map: exclude it from the rule or choose another point."
         ) from None
     frequency = opts.stats == "frequency"
     if frequency and lay.hw is None:

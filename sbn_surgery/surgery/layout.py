@@ -136,7 +136,7 @@ def _four_d(shape: tuple, mod: Optional[nn.Module], hints: GridHints, stated: Op
     as_nchw, as_nhwc = nchw.hw in hints.grids, nhwc.hw in hints.grids
     if as_nchw and as_nhwc:
         raise LayoutError(
-            f"shape {shape} can be NCHW or NHWC (both {nchw.hw[0]}x{nchw.hw[1]} and "
+            f"it can be NCHW or NHWC (both {nchw.hw[0]}x{nchw.hw[1]} and "
             f"{nhwc.hw[0]}x{nhwc.hw[1]} are grids of the model); state it with 'layout: nchw' "
             "or 'layout: nhwc' in the rule")
     return nhwc if as_nhwc else nchw
@@ -151,19 +151,18 @@ def infer_layout(shape: Optional[tuple], mod: Optional[nn.Module], hints: GridHi
         raise LayoutError("it did not run in the probe forward")
     shape = tuple(int(s) for s in shape)
     if len(shape) == 3 and stated is None and _class_axis(mod) == 1:
-        raise LayoutError(f"shape {shape} is a 1-D sequence (N, C, L) of "
-                          f"{type(mod).__name__}, not a 2-D map")
+        raise LayoutError(f"it is a 1-D sequence (N, C, L) of {type(mod).__name__}, not a "
+                          "2-D map")
     if stated == "tokens" or (stated is None and len(shape) == 3):
         if len(shape) != 3:
-            raise LayoutError(f"shape {shape} is not tokens (N, P + H*W, C)")
+            raise LayoutError("it is not tokens (N, P + H*W, C)")
         found = _tokens(shape, hints)
         if found is None:
             raise LayoutError(
-                f"the {shape[1]} tokens of shape {shape} are not P + H*W for a grid of the "
-                f"model (prefix tokens {hints.prefix}, grids {hints.describe()})")
+                f"its {shape[1]} tokens are not P + H*W for a grid of the model (prefix "
+                f"tokens {hints.prefix}, grids {hints.describe()})")
         return found
     if len(shape) != 4:
         raise LayoutError(
-            f"shape {shape} is no 2-D feature map (N, C, H, W), (N, H, W, C) or tokens "
-            "(N, P + H*W, C)")
+            "it is no 2-D feature map: (N, C, H, W), (N, H, W, C) or tokens (N, P + H*W, C)")
     return _four_d(shape, mod, hints, stated, output)
