@@ -32,8 +32,9 @@ state_dict, which keeps ``nn.BatchNorm2d``'s keys.
 
 from .checks import IMPLS, STATS_MODES
 from .functional import spectral_batch_norm
+from .layout import LAYOUTS, channel_shape, from_maps, map_size, to_maps
 from .module import SpectralBatchNorm2d, sync_sbn_stats
 from .spectral import frequency_scale
 
 __all__ = ["SpectralBatchNorm2d", "spectral_batch_norm", "sync_sbn_stats", "frequency_scale",
-           "STATS_MODES", "IMPLS"]
+           "STATS_MODES", "IMPLS", "LAYOUTS", "to_maps", "from_maps", "channel_shape", "map_size"]

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "check_layout", "to_maps", "from_maps"]
+__all__ = ["LAYOUTS", "check_layout", "to_maps", "from_maps", "channel_shape", "map_size"]
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
 
@@ -102,3 +102,23 @@ def from_maps(y: Tensor, layout: str, prefix: Optional[Tensor] = None) -> Tensor
     if prefix is None:
         return out
     return torch.cat([prefix.to(out.dtype), out], dim=1)
+
+
+def channel_shape(layout: str, channels: int) -> tuple[int, ...]:
+    """The shape a per-channel vector takes to broadcast over a tensor in ``layout``."""
+    if layout == "nchw":
+        return (1, channels, 1, 1)
+    return (1, 1, 1, channels) if layout == "nhwc" else (1, 1, channels)
+
+
+def map_size(shape: tuple, layout: str, prefix_tokens: int = 0,
+             grid: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    """(H, W) of the map :func:`to_maps` finds in a tensor of ``shape``."""
+    if layout == "nchw":
+        return int(shape[-2]), int(shape[-1])
+    if layout == "nhwc":
+        return int(shape[1]), int(shape[2])
+    length = int(shape[1]) - prefix_tokens
+    if grid is not None and grid[0] * grid[1] == length:
+        return grid
+    return 1, length

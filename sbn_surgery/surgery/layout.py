@@ -6,8 +6,9 @@ The grids come from the input size and what timm tells about the model: the redu
 map is NCHW or NHWC: a convolution's or norm's output is NCHW and a Linear's channels-last by
 construction; otherwise the axes that hold one of the model's grids say which (NCHW when no
 axis pair is a grid: the reading before layouts existed). A 3-D tensor (N, L, C) is tokens when
-L is P + H*W for one of the grids, with P the model's prefix tokens or none. A recipe rule may
-state the layout (``layout:``); it is then checked the same way.
+L is P + H*W for one of the grids, with P the model's prefix tokens, else none, else the fewest
+of 1 to 8 (a class, distillation or register tokens of a model that does not say how many). A
+recipe rule may state the layout (``layout:``); it is then checked the same way.
 """
 
 from __future__ import annotations
@@ -114,10 +115,15 @@ def _channel_axis(mod: Optional[nn.Module], shape: tuple) -> Optional[int]:
     return None
 
 
+#: Prefix token counts tried after the model's own and none, for models that do not say
+#: (``num_prefix_tokens``): a class token, class + distillation, register tokens.
+_PREFIX_GUESSES = tuple(range(1, 9))
+
+
 def _tokens(shape: tuple, hints: GridHints) -> Optional[MapLayout]:
     length = shape[1]
     grids = ([hints.patch] if hints.patch else []) + hints.grids
-    for p in dict.fromkeys((hints.prefix, 0)):
+    for p in dict.fromkeys((hints.prefix, 0) + _PREFIX_GUESSES):
         for g in grids:
             if length - p == g[0] * g[1] and length - p >= 1:
                 return MapLayout("tokens", int(shape[-1]), g, p)

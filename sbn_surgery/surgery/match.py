@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import SurgeryError, near_names
 from ..recipe import Recipe, Rule
-from .branches import branch_ends
+from .branches import branch_ends, residual_units
 from .layout import GridHints, LayoutError, MapLayout, grid_hints, infer_layout
 from .plan import NORM_ACT, NORMS, _model_name
 
@@ -98,6 +98,10 @@ def _probe(model: nn.Module, input_size: tuple[int, int, int]) -> _Probe:
     infos = getattr(model, "feature_info", None) or []
     infos = getattr(infos, "info", infos)  # timm FeatureInfo objects wrap the list
     stage_ends = [end[i["module"]] for i in infos if isinstance(i, dict) and i.get("module") in end]
+    if not stage_ends:
+        # no timm feature_info: every residual block stands for a stage, as timm lists the
+        # blocks of isotropic models
+        stage_ends = [end[u] for u in residual_units(model) if u in end]
     return _Probe(start, end, in_shape, out_shape, sorted(stage_ends),
                   grid_hints(model, tuple(input_size[1:])))
 
@@ -142,7 +146,7 @@ def _check_stages(rule: Rule, index: int, recipe: Recipe, model: nn.Module, n_st
     where = f"{recipe.source or recipe.name}: {rule.label(index)}"
     if n_stages == 0:
         raise SurgeryError(f"{where} selects by stages, but {_model_name(model)} has no timm "
-                           "feature_info; select by 'paths' instead.")
+                           "feature_info and no repeated blocks; select by 'paths' instead.")
     bad = [s for s in rule.stages or [] if not -n_stages <= s < n_stages]
     if bad:
         raise SurgeryError(
