@@ -10,6 +10,7 @@ from torch import Tensor
 from .checks import (_check_input, _check_train_count, _frequency_impl, _per_channel,
                      _resolve_impl, _same_format, _stat_dtype)
 from .closed import _ChannelSBNTrain, _channel_closed_apply, _channel_train_1x1
+from .lastdim import _channel_last_apply, _ChannelLastSBNTrain
 from .matmul import _frequency_matmul_eval, _frequency_matmul_train
 from .spectral import _channel_fft, _frequency_fft
 from .synced import _group, _sync_over, _synced_train
@@ -97,6 +98,23 @@ def _sbn_forward(x, running_mean, running_var, weight, bias, training, momentum,
     if running_mean is None or running_var is None:
         return y, None, gain
     return y, _update_running(running_mean, running_var, mu, var_b, count, momentum), gain
+
+
+def _sbn_forward_last(x, prefix, running_mean, running_var, weight, bias, training, momentum,
+                      eps):
+    """Channel mode in closed form on (N, P + L, C), channels last (lastdim.py): the output and
+    whether the running statistics took the batch, as :func:`_sbn_forward`."""
+    n, tokens, c = x.shape
+    sd = _stat_dtype(x)
+    weight = _per_channel(weight, c, x.new_empty(0, dtype=sd), 1.0)
+    bias = _per_channel(bias, c, x.new_empty(0, dtype=sd), 0.0)
+    if not training:
+        return _channel_last_apply(x, running_mean, running_var, weight, bias, eps, prefix), None
+    y, mu, var_b = _ChannelLastSBNTrain.apply(x, weight, bias, eps, prefix)
+    if running_mean is None or running_var is None:
+        return y, None
+    count = n * (tokens - prefix)
+    return y, _update_running(running_mean, running_var, mu, var_b, count, momentum)
 
 
 def _sbn_eval(x, running_mean, running_var, weight, bias, eps, stats, path) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .checks import _check_input, _check_momentum, _check_train_count, _resolve_impl
-from .functional import _sbn_forward
+from .functional import _sbn_forward, _sbn_forward_last
+from .synced import _sync_over
 from .layout import check_layout, from_maps, to_maps
 
 __all__ = ["SpectralBatchNorm2d", "sync_sbn_stats"]
@@ -202,36 +203,50 @@ class SpectralBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Every check runs before the module changes: a call that raises leaves it as it was.
-        prefix = None
+        maps, prefix = x, None
         if self.layout != "nchw":
-            x, prefix = to_maps(x, self.layout, self.prefix_tokens, self.grid, self.num_features,
-                                need_grid=self.stats == "frequency")
-        _check_input(x, self.num_features)
+            maps, prefix = to_maps(x, self.layout, self.prefix_tokens, self.grid,
+                                   self.num_features, need_grid=self.stats == "frequency")
+        _check_input(maps, self.num_features)
         _check_momentum(self.momentum)
         use_batch = self.training or not self.track_running_stats
         if use_batch:
-            _check_train_count(x, self.stats)
-        mean, var, fresh = self._running_for(x)
+            _check_train_count(maps, self.stats)
+        mean, var, fresh = self._running_for(maps)
         update = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
         if update and self.momentum is None:
             # Cumulative average over the batches taken so far, this one included; a tensor, so
             # no host sync (num_batches_tracked counts only batches that updated the statistics).
             factor = 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
-        y, took, gain = _sbn_forward(
-            x, mean, var, self.weight, self.bias, use_batch, factor, self.eps, self.stats,
-            self.impl, self.process_group if self.training else None, want_gain=prefix is not None,
-        )
+        group = self.process_group if self.training else None
+        if self._channels_last_closed(maps, use_batch, group):
+            # tokens and NHWC maps in closed form, on the tensor as it lies (lastdim.py)
+            p = self.prefix_tokens if self.layout == "tokens" else 0
+            y, took = _sbn_forward_last(x.flatten(1, -2), p, mean, var, self.weight, self.bias,
+                                        use_batch, factor, self.eps)
+            y = y.view(x.shape)
+        else:
+            y, took, gain = _sbn_forward(maps, mean, var, self.weight, self.bias, use_batch,
+                                         factor, self.eps, self.stats, self.impl, group,
+                                         want_gain=prefix is not None)
+            if self.layout != "nchw":
+                if prefix is not None:
+                    prefix = (prefix.to(gain.dtype) * gain).to(y.dtype)
+                y = from_maps(y, self.layout, prefix)
         if fresh:
             self.running_mean, self.running_var = mean, var
         if update and took is not None:
             self.num_batches_tracked.add_(took.long())
             self.num_batches_skipped.add_((~took).long())
-        if self.layout == "nchw":
-            return y
-        if prefix is not None:
-            prefix = (prefix.to(gain.dtype) * gain).to(y.dtype)
-        return from_maps(y, self.layout, prefix)
+        return y
+
+    def _channels_last_closed(self, maps: Tensor, use_batch: bool, group) -> bool:
+        """Whether a tokens or NHWC map takes the closed form on the tensor as it lies: channel
+        mode, the closed path, more than one pixel, and no statistics pooled across ranks."""
+        return (self.layout != "nchw" and self.stats == "channel"
+                and self.impl in ("auto", "closed") and maps.shape[-1] * maps.shape[-2] > 1
+                and not (use_batch and _sync_over(group)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
