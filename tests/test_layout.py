@@ -239,3 +239,19 @@ def test_nhwc_output_stays_channels_last_without_a_copy_of_the_layout():
     for training in (True, False):
         y = layer.train(training)(x)
         assert y.is_contiguous() and y.shape == x.shape
+
+
+@pytest.mark.parametrize("layout,p", LAYOUTS[1:], ids=IDS[1:])
+def test_half_precision_input_keeps_its_dtype_and_float32_statistics(layout, p):
+    x32, gamma, beta = _data(layout, p, seed=5)
+    x32 = torch.from_numpy(x32).float()
+    ref = _layer(layout, p, "channel", "auto", gamma, beta).float()
+    lay = _layer(layout, p, "channel", "auto", gamma, beta).float()
+    xb = x32.to(torch.bfloat16).requires_grad_(True)
+    y = lay(xb)
+    assert y.dtype == torch.bfloat16 and lay.running_var.dtype == torch.float32
+    y.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+    want = ref(xb.detach().float())  # the same bf16 values, in float32
+    assert torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(lay.running_var, ref.running_var, rtol=1e-5)

@@ -19,6 +19,11 @@ Three paths:
   ``checks.AUTO_MATMUL_MAX_SIDE`` for the measured crossover); synced statistics
   (``sync_sbn_stats``) always take the FFT.
 
+Layouts (``layout=``, ``layout.py``): the map may be NCHW, NHWC (N, H, W, C), or tokens
+(N, P + H*W, C) with P prefix tokens in front of the patch grid. Every layout is a view of the
+NCHW map; channel mode runs the closed form on channels-last tensors as they lie
+(``lastdim.py``). Prefix tokens are left out of the statistics and take the per-channel gain.
+
 Buffers follow ``nn.BatchNorm2d``: ``running_mean``, ``running_var``, ``num_batches_tracked``.
 In channel mode both statistics have shape (C,). In frequency mode ``running_mean`` is the
 batch mean in the *spatial* domain, shape (C, H, W): its DFT is the complex per-frequency mean,
