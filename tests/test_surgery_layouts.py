@@ -137,17 +137,17 @@ def test_a_model_with_no_spatial_map_gets_one_clear_line():
 
 
 def test_tokens_that_lie_on_no_grid_are_refused_naming_the_grids():
-    class Flat(nn.Module):  # a map, then 7 tokens: no grid of a 32x32 input has 7 cells
-        def __init__(self):
+    class Flat(nn.Module):  # a map, then 40 tokens: a 32x32 input's grids have 1024, 256, 64,
+        def __init__(self):  # 16, 4 or 1 cells, none of them 40 minus 0 to 8 prefix tokens
             super().__init__()
             self.conv = nn.Conv2d(3, 3, 1)
             self.fc = nn.Linear(3, 6)
 
         def forward(self, x):
-            return self.fc(self.conv(x).flatten(2)[..., :7].transpose(1, 2)).mean(1)
+            return self.fc(self.conv(x).flatten(2)[..., :40].transpose(1, 2)).mean(1)
 
-    with pytest.raises(SurgeryError, match=r"fc \(Linear\), whose output has shape \(1, 7, 6\): "
-                                           r"its 7 tokens are not P \+ H\*W for a grid"):
+    with pytest.raises(SurgeryError, match=r"fc \(Linear\), whose output has shape \(1, 40, 6\): "
+                                           r"its 40 tokens are not P \+ H\*W for a grid"):
         sbn.apply_recipe(Flat(), Recipe(name="t", rules=[{"paths": ["fc"]}]),
                          input_size=(3, 32, 32))
 
@@ -239,3 +239,15 @@ def test_a_dynamic_img_size_token_model_works_at_another_input_size(stats, tmp_p
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(loaded.eval()(x), model.eval()(x))
     assert [(s.layout, s.prefix_tokens) for s in sbn.find_sbn(loaded)] == [("tokens", 1)] * 6
+
+
+@pytest.mark.parametrize("name,rule,layout,prefix", [
+    ("pit_ti_224", "residual-branch-ends-in-deep-stages", "tokens", 1),  # no num_prefix_tokens
+    ("coat_lite_tiny", "residual-branch-ends-in-deep-stages", "tokens", 1),  # no feature_info
+    ("vgg11", "every-conv-in-deep-stages", "nchw", 0),  # neither BatchNorm nor residual blocks
+])
+def test_default_reaches_models_that_say_less(name, rule, layout, prefix):
+    model = _meta(name)
+    plan = sbn.apply_recipe(model, "default", input_size=(3, 224, 224))
+    assert plan.count >= 1 and {s.rule for s in plan.sites} == {rule}
+    assert {(s.layout, s.prefix_tokens) for s in plan.sites} == {(layout, prefix)}
