@@ -255,3 +255,14 @@ def test_half_precision_input_keeps_its_dtype_and_float32_statistics(layout, p):
     want = ref(xb.detach().float())  # the same bf16 values, in float32
     assert torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2)
     assert torch.allclose(lay.running_var, ref.running_var, rtol=1e-5)
+
+
+def test_a_non_contiguous_nhwc_view_is_taken_as_it_lies():
+    # an NHWC view of an NCHW tensor (strides of neither layout's contiguous form)
+    layer = SpectralBatchNorm2d(C, layout="nhwc").double()
+    ref = SpectralBatchNorm2d(C).double()
+    maps = torch.randn(N, C, H, W, dtype=torch.float64)
+    view = maps[..., ::1].permute(0, 2, 3, 1)[:, :, 1:]  # (N, H, W - 1, C), strided
+    y = layer(view)
+    assert y.shape == view.shape
+    assert torch.allclose(y.permute(0, 3, 1, 2), ref(maps[..., 1:]), atol=1e-13)

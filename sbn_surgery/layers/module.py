@@ -225,7 +225,7 @@ class SpectralBatchNorm2d(nn.Module):
             p = self.prefix_tokens if self.layout == "tokens" else 0
             y, took = _sbn_forward_last(x.flatten(1, -2), p, mean, var, self.weight, self.bias,
                                         use_batch, factor, self.eps)
-            y = y.view(x.shape)
+            y = y.reshape(x.shape)
         else:
             y, took, gain = _sbn_forward(maps, mean, var, self.weight, self.bias, use_batch,
                                          factor, self.eps, self.stats, self.impl, group,
