@@ -1,9 +1,12 @@
-"""onnxruntime CPU latency of ResNet-50 with SBN in each export mode, against the same model
+"""onnxruntime CPU latency of a model with SBN in each export mode, against the same model
 without SBN.
 
-ResNet-50 at 224x224 gets SBN after bn3 of every block in layer3 and layer4 (the shipped
-``resnet`` recipe: 9 layers, channel mode), calibrated on random images with random gamma/beta.
-The model without SBN is the same network with the SBN layers stripped. Each file is exported
+By default ResNet-50 at 224x224 gets SBN after bn3 of every block in layer3 and layer4 (the
+shipped ``resnet`` recipe: 9 layers, channel mode); ``--model vit_small_patch16_224`` gets the
+``vit`` recipe's 6 layers on tokens after mlp.fc2 of blocks 6-11, whose scale folds into fc2
+(``--recipe`` picks another; default: the recipe for the model's family). SBN is calibrated on
+random images with random gamma/beta, BatchNorms get random trained-like parameters. The model
+without SBN is the same network with the SBN layers stripped. Each file is exported
 with parity checked (as `sbn-surgery export` does), then timed with onnxruntime CPU at each
 batch size, alternating with the file without SBN in the same loop; the figure per mode and batch
 is median latency / median latency without SBN. Targets: fold <= 1.05, matmul <= 1.5; dft is
@@ -11,7 +14,8 @@ reported. Two clocks: ``ratio`` is wall-clock latency with onnxruntime's default
 a user sees, but noisy on a shared machine); ``cpu_ratio`` is process CPU time per run with one
 intra-op thread (the work a run costs, robust to other load). Prints one JSON object.
 
-    python benchmarks/export.py [--batches 1 8] [--repeats 15] [--dft-repeats 5] [--threads N]
+    python benchmarks/export.py [--model resnet50] [--recipe NAME] [--batches 1 8]
+                                [--repeats 15] [--dft-repeats 5] [--threads N]
                                 [--modes fold matmul dft matmul:separable] [--out-dir DIR]
 """
 
@@ -31,20 +35,20 @@ import torch
 TARGETS = {"fold": 1.05, "matmul": 1.5}
 
 
-def build(input_size: tuple[int, int, int]):
+def build(name: str, recipe: str, input_size: tuple[int, int, int]):
     import timm
 
     from sbn_surgery import apply_recipe, calibrate, strip_sbn
 
     torch.manual_seed(0)
-    model = timm.create_model("resnet50", pretrained=False, num_classes=1000).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # trained-like norms (timm zero-initializes bn3, which feeds SBN)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5, generator=g)
                 m.bias.normal_(0.0, 0.2, generator=g)
-    plan = apply_recipe(model, "resnet", input_size=input_size)
+    plan = apply_recipe(model, recipe, input_size=input_size)
     calibrate(model, [torch.randn(4, *input_size, generator=g) for _ in range(2)])
     with torch.no_grad():
         for site in plan.sites:
@@ -57,6 +61,8 @@ def build(input_size: tuple[int, int, int]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet50", help="timm model name")
+    ap.add_argument("--recipe", default=None, help="default: the recipe for the model's family")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dft-repeats", type=int, default=5, help="dft mode is slow on CPU")
@@ -72,11 +78,13 @@ def main() -> None:
 
     from sbn_surgery import export_onnx
     from sbn_surgery.parity import bench
+    from sbn_surgery.recipe import recipe_for_model
 
+    recipe = args.recipe or recipe_for_model(args.model)
     size = (3, args.size, args.size)
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    model, plain, plan = build(size)
+    model, plain, plan = build(args.model, recipe, size)
     build_s = time.perf_counter() - t0
     tmp = tempfile.TemporaryDirectory()
     out = Path(args.out_dir or tmp.name)
@@ -85,13 +93,13 @@ def main() -> None:
     exports = {}
     files = {}
     t0 = time.perf_counter()
-    baseline = export_onnx(plain, out / "resnet50-plain.onnx", mode="fold", input_size=size)
+    baseline = export_onnx(plain, out / f"{args.model}-plain.onnx", mode="fold", input_size=size)
     exports["plain"] = {"export_s": round(time.perf_counter() - t0, 1),
                         "parity": baseline.parity.summary()}
     for spec in args.modes:
         mode, _, layout = spec.partition(":")
         t0 = time.perf_counter()
-        res = export_onnx(model, out / f"resnet50-sbn-{spec.replace(':', '-')}.onnx", mode=mode,
+        res = export_onnx(model, out / f"{args.model}-sbn-{spec.replace(':', '-')}.onnx", mode=mode,
                           input_size=size, layout=layout or "auto")
         files[spec] = res.path
         exports[spec] = {"export_s": round(time.perf_counter() - t0, 1),
@@ -121,9 +129,9 @@ def main() -> None:
 
     print(json.dumps({
         "benchmark": "export",
-        "model": "resnet50",
+        "model": args.model,
         "input_size": list(size),
-        "recipe": "resnet",
+        "recipe": recipe,
         "sbn_layers": len(plan.sites),
         "sites": [s.module for s in plan.sites],
         "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",

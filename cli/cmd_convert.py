@@ -44,9 +44,11 @@ def _plan_table(plan, title: str) -> Table:
     table.add_column("channels", justify="right")
     table.add_column("mode")
     table.add_column("position")
+    table.add_column("layout")
     table.add_column("stage", justify="right")
     for i, s in enumerate(plan.sites, 1):
-        table.add_row(str(i), s.module, s.type, str(s.channels), s.stats, s.position,
+        layout = s.layout + (f"+{s.prefix_tokens}" if s.prefix_tokens else "")
+        table.add_row(str(i), s.module, s.type, str(s.channels), s.stats, s.position, layout,
                       "-" if s.stage is None else str(s.stage))
     return table
 

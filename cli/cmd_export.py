@@ -17,8 +17,8 @@ ORDER = 40
 PANEL = "Export"
 MODE_HELP = (
     "How SBN is written. fold (default, deployment): channel mode as elementwise ops, its scale "
-    "folded into the BatchNorm in front where that is exact, any spatial size; frequency mode as "
-    "its per-channel circular filter in matmul form. matmul: the 2-D DFT as constant matrices in "
+    "folded into the BatchNorm, Linear or convolution in front where that is exact, any spatial "
+    "size; frequency mode as its per-channel circular filter in matmul form. matmul: the 2-D DFT as constant matrices in "
     "real arithmetic, for runtimes without a DFT kernel (onnxruntime CUDA, TensorRT); FIXED "
     "spatial size. dft: ONNX DFT nodes, the faithful form; slow on CPU."
 )
@@ -165,7 +165,7 @@ def export(
             "W" if result.dynamic_size else str(result.input_size[2]))
     con.print(f"wrote [cyan]{result.path}[/] ({result.size_bytes / 1e6:.1f} MB): mode "
               f"[bold]{result.mode}[/], opset {result.opset}, input {'x'.join(dims)}, "
-              f"{len(result.sites)} SBN layer(s)" + (f", {folded} folded into their BatchNorm" if folded else ""))
+              f"{len(result.sites)} SBN layer(s)" + (f", {folded} folded into the layer in front" if folded else ""))
     for note in result.notes:
         con.print(f"[yellow]note:[/] {note}")
     _print_parity(result.parity, con, "parity with PyTorch (onnxruntime CPU)")

@@ -92,6 +92,18 @@ class Rule(_Strict):
     #: the N deepest feature stages that hold a module matching the other selectors (the deeper
     #: blocks of a model whose last stages have no such module, e.g. a conv stem before attention)
     deepest_stages: Optional[int] = Field(default=None, ge=1)
+    #: the deepest share of those stages (rounded up): 0.5 takes the deeper half of a ViT's blocks
+    #: whatever its depth (timm lists every block of an isotropic model as a feature stage)
+    deepest_fraction: Optional[float] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    #: only the module that ends each residual branch (surgery/branches.py): the last weighted
+    #: layer of a block, layer scales passed over, whose output is the block's feature map
+    branch_end: bool = False
+    #: applies only when the rules before it matched nothing; then their matching nothing is no
+    #: error (``default``: BatchNorm sites where a model has them, else the branch ends)
+    fallback: bool = False
+    #: how the feature map at the matched point lies: found from the probe forward's shapes when
+    #: not given (layers/layout.py)
+    layout: Optional[Literal["nchw", "nhwc", "tokens"]] = None
     exclude: list[str] = Field(default_factory=list)
     #: keep only the last match (module order) under each parent; an integer N groups by the
     #: ancestor N levels up instead (2 when the norm sits in a conv-norm-act wrapper).
@@ -128,11 +140,15 @@ class Rule(_Strict):
 
     @model_validator(mode="after")
     def _has_selector(self) -> "Rule":
-        if not (self.types or self.paths or self.stages or self.deepest_stages):
-            raise ValueError("a rule needs at least one selector: 'types', 'paths', 'stages' or "
-                             "'deepest_stages'")
-        if self.stages is not None and self.deepest_stages is not None:
-            raise ValueError("give 'stages' or 'deepest_stages', not both")
+        if not (self.types or self.paths or self.stages or self.deepest_stages
+                or self.deepest_fraction or self.branch_end):
+            raise ValueError("a rule needs at least one selector: 'types', 'paths', 'stages', "
+                             "'deepest_stages', 'deepest_fraction' or 'branch_end'")
+        given = [k for k in ("stages", "deepest_stages", "deepest_fraction")
+                 if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of 'stages', 'deepest_stages', 'deepest_fraction' (not "
+                             f"both {' and '.join(repr(g) for g in given)})")
         return self
 
     def label(self, index: int) -> str:
@@ -167,6 +183,14 @@ class Recipe(_Strict):
 
     _models_v = field_validator("models", mode="before")(_as_list)
     _models_re = field_validator("models")(Rule._patterns_compile.__func__)
+
+    @field_validator("rules")
+    @classmethod
+    def _fallback_follows(cls, v: list[Rule]) -> list[Rule]:
+        if v and v[0].fallback:
+            raise ValueError("rule 1 is a fallback ('fallback: true'), but a fallback applies only "
+                             "when the rules before it matched nothing, and none comes before it")
+        return v
 
     @field_validator("sbn", mode="after")
     @classmethod

@@ -44,7 +44,8 @@ def test_inspect_json_matches_spec_and_changes_nothing(run_cli, tmp_path):
     assert data["model"] == "resnet50" and data["count"] == 9
     assert data["params_added"] == 2 * (6 * 1024 + 3 * 2048)
     assert data["sites"][0] == {"module": "layer3.0.bn3.sbn", "type": "BatchNorm2d",
-                                "channels": 1024, "stats": "channel", "position": "after"}
+                                "channels": 1024, "stats": "channel", "position": "after",
+                                "layout": "nchw"}
     assert list(tmp_path.iterdir()) == []
 
 

@@ -75,7 +75,38 @@ CASES = {
     "convnext": ("convnext_atto", {},
                  [f"stages.2.blocks.{i}.conv_dw" for i in range(6)]
                  + [f"stages.3.blocks.{i}.conv_dw" for i in range(2)], _plain),
+    # Families without BatchNorm, their maps in every layout. ViT-Tiny: 12 blocks, each a
+    # feature stage; the deeper half end their MLP branch with mlp.fc2 (tokens, class token)
+    "vit": ("vit_tiny_patch16_224", {"img_size": 64},
+            [f"blocks.{i}.mlp.fc2" for i in range(6, 12)], _plain),
+    # Swin-T: depths (2, 2, 6, 2); the MLP runs on tokens (N, H*W, C)
+    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 112},
+             [f"layers.2.blocks.{i}.mlp.fc2" for i in range(6)]
+             + [f"layers.3.blocks.{i}.mlp.fc2" for i in range(2)], _plain),
+    # NF-ResNet-26: bottlenecks (2, 2, 2, 2), conv3 ends each branch (NCHW)
+    "nfnet": ("nf_resnet26", {}, [f"stages.{s}.{b}.conv3" for s in (2, 3) for b in (0, 1)],
+              _plain),
+    # EdgeNeXt-XX-Small: depths (2, 2, 6, 2); the MLP runs channels-last (N, H, W, C)
+    "edgenext": ("edgenext_xx_small", {},
+                 [f"stages.2.blocks.{i}.mlp.fc2" for i in range(6)]
+                 + [f"stages.3.blocks.{i}.mlp.fc2" for i in range(2)], _plain),
+    # PoolFormer-S12: depths (2, 2, 6, 2); a 1x1-conv MLP on NCHW maps
+    "metaformer": ("poolformer_s12", {},
+                   [f"stages.2.blocks.{i}.mlp.fc2" for i in range(6)]
+                   + [f"stages.3.blocks.{i}.mlp.fc2" for i in range(2)], _plain),
+    # MambaOut-Femto: depths (3, 3, 9, 3), channels-last gated conv blocks ending with fc2
+    "mambaout": ("mambaout_femto", {},
+                 [f"stages.2.blocks.{i}.fc2" for i in range(9)]
+                 + [f"stages.3.blocks.{i}.fc2" for i in range(3)], _plain),
+    # PVT-v2-B0: depths (2, 2, 2, 2); tokens (N, H*W, C)
+    "pvt_v2": ("pvt_v2_b0", {}, [f"stages.{s}.blocks.{b}.mlp.fc2" for s in (2, 3) for b in (0, 1)],
+               _plain),
+    # Mixer-S/16: 8 blocks, each a feature stage; tokens (N, H*W, C)
+    "mlp_mixer": ("mixer_s16_224", {"img_size": 64},
+                  [f"blocks.{i}.mlp_channels.fc2" for i in range(4, 8)], _plain),
 }
+#: input sizes other than SIZE (Swin's window of 7 needs a grid of a multiple of 7)
+SIZES = {"swin": (3, 112, 112)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,14 +133,19 @@ def test_resnet_every_block_puts_sbn_after_the_last_norm_of_all_blocks():
 @pytest.mark.slow
 def test_family_recipe_on_a_small_model(family):
     name, kwargs, targets, site_path = CASES[family]
+    size = SIZES.get(family, SIZE)
     assert recipe_for_model(name) == family
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     randomize_norms(model, torch.Generator().manual_seed(1))
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear) and not head.weight.any():
+        # timm zero-initializes some heads (MLP-Mixer); a trained one is not zero
+        torch.nn.init.normal_(head.weight, std=0.02, generator=torch.Generator().manual_seed(2))
     original = copy.deepcopy(model.state_dict())
     reference = copy.deepcopy(model).eval()
 
-    plan = sbn.apply_recipe(model, family, input_size=SIZE)
+    plan = sbn.apply_recipe(model, family, input_size=size)
 
     # sites are what the recipe says
     assert [s.target for s in plan.sites] == targets
@@ -125,7 +161,7 @@ def test_family_recipe_on_a_small_model(family):
 
     # forward and backward (on a copy: a training step moves the BatchNorm statistics)
     trained = copy.deepcopy(model).train()
-    x = torch.randn(2, *SIZE)
+    x = torch.randn(2, *size)
     trained(x).square().mean().backward()
     for site in plan.sites:
         layer = trained.get_submodule(site.module)
@@ -133,7 +169,7 @@ def test_family_recipe_on_a_small_model(family):
         assert int(layer.num_batches_tracked) == 1
 
     # identity init keeps the eval output
-    sbn.calibrate(model, synthetic_batches(SIZE, 4, 2), passthrough=True)
+    sbn.calibrate(model, synthetic_batches(size, 4, 2), passthrough=True)
     sbn.init_identity(model)
     model.eval()
     with torch.no_grad():
@@ -166,7 +202,15 @@ def test_family_recipe_on_a_small_model(family):
     # same prefixes, other timm modules with other module names: default
     ("resnet33ts", "default"), ("resnet50_clip", "default"), ("resnetv2_50", "default"),
     ("regnetz_b16", "default"), ("cspnext_s", "default"), ("vgg16", "default"),
-    ("mobilenetv4_conv_small", "default"), ("vit_small_patch16_224", "default"),
+    ("mobilenetv4_conv_small", "default"), ("vit_small_patch16_224", "vit"),
+    ("deit_tiny_distilled_patch16_224", "vit"), ("eva02_tiny_patch14_224", "vit"),
+    ("beitv2_base_patch16_224", "vit"), ("vitamin_small_224", "default"),
+    ("swin_tiny_patch4_window7_224", "swin"), ("swinv2_tiny_window8_256", "default"),
+    ("dm_nfnet_f0", "nfnet"), ("nf_regnet_b1", "nfnet"), ("eca_nfnet_l0", "nfnet"),
+    ("edgenext_xx_small", "edgenext"), ("poolformerv2_s12", "metaformer"),
+    ("convformer_s18", "metaformer"), ("caformer_s18", "metaformer"),
+    ("mambaout_femto", "mambaout"), ("pvt_v2_b0", "pvt_v2"), ("mixer_s16_224", "mlp_mixer"),
+    ("resmlp_12_224", "mlp_mixer"), ("gmlp_s16_224", "mlp_mixer"),
     ("regnetz_040_h", "regnet"),
     # GroupNorm variants have no BatchNorm for the family rule to find
     ("efficientnet_b0_gn", "default"), ("regnety_040_sgn", "default"), ("resnet50_gn", "default"),

@@ -13,11 +13,18 @@ from sbn_surgery.layers import SpectralBatchNorm2d, sync_sbn_stats
 
 
 def _data(stats, pixel=False):
+    """pixel: 1x1 maps; "tokens": 2 prefix tokens and the 5x6 map as tokens (N, 2 + 30, C)."""
     g = torch.Generator().manual_seed(0)
-    h, w = (1, 1) if pixel else (5, 6)
+    h, w = (1, 1) if pixel is True else (5, 6)
     x = torch.randn(6, 3, h, w, generator=g, dtype=torch.float64) * 2 + 0.5
     gy = torch.randn(6, 3, h, w, generator=g, dtype=torch.float64)
-    layer = SpectralBatchNorm2d(3, stats=stats, momentum=0.3).double()
+    kw = {}
+    if pixel == "tokens":
+        x = torch.cat([torch.randn(6, 2, 3, generator=g, dtype=torch.float64) * 3,
+                       x.flatten(2).transpose(1, 2)], 1)
+        gy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        kw = {"layout": "tokens", "prefix_tokens": 2, "grid": (h, w)}
+    layer = SpectralBatchNorm2d(3, stats=stats, momentum=0.3, **kw).double()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5, generator=g)
         layer.bias.normal_(generator=g)
@@ -75,8 +82,10 @@ def test_synced_statistics_keep_float32_precision_under_a_large_mean(stats, pixe
 
 
 @pytest.mark.parametrize("stats,pixel", [("channel", False), ("frequency", False),
-                                         ("channel", True)],
-                         ids=["channel", "frequency", "channel-1x1"])
+                                         ("channel", True), ("channel", "tokens"),
+                                         ("frequency", "tokens")],
+                         ids=["channel", "frequency", "channel-1x1", "channel-tokens",
+                              "frequency-tokens"])
 def test_synced_statistics_equal_whole_batch(stats, pixel, tmp_path):
     mp.spawn(_worker, args=(2, stats, pixel, str(tmp_path)), nprocs=2, join=True)
     x, gy, layer = _data(stats, pixel)

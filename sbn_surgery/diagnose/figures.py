@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -46,9 +46,12 @@ def feature_stats(x: Tensor) -> dict[str, Optional[float]]:
 
 
 class _Accumulator:
-    """Running figures of one probe point over several forward calls."""
+    """Running figures of one probe point over several forward calls. ``to_map`` gives the
+    (N, C, H, W) map an output holds (tokens on their grid, NHWC permuted), or None; without it
+    a 4-D output is taken as NCHW."""
 
-    def __init__(self) -> None:
+    def __init__(self, to_map: Optional[Callable[[Tensor], Optional[Tensor]]] = None) -> None:
+        self.to_map = to_map
         self.sumsq = 0.0
         self.count = 0
         self.max_abs = 0.0
@@ -77,8 +80,9 @@ class _Accumulator:
             norm = torch.linalg.vector_norm(xs / peak).item()
             self.sumsq += (norm * peak) ** 2
             self.max_abs = max(self.max_abs, peak)
-        if xs.dim() == 4:
-            share, entropy, maps = spectral_stats(xs)
+        grid = self.to_map(xs) if self.to_map is not None else (xs if xs.dim() == 4 else None)
+        if grid is not None:
+            share, entropy, maps = spectral_stats(grid)
             if maps:
                 self.share_sum += share * maps
                 self.entropy_sum += entropy * maps

@@ -13,6 +13,7 @@ from ..errors import ModelError, SbnSurgeryError
 from ..layers import SpectralBatchNorm2d
 from ..progress import ProgressFn
 from .figures import _Accumulator
+from .maps import MapFinder
 from .probes import _has, probe_points
 from .report import LayerStats, Report
 from .variants import VARIANTS, _check_recipe, make_variant, sbn_count
@@ -107,12 +108,7 @@ def _measure(work: nn.Module, batches: Iterable[Any], *, progress: Optional[Prog
         raise ModelError(f"diagnose: found no probe points in {type(work).__name__}; "
                          f"pass points=[...] with module paths")
 
-    accs = {path: _Accumulator() for path, _, _ in found}
-    handles = []
-    for path, _, _ in found:
-        acc = accs[path]
-        handles.append(work.get_submodule(path).register_forward_hook(
-            lambda _m, _a, out, acc=acc: acc.add(out)))
+    finder, accs, handles = _attach(work, found)
 
     batches = list(batches) if not isinstance(batches, list) else batches
     if not batches:
@@ -130,6 +126,7 @@ def _measure(work: nn.Module, batches: Iterable[Any], *, progress: Optional[Prog
                         f"diagnose: batch {i} has {x.shape[0]} sample; batch statistics need at "
                         f"least 2 (use a larger batch, or norm_stats='running')")
                 input_size = tuple(int(s) for s in x.shape[1:])
+                finder.set_input(input_size[1:])
                 work(x.to(device))
                 samples += int(x.shape[0])
                 if progress is not None:
@@ -138,8 +135,29 @@ def _measure(work: nn.Module, batches: Iterable[Any], *, progress: Optional[Prog
         for h in handles:
             h.remove()
 
-    layers = []
-    notes = []
+    layers, notes = _records(found, accs, finder)
+    return Report(model=model_name, variant=variant, layers=layers,
+                  norm_stats=norm_stats, samples=samples, input_size=input_size,
+                  sbn_layers=sbn_layers, label=label or _label(variant), notes=notes)
+
+
+def _attach(work: nn.Module, found: list[tuple[str, str, str]]):
+    """(map finder, accumulator per probe point, hook handles): a forward hook on each point
+    feeds its output to its accumulator, which takes spectral figures on the map it holds."""
+    finder = MapFinder(work)
+    accs, handles = {}, []
+    for path, _, _ in found:
+        module = work.get_submodule(path)
+        acc = _Accumulator(lambda x, p=path, m=module: finder.view(p, m, x))
+        accs[path] = acc
+        handles.append(module.register_forward_hook(lambda _m, _a, out, acc=acc: acc.add(out)))
+    return finder, accs, handles
+
+
+def _records(found: list[tuple[str, str, str]], accs: dict, finder: MapFinder
+             ) -> tuple[list[LayerStats], list[str]]:
+    """One LayerStats per probe point that ran (depths renumbered), and notes on the others."""
+    layers, notes = [], []
     for depth, (path, kind, stage) in enumerate(found):
         acc = accs[path]
         if acc.count == 0:
@@ -148,12 +166,11 @@ def _measure(work: nn.Module, batches: Iterable[Any], *, progress: Optional[Prog
         if acc.nonfinite:
             notes.append(f"{path} produced inf/nan values")
         layers.append(LayerStats(module=path, depth=depth, kind=kind, stage=stage,
-                                 shape=acc.shape or (), **acc.figures()))
+                                 shape=acc.shape or (), layout=finder.layouts.get(path, ""),
+                                 **acc.figures()))
     for new_depth, rec in enumerate(layers):
         rec.depth = new_depth
-    return Report(model=model_name, variant=variant, layers=layers,
-                  norm_stats=norm_stats, samples=samples, input_size=input_size,
-                  sbn_layers=sbn_layers, label=label or _label(variant), notes=notes)
+    return layers, notes
 
 
 def _label(variant: str) -> str:

@@ -14,7 +14,9 @@ class LayerStats:
     """Figures of one probe point. ``depth`` counts probe points from 0 at the input side;
     ``kind`` is ``block`` (a child of a stage container) or ``feature`` (a feature_info module
     taken whole, e.g. the stem); ``stage`` the feature_info module it belongs to; ``shape`` the
-    output shape without the batch dimension."""
+    output shape without the batch dimension; ``layout`` how the output holds its 2-D map
+    (``nchw``, ``nhwc``, ``tokens``: the spectral figures are taken on the patch grid), "" when
+    it holds none."""
 
     module: str
     depth: int
@@ -25,6 +27,7 @@ class LayerStats:
     kind: str = "block"
     stage: str = ""
     shape: tuple[int, ...] = ()
+    layout: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import SpectralBatchNorm2d, frequency_scale
+from ..layers import SpectralBatchNorm2d, channel_shape, frequency_scale, from_maps, to_maps
 
 __all__ = ["SBNForm", "DftForm", "MatmulForm", "CornerForm", "build_form",
            "frequency_constants", "dense_dft_matrices", "separable_dft_matrices", "MATMUL_LAYOUTS"]
@@ -128,55 +128,95 @@ def separable_dft_matrices(h: int, w: int) -> dict[str, Tensor]:
 # forms
 # --------------------------------------------------------------------------------------------
 class SBNForm(nn.Module):
-    """Base of the export forms; records which layer it stands for."""
+    """Base of the export forms; records which layer it stands for and where its map lies
+    (``map_layout``, ``prefix_tokens``, ``grid``: see ``layers.layout``). The spectral forms work
+    on the NCHW view of the map; prefix tokens are multiplied by ``prefix_gain``."""
 
     form = "?"
 
-    def __init__(self, path: str, stats: str, channels: int) -> None:
+    def __init__(self, path: str, stats: str, channels: int, *, map_layout: str = "nchw",
+                 prefix_tokens: int = 0, grid: Optional[tuple[int, int]] = None,
+                 prefix_gain: Optional[Tensor] = None) -> None:
         super().__init__()
         self.path = path
         self.stats = stats
         self.channels = channels
+        self.map_layout = map_layout
+        self.prefix_tokens = prefix_tokens
+        self.grid = grid
+        if prefix_gain is not None and prefix_tokens:
+            self.register_buffer("prefix_gain", prefix_gain.float().view(1, 1, -1))
+        else:
+            self.prefix_gain = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.map_layout == "nchw":
+            return self._forward_map(x)
+        maps, prefix = to_maps(x, self.map_layout, self.prefix_tokens, self.grid,
+                               need_grid=self.grid is not None)
+        y = self._forward_map(maps)
+        if prefix is not None and self.prefix_gain is not None:
+            prefix = prefix * self.prefix_gain
+        return from_maps(y, self.map_layout, prefix)
+
+    def _forward_map(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"{self.path}, stats={self.stats}, form={self.form}"
+        lay = "" if self.map_layout == "nchw" else f", layout={self.map_layout}"
+        return f"{self.path}, stats={self.stats}, form={self.form}{lay}"
 
 
-def _spatial_root(x: Tensor) -> Tensor | float:
-    """sqrt(H*W) of x: a Python float for concrete sizes, else a graph computation on sizes only
-    (the exporter derives them from the model input's shape), so the result does not read x:
-    a runtime that keeps x in a blocked layout (onnxruntime's NCHWc) need not convert it."""
-    h, w = x.shape[-2:]
-    if isinstance(h, int) and isinstance(w, int):
-        return math.sqrt(h * w)
-    return torch.scalar_tensor(h * w, dtype=x.dtype, device=x.device).sqrt()
+def _root(pixels, x: Tensor) -> Tensor | float:
+    """sqrt(pixels), the pixel count of x's map: a Python float for concrete sizes, else a graph
+    computation on sizes only (the exporter derives them from the model input's shape), so the
+    result does not read x: a runtime that keeps x in a blocked layout (onnxruntime's NCHWc)
+    need not convert it."""
+    if isinstance(pixels, int):
+        return math.sqrt(pixels)
+    return torch.scalar_tensor(pixels, dtype=x.dtype, device=x.device).sqrt()
 
 
 class CornerForm(SBNForm):
-    """Channel mode, elementwise: ``y = x * scale`` (scale omitted when folded into the BatchNorm
-    in front) plus ``sqrt(H*W) * shift`` at pixel (0, 0). Any spatial size.
+    """Channel mode, elementwise: ``y = x * scale`` (scale omitted when folded into the layer in
+    front) plus ``sqrt(H*W) * shift`` at pixel (0, 0), in the map's own layout (no transposes):
+    the first patch token of tokens, whose prefix tokens take the scale and no shift. Any
+    spatial size and token count.
 
-    The one-pixel term is a 1x1 convolution, with the shifts as its constant weights, of a
-    one-channel map per image that holds ``sqrt(H*W)`` at pixel (0, 0) and zeros elsewhere. A
-    runtime that keeps feature maps in a blocked layout (onnxruntime's NCHWc) runs that
-    convolution in its layout and fuses the add into it. The term written as a padded constant
-    map (``Pad``, then ``Add``) made onnxruntime convert every such map out of its layout and
-    back, and run the residual add and its activation unfused (1.03-1.08x a plain ResNet-50)."""
+    On an NCHW map the one-pixel term is a 1x1 convolution, with the shifts as its constant
+    weights, of a one-channel map per image that holds ``sqrt(H*W)`` at pixel (0, 0) and zeros
+    elsewhere. A runtime that keeps feature maps in a blocked layout (onnxruntime's NCHWc) runs
+    that convolution in its layout and fuses the add into it. The term written as a padded
+    constant map (``Pad``, then ``Add``) made onnxruntime convert every such map out of its
+    layout and back, and run the residual add and its activation unfused (1.03-1.08x a plain
+    ResNet-50). Channels-last maps and tokens (MatMul outputs, never blocked) keep the padded
+    constant."""
 
     form = "elementwise"
 
-    def __init__(self, path: str, channels: int, scale: Optional[Tensor], shift: Tensor) -> None:
-        super().__init__(path, "channel", channels)
+    def __init__(self, path: str, channels: int, scale: Optional[Tensor], shift: Tensor, *,
+                 map_layout: str = "nchw", prefix_tokens: int = 0) -> None:
+        super().__init__(path, "channel", channels, map_layout=map_layout,
+                         prefix_tokens=prefix_tokens)
+        shape = channel_shape(map_layout, channels)
         if scale is not None:
-            self.register_buffer("scale", scale.float().view(1, -1, 1, 1))
+            self.register_buffer("scale", scale.float().view(shape))
         else:
             self.scale = None
-        self.register_buffer("shift", shift.float().view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.float().view(shape))
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
         y = x * self.scale if self.scale is not None else x
-        root = x.new_ones((x.shape[0], 1, 1, 1)) * _spatial_root(x)
+        if self.map_layout == "tokens":
+            p, length = self.prefix_tokens, x.shape[1] - self.prefix_tokens
+            corner = self.shift * _root(length, x)
+            return y + F.pad(corner, (0, 0, p, length - 1))
+        if self.map_layout == "nhwc":
+            h, w = x.shape[1:3]
+            corner = self.shift * _root(h * w, x)
+            return y + F.pad(corner, (0, 0, 0, w - 1, 0, h - 1))
+        h, w = x.shape[-2:]
+        root = x.new_ones((x.shape[0], 1, 1, 1)) * _root(h * w, x)
         one_pixel = F.pad(root, (0, w - 1, 0, h - 1))  # (N, 1, H, W): sqrt(H*W) at (0, 0)
         return y + F.conv2d(one_pixel, self.shift.view(-1, 1, 1, 1))
 
@@ -189,8 +229,9 @@ class DftForm(SBNForm):
     form = "dft"
 
     def __init__(self, path: str, stats: str, channels: int, gain: Tensor, const: Tensor,
-                 mean: Optional[Tensor] = None, spatial_size: Optional[tuple[int, int]] = None) -> None:
-        super().__init__(path, stats, channels)
+                 mean: Optional[Tensor] = None, spatial_size: Optional[tuple[int, int]] = None,
+                 **lay) -> None:
+        super().__init__(path, stats, channels, **lay)
         self.spatial_size = spatial_size
         c = channels
         if mean is not None:
@@ -201,7 +242,7 @@ class DftForm(SBNForm):
         pair = torch.stack([const, torch.zeros_like(const)], dim=-1)
         self.register_buffer("const", pair.float().view(c, 1, 1, 2))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward_map(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         if self.mean is not None:
             x = x - self.mean
@@ -226,8 +267,8 @@ class MatmulForm(SBNForm):
 
     def __init__(self, path: str, stats: str, channels: int, spatial_size: tuple[int, int],
                  gain: Tensor, const: Tensor, *, mean: Optional[Tensor] = None,
-                 layout: str = "auto", spatial_constant: bool = False) -> None:
-        super().__init__(path, stats, channels)
+                 layout: str = "auto", spatial_constant: bool = False, **lay) -> None:
+        super().__init__(path, stats, channels, **lay)
         h, w = spatial_size
         if layout not in MATMUL_LAYOUTS:
             raise ValueError(f"layout must be one of {MATMUL_LAYOUTS}; got {layout!r}")
@@ -272,7 +313,7 @@ class MatmulForm(SBNForm):
             return pattern.reshape(c, h * w).float().contiguous()
         return pattern.float().contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward_map(self, x: Tensor) -> Tensor:
         h, w = self.spatial_size
         if tuple(x.shape[-2:]) != (h, w):
             raise ValueError(
@@ -308,23 +349,35 @@ class MatmulForm(SBNForm):
 # --------------------------------------------------------------------------------------------
 def build_form(sbn: SpectralBatchNorm2d, path: str, mode: str, spatial_size: tuple[int, int], *,
                folded: bool = False, layout: str = "auto") -> SBNForm:
-    """The export form of ``sbn`` (eval mode, running statistics) for ``mode``.
+    """The export form of ``sbn`` (eval mode, running statistics) for ``mode``, in the layout
+    of the layer's map (``sbn.layout``).
 
-    ``folded=True`` (channel mode, ``fold``): the caller has multiplied the BatchNorm in front by
+    ``folded=True`` (channel mode, ``fold``): the caller has multiplied the layer in front by
     the scale, so the form keeps only the one-pixel constant.
-    ``spatial_size`` is the (H, W) this layer sees at the export input size; the matmul form and
-    frequency mode are built for it.
+    ``spatial_size`` is the (H, W) of the map this layer sees at the export input size; the
+    matmul form and frequency mode are built for it. ``layout`` is the matmul form's matrix
+    layout (``MATMUL_LAYOUTS``).
     """
     c = sbn.num_features
+    map_layout, prefix = getattr(sbn, "layout", "nchw"), getattr(sbn, "prefix_tokens", 0)
     if sbn.stats == "channel":
         s, k = sbn.channel_constants()
         if mode == "fold":
-            return CornerForm(path, c, None if folded else s, k)
+            return CornerForm(path, c, None if folded else s, k, map_layout=map_layout,
+                              prefix_tokens=prefix)
+        # channel mode is the same on any grid of the same pixel count: a spectral form takes
+        # the tokens' grid only where its matrices are built for one (matmul)
+        lay = dict(map_layout=map_layout, prefix_tokens=prefix, prefix_gain=s,
+                   grid=spatial_size if map_layout == "tokens" and mode == "matmul" else None)
         if mode == "dft":
-            return DftForm(path, "channel", c, s, k)
-        return MatmulForm(path, "channel", c, spatial_size, s, k, layout=layout)
+            return DftForm(path, "channel", c, s, k, **lay)
+        return MatmulForm(path, "channel", c, spatial_size, s, k, layout=layout, **lay)
     m, g, beta = frequency_constants(sbn)
+    w, _ = _affine64(sbn)
+    gain = w / torch.sqrt(sbn.running_var.detach().double().cpu().mean(dim=(1, 2)) + sbn.eps)
+    lay = dict(map_layout=map_layout, prefix_tokens=prefix, prefix_gain=gain,
+               grid=spatial_size if map_layout == "tokens" else None)
     if mode == "dft":
-        return DftForm(path, "frequency", c, g, beta, mean=m, spatial_size=spatial_size)
+        return DftForm(path, "frequency", c, g, beta, mean=m, spatial_size=spatial_size, **lay)
     return MatmulForm(path, "frequency", c, spatial_size, g, beta, mean=m, layout=layout,
-                      spatial_constant=(mode == "fold"))
+                      spatial_constant=(mode == "fold"), **lay)

@@ -1,6 +1,7 @@
 """The export-ready copy of a model: every SBN layer replaced by its export form for a mode,
-channel scales folded into the BatchNorm in front where that is exact, and what was done per
-layer (SiteExport)."""
+channel scales folded into the layer in front where that is exact (an affine BatchNorm, a
+Linear for channels-last maps and tokens, a convolution: ``surgery.plan.fold_kind``), and what
+was done per layer (SiteExport)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..layers import SpectralBatchNorm2d
+from ..layers import SpectralBatchNorm2d, map_size
 from .forms import MATMUL_LAYOUTS, build_form
 
 __all__ = ["MODES", "SiteExport", "prepare_export_model", "export_sites"]
@@ -28,8 +29,10 @@ class SiteExport:
     stats: str
     form: str  # "elementwise" | "matmul" | "dft"
     spatial_size: Optional[tuple[int, int]]  # (H, W) at the export input size
-    folded_into: Optional[str] = None  # BatchNorm whose weight/bias absorbed the channel scale
+    folded_into: Optional[str] = None  # the layer whose weight/bias absorbed the channel scale
     layout: Optional[str] = None  # matmul form: "dense" | "separable"
+    map_layout: str = "nchw"  # where the map lies: "nchw" | "nhwc" | "tokens"
+    prefix_tokens: int = 0
     output: Optional[str] = None  # name of the graph tensor holding the layer's output
     inputs: list[str] = field(default_factory=list)  # tensors entering the layer's nodes
     nodes: int = 0
@@ -59,17 +62,28 @@ def export_sites(model: nn.Module) -> list[_Site]:
     return out
 
 
-def _foldable_bn(model: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
-    """The BatchNorm at ``path`` if scaling its weight and bias is exact in eval mode."""
+def _fold(model: nn.Module, path: Optional[str], layout: str, scale: torch.Tensor) -> bool:
+    """Multiply the output channels of the layer at ``path`` by ``scale`` (float64) where that is
+    exact in eval mode (``fold_kind``); whether it was done."""
+    from ..surgery.plan import fold_kind
+
     if not path:
-        return None
+        return False
     try:
-        bn = model.get_submodule(path)
+        mod = model.get_submodule(path)
     except AttributeError:
-        return None
-    ok = (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine
-          and bn.track_running_stats and bn.running_mean is not None)
-    return bn if ok else None
+        return False
+    kind = fold_kind(mod, layout)
+    if kind is None or (kind == "bn" and not (mod.track_running_stats
+                                              and mod.running_mean is not None)):
+        return False
+    target = mod.gain if kind == "gain" else mod.weight
+    with torch.no_grad():
+        shape = (-1,) + (1,) * (target.dim() - 1)
+        target.copy_((target.double() * scale.to(target.device).view(shape)).to(target.dtype))
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.copy_((mod.bias.double() * scale.to(mod.bias.device)).to(mod.bias.dtype))
+    return True
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -96,12 +110,12 @@ def _check_exportable(model: nn.Module, sites: list[_Site]) -> None:
 
 def _probe_sizes(model: nn.Module, sites: list[_Site], input_size: tuple[int, int, int]
                  ) -> dict[str, tuple[int, int]]:
-    """(H, W) that each SBN layer sees at ``input_size``, from one eval forward."""
+    """(H, W) of the map each SBN layer sees at ``input_size``, from one eval forward."""
     sizes: dict[str, tuple[int, int]] = {}
     handles = []
     for site in sites:
         def hook(mod, args, path=site.module):
-            sizes[path] = tuple(int(d) for d in args[0].shape[-2:])
+            sizes[path] = map_size(tuple(args[0].shape), mod.layout, mod.prefix_tokens, mod.grid)
         handles.append(model.get_submodule(site.module).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -140,20 +154,16 @@ def prepare_export_model(model: nn.Module, mode: str, input_size: tuple[int, int
     for site in sites:
         sbn = work.get_submodule(site.module)
         folded_into = None
-        if mode == "fold" and site.stats == "channel":
-            bn = _foldable_bn(work, site.fold_into)
-            if bn is not None:
-                scale, _ = sbn.channel_constants()
-                with torch.no_grad():
-                    bn.weight.copy_((bn.weight.double() * scale.to(bn.weight.device)).float())
-                    bn.bias.copy_((bn.bias.double() * scale.to(bn.bias.device)).float())
-                folded_into = site.fold_into
+        if mode == "fold" and site.stats == "channel" \
+                and _fold(work, site.fold_into, sbn.layout, sbn.channel_constants()[0]):
+            folded_into = site.fold_into
         form = build_form(sbn, site.module, mode, sizes[site.module], folded=folded_into is not None,
                           layout=layout)
         _replace(work, site.module, form)
         records.append(SiteExport(
             module=site.module, stats=site.stats, form=form.form, spatial_size=sizes[site.module],
-            folded_into=folded_into, layout=getattr(form, "layout", None)))
+            folded_into=folded_into, layout=getattr(form, "layout", None),
+            map_layout=sbn.layout, prefix_tokens=sbn.prefix_tokens))
     return work, records
 
 

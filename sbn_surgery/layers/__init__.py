@@ -19,6 +19,11 @@ Three paths:
   ``checks.AUTO_MATMUL_MAX_SIDE`` for the measured crossover); synced statistics
   (``sync_sbn_stats``) always take the FFT.
 
+Layouts (``layout=``, ``layout.py``): the map may be NCHW, NHWC (N, H, W, C), or tokens
+(N, P + H*W, C) with P prefix tokens in front of the patch grid. Every layout is a view of the
+NCHW map; channel mode runs the closed form on channels-last tensors as they lie
+(``lastdim.py``). Prefix tokens are left out of the statistics and take the per-channel gain.
+
 Buffers follow ``nn.BatchNorm2d``: ``running_mean``, ``running_var``, ``num_batches_tracked``.
 In channel mode both statistics have shape (C,). In frequency mode ``running_mean`` is the
 batch mean in the *spatial* domain, shape (C, H, W): its DFT is the complex per-frequency mean,
@@ -32,8 +37,9 @@ state_dict, which keeps ``nn.BatchNorm2d``'s keys.
 
 from .checks import IMPLS, STATS_MODES
 from .functional import spectral_batch_norm
+from .layout import LAYOUTS, channel_shape, from_maps, map_size, to_maps
 from .module import SpectralBatchNorm2d, sync_sbn_stats
 from .spectral import frequency_scale
 
 __all__ = ["SpectralBatchNorm2d", "spectral_batch_norm", "sync_sbn_stats", "frequency_scale",
-           "STATS_MODES", "IMPLS"]
+           "STATS_MODES", "IMPLS", "LAYOUTS", "to_maps", "from_maps", "channel_shape", "map_size"]

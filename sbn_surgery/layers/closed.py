@@ -15,7 +15,9 @@ __all__: list[str] = []  # package-private: see sbn_surgery.layers
 
 
 class _ChannelSBNTrain(torch.autograd.Function):
-    """Training-mode channel SBN with batch statistics and a fused, hand-written backward."""
+    """Training-mode channel SBN with batch statistics and a fused, hand-written backward.
+    Returns (y, mu, var, scale); the per-channel scale gamma / sqrt(var + eps) is differentiable
+    (prefix tokens are multiplied by it), mu and var are not."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):  # type: ignore[override]
@@ -37,10 +39,11 @@ class _ChannelSBNTrain(torch.autograd.Function):
         y[:, :, 0, 0] += root * (bias.to(sd) - scale * mu)
         ctx.save_for_backward(x, weight, rstd, mu)
         ctx.mark_non_differentiable(mu, var)
-        return y.to(x.dtype), mu, var
+        # scale is an output too: prefix tokens (layout "tokens") are multiplied by it
+        return y.to(x.dtype), mu, var, scale
 
     @staticmethod
-    def backward(ctx, gy: Tensor, _gmu, _gvar):  # type: ignore[override]
+    def backward(ctx, gy: Tensor, _gmu, _gvar, gscale):  # type: ignore[override]
         x, weight, rstd, mu = ctx.saved_tensors
         n, c, h, w = x.shape
         sd = rstd.dtype
@@ -52,6 +55,8 @@ class _ChannelSBNTrain(torch.autograd.Function):
         g0 = g[:, :, 0, 0].sum(0)  # sum_n g at pixel (0, 0)
         gx = _channel_dot(g, xs)  # sum_{n,h,w} g * x
         p = gx - root * mu * g0  # dL/d(scale)
+        if gscale is not None:  # the scale's own uses (prefix tokens)
+            p = p + gscale.to(sd)
         grad_w = rstd * p if ctx.needs_input_grad[1] else None
         grad_b = root * g0 if ctx.needs_input_grad[2] else None
         grad_x = None
@@ -76,9 +81,10 @@ def _channel_train_1x1(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
     centred statistics do not cancel under a large mean as E[x^2] - mu^2 does."""
     sd = _stat_dtype(x)
     xs = x if x.dtype == sd else x.to(sd)
-    var, mu = torch.var_mean(xs.detach(), dim=(0, 2, 3), unbiased=False)
+    var, mu = torch.var_mean(xs, dim=(0, 2, 3), unbiased=False)
     y = F.batch_norm(xs, None, None, weight.to(sd), bias.to(sd), training=True, eps=eps)
-    return y.to(x.dtype), mu, var
+    scale = weight.to(sd) * torch.rsqrt(var + eps)  # differentiable, for prefix tokens
+    return y.to(x.dtype), mu.detach(), var.detach(), scale
 
 
 def _channel_dot(a: Tensor, b: Tensor) -> Tensor:

@@ -9,13 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from .checks import _check_input, _check_momentum, _check_train_count, _resolve_impl
-from .functional import _sbn_forward
+from .functional import _sbn_forward, _sbn_forward_last
+from .synced import _sync_over
+from .layout import check_layout, from_maps, to_maps
 
 __all__ = ["SpectralBatchNorm2d", "sync_sbn_stats"]
 
 
 class SpectralBatchNorm2d(nn.Module):
-    """Spectral Batch Normalization over a 4-D input (N, C, H, W).
+    """Spectral Batch Normalization over a 2-D feature map: (N, C, H, W), or laid out as
+    (N, H, W, C) or as tokens (N, P + H*W, C) (``layout``).
 
     A drop-in for ``nn.BatchNorm2d`` that normalizes the orthonormal 2-D spectrum of each feature
     map: ``Y = (X - mu) / sqrt(var + eps) * gamma + beta`` with ``X = fft2(x)``, then
@@ -34,6 +37,21 @@ class SpectralBatchNorm2d(nn.Module):
             ``"auto"`` picks for small maps).
         spatial_size: (H, W) of the frequency-mode statistics; if omitted they take the size of
             the first training batch.
+        layout: where the map lies in the input (``layers.layout``): ``"nchw"`` (default),
+            ``"nhwc"``, or ``"tokens"``: (N, P + H*W, C), ``prefix_tokens`` P (class,
+            distillation, register tokens) in front of the patch tokens of the H x W ``grid``
+            in row-major order. Channel mode needs no grid (tokens that do not fill it lie on a
+            1 x L line, with the same result); frequency mode needs it.
+        prefix_tokens, grid: see ``layout``.
+
+    Prefix tokens are not counted in the statistics and get no shift, but are multiplied by the
+    same per-channel gain ``s = gamma / sqrt(var + eps)`` as the patch tokens (in frequency mode
+    var is the mean over frequencies of the per-frequency variance: the gain of a flat
+    spectrum). They live in the same channel space and join the same residual stream as the
+    patch tokens, so the whole sequence keeps one scale per channel, and an eval-mode layer is
+    ``s * x`` on every token plus a constant on the first patch token: ``s`` folds exactly into
+    the Linear or convolution in front. The layout is kept as plain attributes: the state_dict
+    has ``nn.BatchNorm2d``'s keys whatever the layout.
 
     A training batch whose statistics are not finite (an inf or NaN in the input) leaves the
     running statistics and ``num_batches_tracked`` as they were and adds one to the buffer
@@ -54,9 +72,13 @@ class SpectralBatchNorm2d(nn.Module):
         spatial_size: Optional[tuple[int, int]] = None,
         device=None,
         dtype=None,
+        layout: str = "nchw",
+        prefix_tokens: int = 0,
+        grid: Optional[tuple[int, int]] = None,
     ) -> None:
         super().__init__()
         _resolve_impl(stats, impl)
+        grid = check_layout(layout, prefix_tokens, grid, stats)
         _check_momentum(momentum)
         if num_features < 1:
             raise ValueError(f"num_features must be positive; got {num_features}")
@@ -72,6 +94,9 @@ class SpectralBatchNorm2d(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.impl = impl
+        self.layout = layout
+        self.prefix_tokens = int(prefix_tokens)
+        self.grid = grid
         #: Pool training statistics over the ranks of this group (set by ``sync_sbn_stats``).
         self.process_group: Optional[object] = None
         if affine:
@@ -101,6 +126,13 @@ class SpectralBatchNorm2d(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
             self.register_buffer("num_batches_skipped", None)
+
+    def __setstate__(self, state: dict) -> None:
+        # layers pickled before layouts existed were NCHW
+        state.setdefault("layout", "nchw")
+        state.setdefault("prefix_tokens", 0)
+        state.setdefault("grid", None)
+        super().__setstate__(state)
 
     def _stat_shape(self, spatial_size: Optional[tuple[int, int]]) -> tuple[int, ...]:
         if self.stats == "channel":
@@ -171,28 +203,50 @@ class SpectralBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Every check runs before the module changes: a call that raises leaves it as it was.
-        _check_input(x, self.num_features)
+        maps, prefix = x, None
+        if self.layout != "nchw":
+            maps, prefix = to_maps(x, self.layout, self.prefix_tokens, self.grid,
+                                   self.num_features, need_grid=self.stats == "frequency")
+        _check_input(maps, self.num_features)
         _check_momentum(self.momentum)
         use_batch = self.training or not self.track_running_stats
         if use_batch:
-            _check_train_count(x, self.stats)
-        mean, var, fresh = self._running_for(x)
+            _check_train_count(maps, self.stats)
+        mean, var, fresh = self._running_for(maps)
         update = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
         if update and self.momentum is None:
             # Cumulative average over the batches taken so far, this one included; a tensor, so
             # no host sync (num_batches_tracked counts only batches that updated the statistics).
             factor = 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
-        y, took = _sbn_forward(
-            x, mean, var, self.weight, self.bias, use_batch, factor, self.eps, self.stats,
-            self.impl, self.process_group if self.training else None,
-        )
+        group = self.process_group if self.training else None
+        if self._channels_last_closed(maps, use_batch, group):
+            # tokens and NHWC maps in closed form, on the tensor as it lies (lastdim.py)
+            p = self.prefix_tokens if self.layout == "tokens" else 0
+            y, took = _sbn_forward_last(x.flatten(1, -2), p, mean, var, self.weight, self.bias,
+                                        use_batch, factor, self.eps)
+            y = y.reshape(x.shape)
+        else:
+            y, took, gain = _sbn_forward(maps, mean, var, self.weight, self.bias, use_batch,
+                                         factor, self.eps, self.stats, self.impl, group,
+                                         want_gain=prefix is not None)
+            if self.layout != "nchw":
+                if prefix is not None:
+                    prefix = (prefix.to(gain.dtype) * gain).to(y.dtype)
+                y = from_maps(y, self.layout, prefix)
         if fresh:
             self.running_mean, self.running_var = mean, var
         if update and took is not None:
             self.num_batches_tracked.add_(took.long())
             self.num_batches_skipped.add_((~took).long())
         return y
+
+    def _channels_last_closed(self, maps: Tensor, use_batch: bool, group) -> bool:
+        """Whether a tokens or NHWC map takes the closed form on the tensor as it lies: channel
+        mode, the closed path, more than one pixel, and no statistics pooled across ranks."""
+        return (self.layout != "nchw" and self.stats == "channel"
+                and self.impl in ("auto", "closed") and maps.shape[-1] * maps.shape[-2] > 1
+                and not (use_batch and _sync_over(group)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -217,6 +271,12 @@ class SpectralBatchNorm2d(nn.Module):
             s += f", impl={self.impl}"
         if self.spatial_size is not None:
             s += f", spatial_size={self.spatial_size}"
+        if self.layout != "nchw":
+            s += f", layout={self.layout}"
+        if self.prefix_tokens:
+            s += f", prefix_tokens={self.prefix_tokens}"
+        if self.grid is not None:
+            s += f", grid={self.grid}"
         return s
 
 

@@ -14,7 +14,8 @@ __all__ = ["frequency_scale"]
 
 def _channel_fft(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: Tensor,
                  bias: Tensor, eps: float):
-    """Reference channel SBN through the full orthonormal spectrum. Returns (y, mu, var_b)."""
+    """Reference channel SBN through the full orthonormal spectrum. Returns (y, mu, var_b,
+    scale), scale = gamma / sqrt(var + eps) differentiable."""
     sd = _stat_dtype(x)
     xs = x.to(sd)
     spec = torch.fft.fft2(xs, norm="ortho")
@@ -30,7 +31,7 @@ def _channel_fft(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weigh
     scale = weight.to(sd) * torch.rsqrt(var_b + eps)
     out = diff * scale.view(1, -1, 1, 1) + bias.to(sd).view(1, -1, 1, 1)
     y = torch.fft.ifft2(out, norm="ortho").real
-    return y.to(x.dtype), mu.detach(), var_b.detach()
+    return y.to(x.dtype), mu.detach(), var_b.detach(), scale
 
 
 def _hermitian_full(half: Tensor, width: int) -> Tensor:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ParityError
+from ..layers import channel_shape
 from ..onnx_io import load_onnx, read_onnx_metadata, with_extra_outputs
 from .reports import LayerParity, ParityCase, ParityReport
 from .runtime import check_numel, image_input_dims, input_chw, session
@@ -276,7 +277,8 @@ def _layer_parity(site: dict, model: nn.Module, ref: Optional[tuple[Tensor, Tens
     # the scale was folded into the BatchNorm in front, that tensor is the input times the scale
     scale = None
     if site.get("folded_into"):
-        scale = layer.channel_constants()[0].view(1, -1, 1, 1)
+        scale = layer.channel_constants()[0].view(
+            channel_shape(getattr(layer, "layout", "nchw"), layer.num_features))
     for name in site.get("inputs") or []:
         got_in = results.get(name)
         if got_in is None or tuple(got_in.shape) != tuple(torch_in.shape):

@@ -7,6 +7,7 @@ described in the package docstring (:mod:`sbn_surgery.surgery`).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 from torch import nn
@@ -15,10 +16,11 @@ from ..errors import SurgeryError
 from ..layers import SpectralBatchNorm2d
 from ..recipe import Recipe, Rule, check_fits, load_recipe
 from ..models import input_size_of
-from .match import (_channels_and_size, _check_stages, _is_norm_act, _no_match_error, _probe,
-                    _Probe, _rule_matches, _stage_of)
-from .plan import (_REPLACED_ATTR, _SITE_ATTR, FOLDABLE_NORMS, Plan, Site, _ancestor, _get,
-                   _model_name, _parent)
+from .layout import LayoutError
+from .match import (_check_stages, _find_branch_ends, _is_norm_act, _no_match_error, _probe,
+                    _Probe, _rule_matches, _site_layout, _stage_of, no_map_error)
+from .plan import (_REPLACED_ATTR, _SITE_ATTR, Plan, Site, _ancestor, _get, _model_name, _parent,
+                   fold_kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +66,8 @@ def apply_recipe(
     """Insert SBN layers where ``recipe`` says; returns the plan of what was inserted.
 
     ``input_size`` (C, H, W) is used for one probe forward (execution order for stages, channel
-    counts, and the spatial size of frequency-mode statistics); default: timm's input size.
+    counts, the layout of each map, and the spatial size of frequency-mode statistics); default:
+    timm's input size. A model with no 2-D feature map anywhere is refused.
     A recipe whose ``models`` patterns do not name the model (its timm architecture) is refused
     unless ``force``.
     """
@@ -79,6 +82,9 @@ def apply_recipe(
         )
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     probe = _probe(model, size)  # type: ignore[arg-type]
+    if not probe.has_maps():
+        raise no_map_error(model, size)
+    _find_branch_ends(model, recipe, probe)
     names = [n for n, _ in model.named_modules() if n]
     chosen = _choose_sites(model, recipe, probe, names)
     plan = Plan(model=_model_name(model), recipe=recipe.name)
@@ -97,23 +103,17 @@ def apply_recipe(
 
 def _choose_sites(model: nn.Module, recipe: Recipe, probe: _Probe, names: list[str]
                   ) -> dict[str, tuple[int, Rule]]:
-    """Module path -> (rule index, rule) of every module the recipe selects; a later rule wins."""
-    n_stages = len(probe.stage_ends)
+    """Module path -> (rule index, rule) of every module the recipe selects; a later rule wins.
+    A ``fallback`` rule applies only when the rules before it matched nothing."""
     modules = [(n, m) for n, m in model.named_modules() if n]
     chosen: dict[str, tuple[int, Rule]] = {}
     for index, rule in enumerate(recipe.rules):
-        _check_stages(rule, index, recipe, model, n_stages)
-        hits = [n for n, m in modules if _rule_matches(rule, n, m, probe, n_stages)]
-        if rule.deepest_stages:  # stages are counted among those the other selectors reach
-            staged = {n: _stage_of(probe, n) for n in hits}
-            held = sorted({s for s in staged.values() if s is not None})
-            keep = set(held[-rule.deepest_stages:])
-            hits = [n for n in hits if staged[n] in keep]
-        levels = rule.parent_levels()
-        if levels:  # e.g. the last norm of each block, whatever the block type
-            last = {_ancestor(n, levels): n for n in hits}
-            hits = [n for n in hits if last[_ancestor(n, levels)] == n]
+        if rule.fallback and chosen:
+            continue
+        hits = _select(rule, index, recipe, model, modules, probe)
         if not hits:
+            if any(r.fallback for r in recipe.rules[index + 1:]):
+                continue
             raise _no_match_error(rule, index, recipe, model, names, probe)
         if rule.expect is not None and not rule.expect.check(len(hits)):
             raise SurgeryError(
@@ -126,32 +126,55 @@ def _choose_sites(model: nn.Module, recipe: Recipe, probe: _Probe, names: list[s
     return chosen
 
 
-def _new_sbn(name: str, mod: nn.Module, index: int, rule: Rule, opts, probe: _Probe
-             ) -> tuple[SpectralBatchNorm2d, Optional[tuple[int, int]]]:
-    """The SBN for the feature map at ``name`` (on the module's device and dtype), and the
-    spatial size that map had in the probe."""
-    channels, shape, hw = _channels_and_size(name, mod, rule.position, probe)
-    if shape is not None and len(shape) != 4:
+def _select(rule: Rule, index: int, recipe: Recipe, model: nn.Module,
+            modules: list[tuple[str, nn.Module]], probe: _Probe) -> list[str]:
+    """The module paths one rule selects, in module order."""
+    n_stages = len(probe.stage_ends)
+    _check_stages(rule, index, recipe, model, n_stages)
+    hits = [n for n, m in modules if _rule_matches(rule, n, m, probe, n_stages)]
+    if rule.deepest_stages or rule.deepest_fraction:
+        # stages are counted among those the other selectors reach
+        staged = {n: _stage_of(probe, n) for n in hits}
+        held = sorted({s for s in staged.values() if s is not None})
+        count = rule.deepest_stages or math.ceil(rule.deepest_fraction * len(held))
+        keep = set(held[-count:]) if held else set()
+        hits = [n for n in hits if staged[n] in keep]
+    levels = rule.parent_levels()
+    if levels:  # e.g. the last norm of each block, whatever the block type
+        last = {_ancestor(n, levels): n for n in hits}
+        hits = [n for n in hits if last[_ancestor(n, levels)] == n]
+    return hits
+
+
+def _new_sbn(name: str, mod: nn.Module, index: int, rule: Rule, opts, probe: _Probe):
+    """The SBN for the feature map at ``name`` (on the module's device and dtype), laid out as
+    the map is there, and that layout (with the map's grid in the probe)."""
+    try:
+        lay = _site_layout(name, mod, rule.position, probe, rule.layout)
+    except LayoutError as exc:
+        what = "input" if rule.position != "after" else "output"
+        shape = (probe.in_shape if what == "input" else probe.out_shape).get(name)
+        has = f", whose {what} has shape {shape}" if shape is not None else ""
         raise SurgeryError(
-            f"{rule.label(index)} matched {name} ({type(mod).__name__}), whose "
-            f"{'input' if rule.position != 'after' else 'output'} has shape {shape}, not "
-            "(N, C, H, W); SBN needs an NCHW feature map. Exclude it or choose another "
-            "point."
-        )
-    if channels is None:
-        raise SurgeryError(
-            f"cannot tell the channel count at {name} ({type(mod).__name__}): it did not "
-            "run in the probe forward; exclude it from the rule.")
+            f"{rule.label(index)} matched {name} ({type(mod).__name__}){has}: {exc}. SBN "
+            "needs a 2-D feature map: exclude it from the rule or choose another point."
+        ) from None
+    frequency = opts.stats == "frequency"
+    if frequency and lay.hw is None:
+        raise SurgeryError(f"{rule.label(index)} matched {name} ({type(mod).__name__}), which did "
+                           "not run in the probe forward; frequency mode needs its spatial size. "
+                           "Exclude it from the rule.")
     sbn = SpectralBatchNorm2d(
-        int(channels), stats=opts.stats or "channel", eps=float(opts.eps or 1e-5),
-        momentum=opts.momentum,
-        spatial_size=hw if opts.stats == "frequency" else None,
+        lay.channels, stats=opts.stats or "channel", eps=float(opts.eps or 1e-5),
+        momentum=opts.momentum, spatial_size=lay.hw if frequency else None,
+        layout=lay.layout, prefix_tokens=lay.prefix,
+        grid=lay.hw if lay.layout == "tokens" else None,
     )
     ref = next((t for t in list(mod.parameters()) + list(mod.buffers())
                 if t.is_floating_point()), None)
     if ref is not None:
         sbn.to(device=ref.device, dtype=ref.dtype)
-    return sbn, hw
+    return sbn, lay
 
 
 def _attach(model: nn.Module, name: str, mod: nn.Module, sbn: SpectralBatchNorm2d,
@@ -185,13 +208,15 @@ def _insert_site(model: nn.Module, name: str, index: int, rule: Rule, opts, prob
                  ) -> tuple[Site, SpectralBatchNorm2d]:
     """Insert one SBN at the module ``name`` as ``rule`` says; its site record and the layer."""
     mod = _get(model, name)
-    sbn, hw = _new_sbn(name, mod, index, rule, opts, probe)
-    fold = name if rule.position == "after" and isinstance(mod, FOLDABLE_NORMS) \
-        and getattr(mod, "affine", True) else None
+    sbn, lay = _new_sbn(name, mod, index, rule, opts, probe)
+    # SBN takes the module's output (a fused norm+act's normalized output, before its
+    # activation): a per-channel scale folds into the module where that is exact
+    fold = name if rule.position == "after" and fold_kind(mod, lay.layout) else None
     path = _attach(model, name, mod, sbn, rule.position)
     info = dict(target=name, type=type(mod).__name__, channels=sbn.num_features,
                 stats=sbn.stats, position=rule.position, stage=_stage_of(probe, name),
-                rule=rule.name or f"rule {index + 1}", fold_into=fold, spatial_size=hw)
+                rule=rule.name or f"rule {index + 1}", fold_into=fold, spatial_size=lay.hw,
+                layout=lay.layout, prefix_tokens=lay.prefix)
     sbn.__dict__[_SITE_ATTR] = info
     return Site(module=path, **info), sbn
 

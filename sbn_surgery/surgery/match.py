@@ -5,7 +5,7 @@ that names the nearest modules and the norm/conv types the model has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -13,6 +13,8 @@ from torch import nn
 
 from ..errors import SurgeryError, near_names
 from ..recipe import Recipe, Rule
+from .branches import branch_ends, residual_units
+from .layout import GridHints, LayoutError, MapLayout, grid_hints, infer_layout
 from .plan import NORM_ACT, NORMS, _model_name
 
 
@@ -26,6 +28,22 @@ class _Probe:
     in_shape: dict[str, tuple]
     out_shape: dict[str, tuple]
     stage_ends: list[int]
+    hints: GridHints = field(default_factory=GridHints)
+    #: module paths that end a residual branch (computed when a rule asks for them)
+    ends: Optional[set[str]] = None
+
+    def has_maps(self) -> bool:
+        """Whether any module's output is a 2-D feature map, in any layout."""
+        for shape in self.out_shape.values():
+            if len(shape) == 4:
+                return True
+            if len(shape) == 3:
+                try:
+                    infer_layout(shape, None, self.hints)
+                    return True
+                except LayoutError:
+                    continue
+        return False
 
 
 def _probe(model: nn.Module, input_size: tuple[int, int, int]) -> _Probe:
@@ -80,7 +98,12 @@ def _probe(model: nn.Module, input_size: tuple[int, int, int]) -> _Probe:
     infos = getattr(model, "feature_info", None) or []
     infos = getattr(infos, "info", infos)  # timm FeatureInfo objects wrap the list
     stage_ends = [end[i["module"]] for i in infos if isinstance(i, dict) and i.get("module") in end]
-    return _Probe(start, end, in_shape, out_shape, sorted(stage_ends))
+    if not stage_ends:
+        # no timm feature_info: every residual block stands for a stage, as timm lists the
+        # blocks of isotropic models
+        stage_ends = [end[u] for u in residual_units(model) if u in end]
+    return _Probe(start, end, in_shape, out_shape, sorted(stage_ends),
+                  grid_hints(model, tuple(input_size[1:])))
 
 
 def _stage_of(probe: _Probe, name: str) -> Optional[int]:
@@ -105,6 +128,8 @@ def _rule_matches(rule: Rule, name: str, mod: nn.Module, probe: _Probe, n_stages
         return False
     if not rule.path_matches(name) or rule.excluded(name):
         return False
+    if rule.branch_end and name not in (probe.ends or ()):
+        return False
     if rule.stages is not None:
         stage = _stage_of(probe, name)
         if stage is None:
@@ -116,12 +141,12 @@ def _rule_matches(rule: Rule, name: str, mod: nn.Module, probe: _Probe, n_stages
 
 def _check_stages(rule: Rule, index: int, recipe: Recipe, model: nn.Module, n_stages: int) -> None:
     """A stage index the model does not have is an error (it was ignored), naming the count."""
-    if not rule.stages and not rule.deepest_stages:
+    if not rule.stages and not rule.deepest_stages and not rule.deepest_fraction:
         return
     where = f"{recipe.source or recipe.name}: {rule.label(index)}"
     if n_stages == 0:
         raise SurgeryError(f"{where} selects by stages, but {_model_name(model)} has no timm "
-                           "feature_info; select by 'paths' instead.")
+                           "feature_info and no repeated blocks; select by 'paths' instead.")
     bad = [s for s in rule.stages or [] if not -n_stages <= s < n_stages]
     if bad:
         raise SurgeryError(
@@ -150,6 +175,10 @@ def _no_match_error(rule: Rule, index: int, recipe: Recipe, model: nn.Module, na
         sel.append(f"stages {rule.stages} (model has {len(probe.stage_ends)} feature stages)")
     if rule.deepest_stages:
         sel.append(f"deepest_stages {rule.deepest_stages}")
+    if rule.deepest_fraction:
+        sel.append(f"deepest_fraction {rule.deepest_fraction}")
+    if rule.branch_end:
+        sel.append(f"branch_end ({len(probe.ends or ())} residual branch end(s) in the model)")
     return SurgeryError(
         f"{recipe.source or recipe.name}: {rule.label(index)} matches no module of "
         f"{_model_name(model)} ({', '.join(sel)}). Nearest module names: "
@@ -158,9 +187,30 @@ def _no_match_error(rule: Rule, index: int, recipe: Recipe, model: nn.Module, na
     )
 
 
-def _channels_and_size(name: str, mod: nn.Module, position: str, probe: _Probe):
+def _site_layout(name: str, mod: nn.Module, position: str, probe: _Probe,
+                 stated: Optional[str]) -> MapLayout:
+    """The layout of the map SBN takes at ``name``: the module's input (``before``,
+    ``replace``) or output (``after``). A module that did not run in the probe forward: its
+    channel count from its attributes, NCHW unless stated. LayoutError when it is no map."""
     shape = probe.in_shape.get(name) if position in ("before", "replace") else probe.out_shape.get(name)
     if shape is None:
         c = getattr(mod, "num_features", None) or getattr(mod, "out_channels", None)
-        return c, None, None
-    return (shape[1] if len(shape) == 4 else None), shape, (tuple(shape[2:]) if len(shape) == 4 else None)
+        if c is None:
+            raise LayoutError("it did not run in the probe forward, so its channel count is "
+                              "unknown; exclude it from the rule")
+        return MapLayout(stated or "nchw", int(c), None)
+    return infer_layout(shape, mod, probe.hints, stated, output=position == "after")
+
+
+def _find_branch_ends(model: nn.Module, recipe: Recipe, probe: _Probe) -> None:
+    """Fill ``probe.ends`` when a rule of ``recipe`` selects residual branch ends."""
+    if probe.ends is None and any(r.branch_end for r in recipe.rules):
+        probe.ends = set(branch_ends(model, probe).values())
+
+
+def no_map_error(model: nn.Module, input_size: tuple) -> SurgeryError:
+    return SurgeryError(
+        f"no 2-D feature map in {_model_name(model)} at input size "
+        f"{'x'.join(map(str, input_size))}: no module outputs an (N, C, H, W) or (N, H, W, C) "
+        "map or tokens on a grid (N, P + H*W, C), and SBN normalizes 2-D feature maps, so there "
+        "is nowhere to put it. Use a model with spatial features.")

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from timm.layers import norm_act
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame
 from torch import nn
+from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d  # the frozen batch norm timm uses
 
 #: Module classes whose affine eval output can absorb an SBN scale exactly (timm's BatchNormAct2d
@@ -25,7 +28,30 @@ NORM_ACT = (norm_act.BatchNormAct2d, norm_act.SyncBatchNormAct, norm_act.FrozenB
 #: Normalization layers, by class: torch's batch/instance, group and layer norms, and timm's
 #: frozen batch norms and fused norm + activation layers.
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d) + NORM_ACT
+#: Convolutions whose output channel c is weight[c] * x + bias[c]: a per-channel scale of the
+#: output is a scale of weight and bias (timm's weight-standardized StdConv2d is not one: it
+#: would undo a scaled weight). The scaled weight-standardized ones take the scale in ``gain``.
+PLAIN_CONVS = (nn.Conv2d, Conv2dSame)
+GAIN_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame)
 _SITE_ATTR = "_sbn_site"
+
+
+def fold_kind(mod: nn.Module, layout: str) -> Optional[str]:
+    """How a per-channel scale of ``mod``'s output folds into ``mod`` exactly, for a map in
+    ``layout``: ``"bn"`` (an affine BatchNorm's weight and bias), ``"linear"`` (a Linear's rows
+    and bias; channels last), ``"conv"`` (a convolution's output filters and bias), ``"gain"``
+    (a scaled weight-standardized convolution's gain and bias); None where it cannot."""
+    if parametrize.is_parametrized(mod):
+        return None
+    if layout == "nchw":
+        if isinstance(mod, FOLDABLE_NORMS) and getattr(mod, "affine", True):
+            return "bn"
+        if type(mod) in GAIN_CONVS:
+            return "gain"
+        if type(mod) in PLAIN_CONVS:
+            return "conv"
+        return None
+    return "linear" if isinstance(mod, nn.Linear) else None
 _REPLACED_ATTR = "_sbn_replaced"
 
 
@@ -43,6 +69,8 @@ class Site:
     rule: str
     fold_into: Optional[str] = None
     spatial_size: Optional[tuple[int, int]] = None
+    layout: str = "nchw"
+    prefix_tokens: int = 0
 
     def keys(self) -> list[str]:
         names = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
@@ -73,7 +101,7 @@ class Plan:
             "params_added": self.params_added,
             "sites": [
                 {"module": s.module, "type": s.type, "channels": s.channels, "stats": s.stats,
-                 "position": s.position}
+                 "position": s.position, "layout": s.layout}
                 for s in self.sites
             ],
         }
