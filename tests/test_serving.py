@@ -27,10 +27,11 @@ GAIN = 2.0  # the classifier's logits: GAIN x the normalized mean of each channe
 
 
 def colour_model(path: Path, *, meta: dict | None = None, batch="n", in_type=None,
-                 classes=CLASSES) -> Path:
+                 classes=CLASSES, external: str | None = None) -> Path:
     """An ONNX classifier of pure colours: logits = GAIN * mean over the image of each
     normalized channel, in the order of CLASSES (a 1x1 convolution, global average pooling, a
-    linear layer that permutes the channels)."""
+    linear layer that permutes the channels); ``external``: its weights kept in that file
+    beside it (ONNX external data)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -55,7 +56,11 @@ def colour_model(path: Path, *, meta: dict | None = None, batch="n", in_type=Non
     if meta is None:
         meta = {"data_config": CFG, "classes": classes, "classes_source": "test colours"}
     set_onnx_metadata(model, meta)
-    onnx.save(model, str(path))
+    if external is None:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=external, size_threshold=0)
     return path
 
 
@@ -236,6 +241,57 @@ def test_predict_and_validate_run_on_a_serving_box(model_file, tmp_path):
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["top1"] == pytest.approx(5 / 6)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["parent", "absolute", "link-out"])
+def test_serving_refuses_external_data_outside_before_onnxruntime(run_cli, tmp_path, monkeypatch,
+                                                                  case):
+    """predict, validate and quantize open a file in onnxruntime only after checking where its
+    tensors' data lives (as parity and export do), without the onnx package."""
+    import onnxruntime
+    from test_hostile_external_data import _set_location
+
+    secret = tmp_path / "outside" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(b"\0" * 64)
+    (tmp_path / "model").mkdir()
+    model = colour_model(tmp_path / "model" / "m.onnx", external="w.bin")
+    if case == "link-out":
+        (tmp_path / "model" / "w.bin").unlink()
+        os.symlink(secret, tmp_path / "model" / "w.bin")
+        why = "a link that leads outside the model's folder"
+    else:
+        _set_location(model, "../outside/secret.bin" if case == "parent" else str(secret))
+        why = "a '..' component" if case == "parent" else "an absolute path"
+
+    def reached(*args, **kwargs):
+        raise AssertionError("a refused file reached onnxruntime")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", reached)
+    image = write_image(tmp_path / "r.png", COLOURS["red"])
+    folder = _labelled_folder(tmp_path / "data")
+    with pytest.raises(ServingError, match="keeps its data at .*" + why):
+        from sbn_surgery.serving import predict
+
+        predict(model, [image])
+    for args in (("predict", model, image), ("validate", model, "-d", folder),
+                 ("quantize", model, "-d", folder, "-o", tmp_path / "q.onnx")):
+        one_line_error(run_cli(*args), "m.onnx", "tensor 'w'", why, "Refused before reading it")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_external_data_inside_the_folder_serves(tmp_path):
+    from sbn_surgery.serving import predict
+
+    (tmp_path / "model").mkdir()
+    model = colour_model(tmp_path / "model" / "m.onnx", external="m.onnx.data")
+    assert (tmp_path / "model" / "m.onnx.data").stat().st_size > 0
+    image = write_image(tmp_path / "b.png", COLOURS["blue"])
+    top = predict(model, [image], k=3).predictions[0]
+    assert top.classes[0] == "blue"
+    np.testing.assert_allclose(top.probs, np.sort(expected_probs(COLOURS["blue"]))[::-1],
+                               atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
