@@ -137,6 +137,22 @@ def test_predict_cli_table_and_json(run_cli, model_file, tmp_path):
     assert res.code == 0 and "green" in res.stdout and "blue" not in res.stdout
 
 
+def test_paths_that_look_like_markup_print_as_they_are(run_cli, tmp_path, monkeypatch):
+    """A file name is text, not rich markup: '[/red]' in a path is printed, not parsed (an
+    unmatched closing tag made rich raise, a traceback)."""
+    monkeypatch.setenv("COLUMNS", "400")  # no path folded over two lines
+    (tmp_path / "x[").mkdir()
+    model = colour_model(tmp_path / "x[" / "red].onnx")  # the path holds 'x[/red]'
+    image = write_image(tmp_path / "x[" / "[bold]g.png", COLOURS["green"])
+    res = run_cli("predict", model, image)
+    assert res.code == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "x[/red].onnx" in text and "[bold]g.png" in text
+    res = run_cli("bench", model, model, "--input-size", "3", "24", "24", "--repeats", "1")
+    assert res.code == 0, res.stderr
+    assert "x[/red].onnx" in res.stdout
+
+
 def _no_metadata(tmp_path):
     return colour_model(tmp_path / "plain.onnx", meta={})
 
