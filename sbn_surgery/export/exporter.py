@@ -143,6 +143,7 @@ def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
     precedence; without stored names, timm's label names where the class count is one of its
     ImageNet label sets, else the indices. Checked: a checkpoint's metadata is untrusted."""
     from ..data import data_config_for
+    from ..data.transforms import fit_channels
     from ..pretrained_cfg import EVAL_KEYS
     from ..serving.metadata import check_classes, check_data_config
 
@@ -152,6 +153,7 @@ def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
     where = f"the model's stored preprocessing ({meta.get('model_name', 'model')})"
     cfg = dict(data_config_for(model, tuple(input_size)))
     cfg.update({k: stored[k] for k in EVAL_KEYS if k in stored and k != "input_size"})
+    cfg = fit_channels(cfg)  # a 1-channel model of 3-channel weights: one mean, one std
     names = stored.get("label_names")
     timm_labels = _timm_labels(model)
     if names is not None and (outputs is None or len(names) == outputs) and \
