@@ -153,6 +153,20 @@ def test_paths_that_look_like_markup_print_as_they_are(run_cli, tmp_path, monkey
     assert "x[/red].onnx" in res.stdout
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["center", "squash", "border"])
+def test_a_data_config_that_asks_for_a_giant_resize_is_refused_before_it(run_cli, tmp_path,
+                                                                          mode):
+    """Within every bound of its own (input 4096, crop_pct 0.05), a file's preprocessing may ask
+    to resize an image to 81920 pixels a side (20 GB); refused before the resize allocates."""
+    cfg = {**CFG, "input_size": [3, 4096, 4096], "crop_pct": 0.05, "crop_mode": mode}
+    model = colour_model(tmp_path / "giant.onnx",
+                         meta={"data_config": cfg, "classes": CLASSES})
+    image = write_image(tmp_path / "small.png", COLOURS["red"])
+    one_line_error(run_cli("predict", model, image), "giant.onnx", "crop_pct 0.05",
+                   "resizes a 40x30 image to", "more than 89478485 pixels")
+
+
 def _no_metadata(tmp_path):
     return colour_model(tmp_path / "plain.onnx", meta={})
 

@@ -55,7 +55,7 @@ class ServingModel:
         self.info: ServingInfo = read_serving_info(meta, where, out_dims[1])
         same_channels(self.info.data_config, self.input_dims[1], where)
         sizes_agree(self.info.data_config, self.input_dims, where)
-        self.transform = EvalTransform(self.info.data_config)
+        self.transform = EvalTransform(self.info.data_config, where)
         self.batch_size = self.input_dims[0]
 
     @property
