@@ -381,6 +381,9 @@ def test_quantize_writes_an_int8_file_that_keeps_the_metadata(run_cli, model_fil
 
     folder = _labelled_folder(tmp_path / "data")
     target = tmp_path / "colours.int8.onnx"
+    stale = tmp_path / ".colours.int8.onnx.sbn-stage-0123abcd"  # a killed quantize's staging
+    stale.mkdir()
+    (stale / "colours.int8.onnx").write_bytes(b"half an int8 file")
     res = run_cli("quantize", model_file, "--data", folder, "-o", target,
                   "--calibration-images", "6", "--json")
     assert res.code == 0, res.stderr
@@ -392,7 +395,8 @@ def test_quantize_writes_an_int8_file_that_keeps_the_metadata(run_cli, model_fil
     meta = read_onnx_metadata(target)
     assert meta["classes"] == CLASSES and meta["data_config"] == CFG
     assert meta["quantization"]["format"] == "QDQ"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left,
+    # the stale one swept
     # and the int8 file serves like the float one
     from sbn_surgery.serving import predict
 
