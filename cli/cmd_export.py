@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sbn_surgery.onnx_io import DEFAULT_OPSET, MIN_OPSET
@@ -50,9 +51,10 @@ def _parity_table(report, title: str) -> Table:
         table.add_column(col, justify="right" if col != "inputs" else "left")
     for c in report.cases:
         if c.error:
-            table.add_row(c.source, "x".join(map(str, c.shape)), "-", "-", f"[red]{c.error[:60]}[/]")
+            table.add_row(escape(c.source), "x".join(map(str, c.shape)), "-", "-",
+                          f"[red]{escape(c.error[:60])}[/]")
             continue
-        table.add_row(c.source, "x".join(map(str, c.shape)), f"{c.max_abs_err:.2e}",
+        table.add_row(escape(c.source), "x".join(map(str, c.shape)), f"{c.max_abs_err:.2e}",
                       f"{c.max_rel_err:.2e}", f"{c.top1_agreement:.1%}")
     return table
 
@@ -60,9 +62,9 @@ def _parity_table(report, title: str) -> Table:
 def _print_parity(report, con, title: str) -> None:
     con.print(_parity_table(report, title))
     for note in report.notes:
-        con.print(f"[yellow]note:[/] {note}")
+        con.print(f"[yellow]note:[/] {escape(note)}")
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
-    con.print(f"parity {verdict}: {report.describe()}")
+    con.print(f"parity {verdict}: {escape(report.describe())}")
 
 
 def _fmt(v) -> str:
@@ -163,11 +165,11 @@ def export(
     dims = ("N" if result.dynamic_batch else str(batch_size), str(result.input_size[0]),
             "H" if result.dynamic_size else str(result.input_size[1]),
             "W" if result.dynamic_size else str(result.input_size[2]))
-    con.print(f"wrote [cyan]{result.path}[/] ({result.size_bytes / 1e6:.1f} MB): mode "
+    con.print(f"wrote [cyan]{escape(str(result.path))}[/] ({result.size_bytes / 1e6:.1f} MB): mode "
               f"[bold]{result.mode}[/], opset {result.opset}, input {'x'.join(dims)}, "
               f"{len(result.sites)} SBN layer(s)" + (f", {folded} folded into the layer in front" if folded else ""))
     for note in result.notes:
-        con.print(f"[yellow]note:[/] {note}")
+        con.print(f"[yellow]note:[/] {escape(note)}")
     _print_parity(result.parity, con, "parity with PyTorch (onnxruntime CPU)")
 
 
@@ -205,7 +207,7 @@ def parity(
         print_json({"onnx": str(onnx_file), **report.to_json()})
     else:
         con = out(False)
-        _print_parity(report, con, f"parity of {onnx_file} with PyTorch")
+        _print_parity(report, con, f"parity of {escape(str(onnx_file))} with PyTorch")
         if report.layers is not None:
             con.print(_layer_table(report))
     if not report.passed:
@@ -258,11 +260,11 @@ def bench(
     table.add_column(f"{what} (ms)", justify="right")
     table.add_column("ratio", justify="right")
     for row in report.files:
-        table.add_row(row.onnx, f"{row.latency_ms:.2f}", f"{row.ratio:.3f}")
+        table.add_row(escape(row.onnx), f"{row.latency_ms:.2f}", f"{row.ratio:.3f}")
     con.print(table)
     base = report.against or report.onnx
     if len(report.files) > 1:
-        con.print(f"ratios: latency / latency of [bold]{base}[/]")
+        con.print(f"ratios: latency / latency of [bold]{escape(base)}[/]")
 
 
 def register(app: typer.Typer) -> None:

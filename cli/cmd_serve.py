@@ -73,7 +73,7 @@ def predict(
     if json_out:
         print_json(result.to_json())
         return
-    table = Table(title=f"{model}: top-{top_k}")
+    table = Table(title=f"{escape(str(model))}: top-{top_k}")
     table.add_column("image", overflow="fold")  # a long path wraps rather than being cut
     table.add_column("class", overflow="fold")
     for col in ("index", "probability"):

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -27,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 
 from .errors import ServingError
+from .files import staging_dir, write_error
 from .progress import ProgressFn
 from .serving import EvalReport, Samples, ServingModel, evaluate, labelled_folder
 from .serving.quantize import QuantizeResult, quantize_file
@@ -278,9 +277,7 @@ def quantize_onnx(onnx_path: Union[str, Path], data: DataSpec, output: Union[str
     calib = open_samples(data, "train", cfg.input_size[0], cfg.to_json(), calibration_images)
     samples = open_samples(data, "val", cfg.input_size[0], cfg.to_json())
     _class_notes(model, samples)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".int8", dir=output.parent))
-    try:
+    with staging_dir(output) as work:  # swept by the next write of output if this one dies
         staged = work / output.name
         result = quantize_file(src, staged, _calibration(calib, model.transform, progress),
                                calibration_images)
@@ -292,9 +289,14 @@ def quantize_onnx(onnx_path: Union[str, Path], data: DataSpec, output: Union[str
                              float(min_agreement))
         if not out.passed:
             kept = failed_path(output)
-            os.replace(staged, kept)
+            _publish(staged, kept)
             raise QuantizeFailed(out, kept)
-        os.replace(staged, output)
+        _publish(staged, output)
         return out
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+
+def _publish(staged: Path, path: Path) -> None:
+    try:
+        os.replace(staged, path)
+    except OSError as exc:  # e.g. the folder made read-only meanwhile
+        raise write_error(path, exc) from None

@@ -297,9 +297,12 @@ def data_config_of_meta(meta: dict[str, Any]) -> dict[str, Any]:
     interpolation, crop_pct, crop_mode) of a converted model's validated metadata (or its
     ``model.sbn_meta``): the stored ``pretrained_cfg``, completed from timm's config for the
     model name where a key is missing (files written before it was stored), at the file's
-    ``input_size``."""
+    ``input_size``; one mean and std per input channel (:func:`~.data.transforms.fit_channels`:
+    a 1-channel model of 3-channel weights gets their average)."""
     from timm.data import resolve_data_config
     from timm.models import get_pretrained_cfg
+
+    from .data.transforms import fit_channels
 
     stored = dict(meta.get("pretrained_cfg") or {})
     base = get_pretrained_cfg(str(meta.get("model_name", "")))
@@ -308,7 +311,7 @@ def data_config_of_meta(meta: dict[str, Any]) -> dict[str, Any]:
     if "input_size" not in stored and meta.get("input_size"):
         cfg["input_size"] = meta["input_size"]
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    resolved = resolve_data_config({}, pretrained_cfg=cfg)
+    resolved = fit_channels(resolve_data_config({}, pretrained_cfg=cfg))
     return {k: resolved[k] for k in EVAL_KEYS if k in resolved}
 
 

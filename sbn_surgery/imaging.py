@@ -22,7 +22,10 @@ import numpy as np
 from .errors import DataError
 
 __all__ = ["scan_folder", "has_images", "load_image", "decode_image", "MAX_ASPECT", "MAX_PIXELS",
-           "INTERPOLATIONS", "resample_filter"]
+           "INTERPOLATIONS", "resample_filter", "IMAGE_SUFFIXES"]
+
+#: The image files a folder is searched for (by the data sources and by serving).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 #: The largest image decoded (PIL warns from here and refuses twice this as a bomb).
 MAX_PIXELS = 89_478_485

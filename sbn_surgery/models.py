@@ -25,7 +25,7 @@ from .setup_report import HeadReset, SetupReport
 from .weights import Weights, read_config, read_weights
 
 __all__ = ["create_model", "input_size_of", "read_state_dict", "load_weights", "resolve_model_name",
-           "check_model_kwargs", "pretrained_cfg_of", "random_weights_notice"]
+           "check_model_kwargs", "pretrained_cfg_of", "random_weights_notice", "imagenet_labels"]
 
 #: create_model arguments that make timm read a file or the network: weights come only from
 #: ``checkpoint`` or ``pretrained``, so these are refused wherever they come from (the command
@@ -273,23 +273,25 @@ def pretrained_cfg_of(model: nn.Module, *, labels: bool = True,
     if not labels or head is None or head != kept.get("num_classes"):
         kept.pop("label_names", None)
     elif "label_names" not in kept and imagenet:
-        names = _imagenet_labels(model)
-        if names is not None and len(names) == head:
-            kept["label_names"] = names
-    try:
-        return check_cfg(kept)
-    except ValueError:  # e.g. more class names than metadata holds: keep the rest
-        kept.pop("label_names", None)
-        return check_cfg(kept)
+        labels = imagenet_labels(model)
+        if labels is not None and len(labels[0]) == head:
+            kept["label_names"] = labels[0]
+    return check_cfg(kept, drop_bad_labels=True)  # e.g. more class names than metadata holds
 
 
-def _imagenet_labels(model: nn.Module) -> Optional[list[str]]:
+def imagenet_labels(model: nn.Module) -> Optional[tuple[list[str], list[str]]]:
+    """(names, descriptions) of timm's label set for a model whose class count is one of its
+    ImageNet sets (``timm.data.infer_imagenet_subset``): WordNet ids and readable names; None
+    for any other head, or a label set timm lists but cannot read."""
     try:
         from timm.data import ImageNetInfo, infer_imagenet_subset
 
         subset_name = infer_imagenet_subset(model)
-        return list(ImageNetInfo(subset_name).label_names()) if subset_name else None
-    except (ImportError, ValueError, KeyError, OSError, AssertionError):
+        if not subset_name:
+            return None
+        info = ImageNetInfo(subset_name)
+        return list(info.label_names()), list(info.label_descriptions())
+    except Exception:  # noqa: BLE001 - timm's label files: the indices serve instead
         return None
 
 

@@ -87,14 +87,19 @@ def subset(cfg: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     return {k: _plain(cfg[k]) for k in KEYS if cfg and cfg.get(k) is not None}
 
 
-def check_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def check_cfg(cfg: Mapping[str, Any], *, drop_bad_labels: bool = False) -> dict[str, Any]:
     """``cfg`` validated by :class:`PretrainedCfg` (unknown keys dropped, None left out);
-    a ValueError whose message names the first bad key otherwise."""
+    a ValueError whose message names the first bad key otherwise. ``drop_bad_labels``: class
+    names beyond the bounds (more than MAX_LABELS, a name too long) are left out instead,
+    where they are all that is wrong (what the weights or a run record keeps the rest)."""
     if not isinstance(cfg, Mapping):
         raise ValueError(f"must be a mapping of {', '.join(KEYS)}; got a {type(cfg).__name__}")
     try:
         return PretrainedCfg.model_validate(dict(cfg)).model_dump(exclude_none=True)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        if drop_bad_labels and all(e["loc"][:1] == ("label_names",) for e in errors):
+            return check_cfg({k: v for k, v in cfg.items() if k != "label_names"})
+        err = errors[0]
         where = ".".join(str(p) for p in err["loc"]) or "pretrained_cfg"
         raise ValueError(f"{where!r}: {err['msg']}") from None

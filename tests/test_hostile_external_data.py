@@ -154,3 +154,82 @@ def test_external_data_in_a_subgraph_is_checked_too(tmp_path, no_reader):
     with pytest.raises(ExportError, match="tensor 'C' keeps its data at .* an absolute path"):
         load_onnx(path, load_external_data=False)
     assert onnx.load(str(path), load_external_data=False).graph.node[0].op_type == "If"
+
+
+def _tensor_fields(descriptor, seen=None) -> dict[str, dict[str, object]]:
+    """{message: {field: descriptor}} of every field of onnx.proto on a path from ``descriptor``
+    to a TensorProto, and TensorProto's own fields that say where its data is."""
+    seen = {} if seen is None else seen
+    if descriptor.name in seen:
+        return seen
+    seen[descriptor.name] = {}
+    if descriptor.name == "TensorProto":
+        seen["TensorProto"] = {n: descriptor.fields_by_name[n]
+                               for n in ("name", "external_data", "data_location")}
+        entry = descriptor.fields_by_name["external_data"].message_type
+        seen["StringStringEntryProto"] = dict(entry.fields_by_name)
+        return seen
+    for field in descriptor.fields:
+        sub = field.message_type
+        if sub is not None and _reaches_tensor(sub):
+            seen[descriptor.name][field.name] = field
+            _tensor_fields(sub, seen)
+    return seen
+
+
+def _reaches_tensor(descriptor, stack=()) -> bool:
+    if descriptor.name == "TensorProto":
+        return True
+    return descriptor.name not in stack and any(
+        f.message_type is not None and _reaches_tensor(f.message_type, stack + (descriptor.name,))
+        for f in descriptor.fields)
+
+
+def _repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def test_the_skeleton_has_every_field_of_onnx_that_leads_to_a_tensor():
+    """The torch-free and onnx-free check (a serving box) parses files with a subset of
+    onnx.proto: each of its fields has onnx's number, type and cardinality, and no field of
+    onnx's schema that can hold a tensor is missing from it (at this onnx version)."""
+    import onnx
+
+    from sbn_surgery.onnx_io import SKELETON, _skeleton_class
+
+    want = _tensor_fields(onnx.ModelProto.DESCRIPTOR)
+    ours = _skeleton_class().DESCRIPTOR.file.message_types_by_name
+    assert set(want) == set(SKELETON)
+    for message, fields in want.items():
+        assert {name for name, *_ in SKELETON[message]} == set(fields), message
+        for name, field in fields.items():
+            got = ours[message].fields_by_name[name]
+            assert (got.number, got.type, _repeated(got)) == \
+                (field.number, field.type, _repeated(field)), f"{message}.{name}"
+
+
+@pytest.mark.timeout(60)
+def test_external_data_of_a_training_graph_is_checked_too(tmp_path, no_reader):
+    """ModelProto.training_info holds graphs with initializers: checked like the main graph's,
+    with onnx (load_onnx) and without it (check_onnx_file, what serving uses)."""
+    import onnx
+
+    from sbn_surgery.onnx_io import check_onnx_file
+
+    secret = _outside(tmp_path)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _model_with_external_weight(folder)
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = onnx.helper.make_tensor("T", onnx.TensorProto.FLOAT, [3], [0.0, 0.0, 0.0])
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=str(secret))
+    info = model.training_info.add()
+    info.initialization.name = "init"
+    info.initialization.initializer.append(tensor)
+    path.write_bytes(model.SerializeToString())
+    for check in (load_onnx, check_onnx_file):
+        with pytest.raises(ExportError, match="tensor 'T' keeps its data at .* an absolute path"):
+            check(path)

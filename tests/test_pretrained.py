@@ -370,3 +370,26 @@ def test_a_new_head_keeps_every_other_layer_and_a_missing_one_is_an_error(offlin
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
     with pytest.raises(CheckpointError, match=r"5 missing key\(s\): layer4.0.bn2.weight"):
         create_model("resnet10t", checkpoint="hf-hub:me/r10t-partial", num_classes=10)
+
+
+def test_class_names_beyond_the_bounds_are_left_out_and_nothing_else_is():
+    """What the weights or a run records keeps its preprocessing when only its class names are
+    beyond the metadata's bounds; any other bad value is still an error."""
+    from sbn_surgery.pretrained_cfg import MAX_LABELS, check_cfg
+    from sbn_surgery.train.model import record_preprocessing
+
+    many = {"mean": [0.5], "num_classes": MAX_LABELS + 1,
+            "label_names": [str(i) for i in range(MAX_LABELS + 1)]}
+    assert check_cfg(many, drop_bad_labels=True) == {"mean": [0.5], "num_classes": MAX_LABELS + 1}
+    with pytest.raises(ValueError, match="label_names"):
+        check_cfg(many)
+    with pytest.raises(ValueError, match="'std"):
+        check_cfg({**many, "std": [0.0]}, drop_bad_labels=True)
+    model = torch.nn.Identity()
+    model.sbn_meta = {}
+    cfg = {"input_size": (3, 32, 32), "mean": (0.1, 0.2, 0.3), "std": (0.5, 0.5, 0.5),
+           "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+    record_preprocessing(model, cfg, ["x" * 300, "b"])  # a name longer than MAX_LABEL_CHARS
+    assert model.sbn_meta["pretrained_cfg"] == {
+        "input_size": [3, 32, 32], "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5],
+        "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash", "num_classes": 2}

@@ -27,10 +27,11 @@ GAIN = 2.0  # the classifier's logits: GAIN x the normalized mean of each channe
 
 
 def colour_model(path: Path, *, meta: dict | None = None, batch="n", in_type=None,
-                 classes=CLASSES) -> Path:
+                 classes=CLASSES, external: str | None = None) -> Path:
     """An ONNX classifier of pure colours: logits = GAIN * mean over the image of each
     normalized channel, in the order of CLASSES (a 1x1 convolution, global average pooling, a
-    linear layer that permutes the channels)."""
+    linear layer that permutes the channels); ``external``: its weights kept in that file
+    beside it (ONNX external data)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -55,7 +56,11 @@ def colour_model(path: Path, *, meta: dict | None = None, batch="n", in_type=Non
     if meta is None:
         meta = {"data_config": CFG, "classes": classes, "classes_source": "test colours"}
     set_onnx_metadata(model, meta)
-    onnx.save(model, str(path))
+    if external is None:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=external, size_threshold=0)
     return path
 
 
@@ -130,6 +135,36 @@ def test_predict_cli_table_and_json(run_cli, model_file, tmp_path):
     assert sum(t["prob"] for t in top) == pytest.approx(1.0)
     res = run_cli("predict", model_file, image, "-k", "1")
     assert res.code == 0 and "green" in res.stdout and "blue" not in res.stdout
+
+
+def test_paths_that_look_like_markup_print_as_they_are(run_cli, tmp_path, monkeypatch):
+    """A file name is text, not rich markup: '[/red]' in a path is printed, not parsed (an
+    unmatched closing tag made rich raise, a traceback)."""
+    monkeypatch.setenv("COLUMNS", "400")  # no path folded over two lines
+    (tmp_path / "x[").mkdir()
+    model = colour_model(tmp_path / "x[" / "red].onnx")  # the path holds 'x[/red]'
+    image = write_image(tmp_path / "x[" / "[bold]g.png", COLOURS["green"])
+    res = run_cli("predict", model, image)
+    assert res.code == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "x[/red].onnx" in text and "[bold]g.png" in text
+    res = run_cli("bench", model, model, "--input-size", "3", "24", "24", "--repeats", "1")
+    assert res.code == 0, res.stderr
+    assert "x[/red].onnx" in res.stdout
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["center", "squash", "border"])
+def test_a_data_config_that_asks_for_a_giant_resize_is_refused_before_it(run_cli, tmp_path,
+                                                                          mode):
+    """Within every bound of its own (input 4096, crop_pct 0.05), a file's preprocessing may ask
+    to resize an image to 81920 pixels a side (20 GB); refused before the resize allocates."""
+    cfg = {**CFG, "input_size": [3, 4096, 4096], "crop_pct": 0.05, "crop_mode": mode}
+    model = colour_model(tmp_path / "giant.onnx",
+                         meta={"data_config": cfg, "classes": CLASSES})
+    image = write_image(tmp_path / "small.png", COLOURS["red"])
+    one_line_error(run_cli("predict", model, image), "giant.onnx", "crop_pct 0.05",
+                   "resizes a 40x30 image to", "more than 89478485 pixels")
 
 
 def _no_metadata(tmp_path):
@@ -238,6 +273,57 @@ def test_predict_and_validate_run_on_a_serving_box(model_file, tmp_path):
     assert json.loads(res.stdout)["top1"] == pytest.approx(5 / 6)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["parent", "absolute", "link-out"])
+def test_serving_refuses_external_data_outside_before_onnxruntime(run_cli, tmp_path, monkeypatch,
+                                                                  case):
+    """predict, validate and quantize open a file in onnxruntime only after checking where its
+    tensors' data lives (as parity and export do), without the onnx package."""
+    import onnxruntime
+    from test_hostile_external_data import _set_location
+
+    secret = tmp_path / "outside" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(b"\0" * 64)
+    (tmp_path / "model").mkdir()
+    model = colour_model(tmp_path / "model" / "m.onnx", external="w.bin")
+    if case == "link-out":
+        (tmp_path / "model" / "w.bin").unlink()
+        os.symlink(secret, tmp_path / "model" / "w.bin")
+        why = "a link that leads outside the model's folder"
+    else:
+        _set_location(model, "../outside/secret.bin" if case == "parent" else str(secret))
+        why = "a '..' component" if case == "parent" else "an absolute path"
+
+    def reached(*args, **kwargs):
+        raise AssertionError("a refused file reached onnxruntime")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", reached)
+    image = write_image(tmp_path / "r.png", COLOURS["red"])
+    folder = _labelled_folder(tmp_path / "data")
+    with pytest.raises(ServingError, match="keeps its data at .*" + why):
+        from sbn_surgery.serving import predict
+
+        predict(model, [image])
+    for args in (("predict", model, image), ("validate", model, "-d", folder),
+                 ("quantize", model, "-d", folder, "-o", tmp_path / "q.onnx")):
+        one_line_error(run_cli(*args), "m.onnx", "tensor 'w'", why, "Refused before reading it")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_external_data_inside_the_folder_serves(tmp_path):
+    from sbn_surgery.serving import predict
+
+    (tmp_path / "model").mkdir()
+    model = colour_model(tmp_path / "model" / "m.onnx", external="m.onnx.data")
+    assert (tmp_path / "model" / "m.onnx.data").stat().st_size > 0
+    image = write_image(tmp_path / "b.png", COLOURS["blue"])
+    top = predict(model, [image], k=3).predictions[0]
+    assert top.classes[0] == "blue"
+    np.testing.assert_allclose(top.probs, np.sort(expected_probs(COLOURS["blue"]))[::-1],
+                               atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # validate
 # --------------------------------------------------------------------------------------------
@@ -295,6 +381,9 @@ def test_quantize_writes_an_int8_file_that_keeps_the_metadata(run_cli, model_fil
 
     folder = _labelled_folder(tmp_path / "data")
     target = tmp_path / "colours.int8.onnx"
+    stale = tmp_path / ".colours.int8.onnx.sbn-stage-0123abcd"  # a killed quantize's staging
+    stale.mkdir()
+    (stale / "colours.int8.onnx").write_bytes(b"half an int8 file")
     res = run_cli("quantize", model_file, "--data", folder, "-o", target,
                   "--calibration-images", "6", "--json")
     assert res.code == 0, res.stderr
@@ -306,7 +395,8 @@ def test_quantize_writes_an_int8_file_that_keeps_the_metadata(run_cli, model_fil
     meta = read_onnx_metadata(target)
     assert meta["classes"] == CLASSES and meta["data_config"] == CFG
     assert meta["quantization"]["format"] == "QDQ"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left,
+    # the stale one swept
     # and the int8 file serves like the float one
     from sbn_surgery.serving import predict
 

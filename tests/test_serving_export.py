@@ -65,6 +65,31 @@ def test_what_the_checkpoint_stores_wins_and_is_checked():
         serving_metadata(model, (3, 64, 64))
 
 
+def test_a_one_channel_model_of_three_channel_weights_gets_one_mean_and_std(tmp_path):
+    """Converting with in_chans=1 records the weights' 3-channel mean and std; export's data
+    config, and read_data_config, give the model's one channel their average (timm adapts the
+    first convolution the same way), instead of refusing 3 values for 1 channel."""
+    from timm.data import resolve_data_config
+
+    from sbn_surgery import convert, save_converted
+    from sbn_surgery.checkpoint import read_data_config
+    from sbn_surgery.export.exporter import check_export_options
+
+    model, _ = convert("resnet10t", "resnet", num_classes=3, input_size=(1, 32, 32),
+                       model_kwargs={"in_chans": 1})
+    weights = resolve_data_config({}, model=model)
+    assert len(model.sbn_meta["pretrained_cfg"]["mean"]) == 3  # as the weights were trained
+    mean, std = sum(weights["mean"]) / 3, sum(weights["std"]) / 3
+    cfg = serving_metadata(model, (1, 32, 32))["data_config"]
+    assert cfg["input_size"] == [1, 32, 32]
+    assert cfg["mean"] == pytest.approx([mean]) and cfg["std"] == pytest.approx([std])
+    check_export_options(model, tmp_path / "m.onnx", "fold", 20, None, True, None, 1)
+    save_converted(model, tmp_path / "m.safetensors")
+    got = read_data_config(tmp_path / "m.safetensors")
+    assert got["input_size"] == (1, 32, 32)
+    assert got["mean"] == pytest.approx((mean,)) and got["std"] == pytest.approx((std,))
+
+
 def test_an_edited_model_fails_before_the_trace(tmp_path):
     from sbn_surgery import convert, export_onnx
 

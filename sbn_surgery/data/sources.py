@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from ..imaging import IMAGE_SUFFIXES
 from .images import has_images, scan_folder
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist", "synthetic")
@@ -35,7 +36,6 @@ DIGITS_VAL_FRACTION = 0.2
 SPLIT_SEED = 20230629
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # --------------------------------------------------------------------------------------------
 # sources

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..errors import ExportError
-from ..models import input_size_of
+from ..models import imagenet_labels, input_size_of
 from ..onnx_io import DEFAULT_OPSET, MIN_OPSET, set_onnx_metadata
 from ..progress import ProgressFn
 from . import graph
@@ -120,21 +120,6 @@ def _pick_dynamic_size(dynamic_size: Optional[bool], mode: str, has_fixed: bool,
     return bool(dynamic_size)
 
 
-def _timm_labels(model: nn.Module) -> Optional[tuple[list[str], list[str]]]:
-    """(names, descriptions) of timm's label set for a model whose class count is one of its
-    ImageNet sets (``timm.data.infer_imagenet_subset``): WordNet ids and readable names."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    subset = infer_imagenet_subset(model)
-    if subset is None:
-        return None
-    try:
-        info = ImageNetInfo(subset)
-        return list(info.label_names()), list(info.label_descriptions())
-    except Exception:  # noqa: BLE001 - a label set timm lists but cannot read: indices instead
-        return None
-
-
 def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
     """What serving needs (``data_config``, ``classes``, ``classes_source``): timm's eval data
     config for the model at the export's input size, with the preprocessing and class names
@@ -143,6 +128,7 @@ def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
     precedence; without stored names, timm's label names where the class count is one of its
     ImageNet label sets, else the indices. Checked: a checkpoint's metadata is untrusted."""
     from ..data import data_config_for
+    from ..data.transforms import fit_channels
     from ..pretrained_cfg import EVAL_KEYS
     from ..serving.metadata import check_classes, check_data_config
 
@@ -152,8 +138,9 @@ def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
     where = f"the model's stored preprocessing ({meta.get('model_name', 'model')})"
     cfg = dict(data_config_for(model, tuple(input_size)))
     cfg.update({k: stored[k] for k in EVAL_KEYS if k in stored and k != "input_size"})
+    cfg = fit_channels(cfg)  # a 1-channel model of 3-channel weights: one mean, one std
     names = stored.get("label_names")
-    timm_labels = _timm_labels(model)
+    timm_labels = imagenet_labels(model)
     if names is not None and (outputs is None or len(names) == outputs) and \
             not (timm_labels and list(names) == timm_labels[0]):
         classes, source = check_classes(names, where, outputs), "checkpoint (label_names)"
@@ -165,21 +152,21 @@ def serving_metadata(model: nn.Module, input_size) -> dict[str, Any]:
     return {"data_config": data_config, "classes": classes, "classes_source": source}
 
 
-def _metadata(model: nn.Module, mode: str, opset: int, input_size, dynamic_batch: bool,
-              dynamic_size: bool, records: list[SiteExport]) -> dict[str, Any]:
+def _metadata(model: nn.Module, plan: ExportPlan, dynamic_size: bool,
+              records: list[SiteExport]) -> dict[str, Any]:
     meta = getattr(model, "sbn_meta", None) or {}
     name = meta.get("model_name") or getattr(model, "default_cfg", {}).get("architecture") \
         or type(model).__name__
     return {
-        **serving_metadata(model, input_size),
+        **plan.serving,
         "version": __version__,
-        "mode": mode,
-        "opset": opset,
+        "mode": plan.mode,
+        "opset": plan.opset,
         "model_name": str(name),
         "recipe": meta.get("recipe"),
         "recipe_name": meta.get("recipe_name"),
-        "input_size": list(input_size),
-        "dynamic_batch": dynamic_batch,
+        "input_size": list(plan.size),
+        "dynamic_batch": plan.dynamic_batch,
         "dynamic_size": dynamic_size,
         "sites": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items()}
                   for r in records],
@@ -221,6 +208,7 @@ class ExportPlan:
     dynamic_size: Optional[bool]
     batch_size: int
     fixed: list[tuple[str, Optional[tuple[int, int]]]]
+    serving: dict[str, Any] = field(default_factory=dict)  # serving_metadata(), checked
 
 
 def check_export_options(model: nn.Module, path: Union[str, Path], mode: str, opset: int,
@@ -246,9 +234,9 @@ def check_export_options(model: nn.Module, path: Union[str, Path], mode: str, op
     if path.suffix.lower() != ".onnx":
         raise ExportError(f"output file {path} should end in .onnx")
     size = _resolve_input_size(model, input_size)
-    serving_metadata(model, size)  # a bad recorded data config fails before the slow trace
+    serving = serving_metadata(model, size)  # a bad recorded data config fails before the trace
     return ExportPlan(path, mode, int(opset), size, dynamic_batch,
-                 dynamic_size, int(batch_size), _frequency_sites(model))
+                      dynamic_size, int(batch_size), _frequency_sites(model), serving)
 
 
 def _trace(work: nn.Module, plan: ExportPlan, dyn_size: bool) -> Any:
@@ -289,7 +277,7 @@ def _finalize(proto: Any, model: nn.Module, plan: ExportPlan, records: list[Site
     graph.name_sbn_nodes(proto, site_dicts)
     for rec, d in zip(records, site_dicts):
         rec.output, rec.inputs, rec.nodes = d.get("output"), d.get("inputs", []), d.get("nodes", 0)
-    meta = _metadata(model, plan.mode, plan.opset, plan.size, plan.dynamic_batch, dyn_size, records)
+    meta = _metadata(model, plan, dyn_size, records)
     set_onnx_metadata(proto, meta)
     proto.doc_string = (f"{meta['model_name']} with {len(records)} SpectralBatchNorm2d layer(s), "
                         f"exported by sbn-surgery in {plan.mode} mode")

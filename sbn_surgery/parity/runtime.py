@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..errors import ParityError
+from ..onnx_io import open_session
 
 __all__ = ["session", "input_chw", "image_input_dims", "check_numel", "run"]
 
@@ -67,19 +68,10 @@ def run(sess, feed: dict, path) -> list:
 
 
 def session(model: Union[str, Path, bytes], threads: Optional[int] = None):
-    """An onnxruntime CPU session for a file path or serialized model."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    src = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        name = "the model" if isinstance(model, bytes) else str(model)
-        raise ParityError(f"onnxruntime cannot load {name}: {str(exc).strip()[:400]}") from None
+    """An onnxruntime CPU session for a file path (its external data checked first) or
+    serialized model; one ParityError if it cannot be loaded (see
+    :func:`sbn_surgery.onnx_io.open_session`)."""
+    return open_session(model, threads, ParityError)
 
 
 def input_chw(dims: Sequence[Optional[int]], meta: dict, input_size, path) -> tuple[int, int, int]:

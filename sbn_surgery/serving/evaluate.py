@@ -17,9 +17,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 
 from ..errors import ServingError
-from ..imaging import has_images, load_image, scan_folder
+from ..imaging import IMAGE_SUFFIXES, has_images, load_image, scan_folder
 from ..progress import ProgressFn
-from .predict import IMAGE_SUFFIXES
 from .runtime import batched
 
 __all__ = ["Score", "EvalReport", "evaluate", "labelled_folder", "Samples"]

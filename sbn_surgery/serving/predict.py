@@ -10,14 +10,12 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import ServingError
-from ..imaging import has_images, load_image, scan_folder
+from ..imaging import IMAGE_SUFFIXES, has_images, load_image, scan_folder
 from ..progress import ProgressFn
 from .runtime import ServingModel, batched, top_k
 
 __all__ = ["Prediction", "predict", "list_images", "IMAGE_SUFFIXES"]
 
-#: The image files a folder is searched for (the data sources' list).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 #: The most images one call takes (a folder tree of millions is a job for a data loader).
 MAX_IMAGES = 1_000_000
 

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..imaging import resample_filter
+from ..errors import ServingError
+from ..imaging import MAX_PIXELS, resample_filter
 from .metadata import DataConfig
 
 __all__ = ["EvalTransform"]
@@ -26,10 +27,13 @@ __all__ = ["EvalTransform"]
 
 class EvalTransform:
     """``transform(img)``: a PIL image (mode L or RGB, as the data config's channel count asks)
-    -> float32 array (C, H, W), timm's eval transform for ``cfg``."""
+    -> float32 array (C, H, W), timm's eval transform for ``cfg``. A resize larger than
+    ``MAX_PIXELS`` (what a small ``crop_pct`` of a large input size asks for) is refused before
+    it allocates: one ServingError naming ``where`` (the file the config came from)."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, where: str = "the data config") -> None:
         self.cfg = cfg
+        self.where = where
         self.size = (int(cfg.input_size[1]), int(cfg.input_size[2]))
         self.resample = resample_filter(cfg.interpolation)
         self.scale_size = tuple(math.floor(x / cfg.crop_pct) for x in self.size)
@@ -46,21 +50,31 @@ class EvalTransform:
     def __call__(self, img) -> np.ndarray:
         if img.mode != self.mode:
             img = img.convert(self.mode)
-        if self.cfg.crop_mode == "squash":
-            img = _resize(img, self.scale_size, self.resample)
-            arr = _center_crop(_pixels(img), self.size, (0,) * len(self.fill))
-        elif self.cfg.crop_mode == "border":
-            img = _resize(img, _keep_ratio(img, self.scale_size, 1.0), self.resample)
-            arr = _center_crop(_pixels(img), self.size, self.fill)
-        else:
-            if self.scale_size[0] == self.scale_size[1]:
-                target = _shorter_side(img, self.scale_size[0])
-            else:
-                target = _keep_ratio(img, self.scale_size, 0.0)
-            img = _resize(img, target, self.resample)
-            arr = _center_crop(_pixels(img), self.size, (0,) * len(self.fill))
+        img = self._resize(img, self._target(img))
+        fill = self.fill if self.cfg.crop_mode == "border" else (0,) * len(self.fill)
+        arr = _center_crop(_pixels(img), self.size, fill)
         x = arr.astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
         return (x - self.mean) / self.std
+
+    def _target(self, img) -> tuple[int, int]:
+        """(H, W) timm's eval transform resizes ``img`` to, before its center crop."""
+        if self.cfg.crop_mode == "squash":
+            return self.scale_size  # type: ignore[return-value]
+        if self.cfg.crop_mode == "border":
+            return _keep_ratio(img, self.scale_size, 1.0)
+        if self.scale_size[0] == self.scale_size[1]:
+            return _shorter_side(img, self.scale_size[0])
+        return _keep_ratio(img, self.scale_size, 0.0)
+
+    def _resize(self, img, target: tuple[int, int]):
+        if target[0] * target[1] > MAX_PIXELS:
+            c = self.cfg
+            raise ServingError(
+                f"{self.where}: its data_config (input {c.input_size[1]}x{c.input_size[2]}, "
+                f"crop_pct {c.crop_pct:g}, crop_mode {c.crop_mode}) resizes a {img.width}x"
+                f"{img.height} image to {target[1]}x{target[0]}, more than {MAX_PIXELS} pixels; "
+                "the file's preprocessing is implausible: export it again")
+        return _resize(img, target, self.resample)
 
 
 def _pixels(img) -> np.ndarray:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 
 from ..errors import ServingError
-from ..onnx_io import decode_metadata
+from ..onnx_io import decode_metadata, load_onnx
 
 __all__ = ["QuantizeResult", "quantize_file", "float_nodes"]
 
@@ -122,11 +122,10 @@ def quantize_file(src: Union[str, Path], dst: Union[str, Path], batches: Iterabl
                   images: int) -> QuantizeResult:
     """Quantize ``src`` to ``dst`` (written atomically; nothing checked here) calibrated on
     ``batches`` (float32, preprocessed, ``images`` in all)."""
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src), load_external_data=False)
+    model = load_onnx(src, load_external_data=False)  # its external data checked
     src_meta = {p.key: p.value for p in model.metadata_props}
     meta = decode_metadata(src_meta.items())
     exclude, reasons = float_nodes(model, meta)

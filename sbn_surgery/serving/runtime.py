@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import ServingError
 from ..onnx_io import decode_metadata
+from ..onnx_io import open_session as _open_session
 from .metadata import ServingInfo, read_serving_info, same_channels, sizes_agree
 from .preprocess import EvalTransform
 
@@ -20,23 +21,9 @@ FLOAT_INPUT = "tensor(float)"
 
 
 def open_session(path: Union[str, Path, bytes], threads: Optional[int] = None):
-    """An onnxruntime CPU session for a file (or serialized model); one ServingError if it
-    cannot be loaded."""
-    import onnxruntime as ort
-
-    if not isinstance(path, bytes) and not Path(path).is_file():
-        raise ServingError(f"ONNX file {path} not found; write one with `sbn-surgery export`")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    src = path if isinstance(path, bytes) else str(path)
-    try:
-        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        name = "the model" if isinstance(path, bytes) else str(path)
-        text = " ".join(str(exc).split())[:300]
-        raise ServingError(f"onnxruntime cannot load {name} ({text}); is it an ONNX file?") from None
+    """An onnxruntime CPU session for a file (its external data checked first) or serialized
+    model; one ServingError if it cannot be loaded (see :func:`sbn_surgery.onnx_io.open_session`)."""
+    return _open_session(path, threads, ServingError)
 
 
 def _dims(shape: Sequence) -> list[Optional[int]]:
@@ -68,7 +55,7 @@ class ServingModel:
         self.info: ServingInfo = read_serving_info(meta, where, out_dims[1])
         same_channels(self.info.data_config, self.input_dims[1], where)
         sizes_agree(self.info.data_config, self.input_dims, where)
-        self.transform = EvalTransform(self.info.data_config)
+        self.transform = EvalTransform(self.info.data_config, where)
         self.batch_size = self.input_dims[0]
 
     @property

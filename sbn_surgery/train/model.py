@@ -163,11 +163,7 @@ def record_preprocessing(model: nn.Module, cfg: dict, classes: list[str]) -> Non
     kept["num_classes"] = int(getattr(model, "num_classes", len(classes)))
     if len(classes) == kept["num_classes"]:
         kept["label_names"] = [str(c) for c in classes]
-    try:
-        meta["pretrained_cfg"] = check_cfg(kept)
-    except ValueError:  # class names beyond the bounds: the rest still holds
-        kept.pop("label_names", None)
-        meta["pretrained_cfg"] = check_cfg(kept)
+    meta["pretrained_cfg"] = check_cfg(kept, drop_bad_labels=True)  # names beyond the bounds
 
 
 def _calibration_source(opts: RunOptions) -> str:
