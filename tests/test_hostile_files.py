@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line_error
+from conftest import deep_through_aliases, one_line_error
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -162,6 +162,9 @@ def _config_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     if case == "deep":
         path.write_text("epochs: " + "[" * 5000 + "]" * 5000 + "\n")
         return path, ["nested"]
+    if case == "deep-through-aliases":  # 720 levels once expanded, 16 at most where written
+        path.write_text("model_kwargs:\n" + deep_through_aliases(12, 60, "  "))
+        return path, ["run.yaml:", "nested more than 16 levels"]
     if case == "not-utf8":
         path.write_bytes(b"epochs: 2\nlr: caf\xe9\n")
         return path, ["run.yaml:2:", "not UTF-8"]
@@ -169,7 +172,7 @@ def _config_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
 
 
 CONFIG_CASES = ["fifo", "dev-zero", "directory", "too-large", "alias-bomb", "recursive-alias",
-                "deep", "not-utf8"]
+                "deep", "deep-through-aliases", "not-utf8"]
 
 
 @pytest.mark.timeout(60)
