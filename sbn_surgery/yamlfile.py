@@ -156,9 +156,7 @@ def parse_yaml(text: str, source: str, rules: YamlRules) -> tuple[Optional[yaml.
         raise rules.error(f"{source}: {len(text)} characters; {rules.noun} has at most "
                           f"{rules.max_bytes}. Is this the right file?")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_shape(root, source, rules)
-        return root, yaml.safe_load(text)
+        return _compose_and_build(text, source, rules)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -168,6 +166,19 @@ def parse_yaml(text: str, source: str, rules: YamlRules) -> tuple[Optional[yaml.
     except RecursionError:
         raise rules.error(f"{source}: YAML nested too deeply to parse; {rules.shape_hint}") \
             from None
+
+
+def _compose_and_build(text: str, source: str,
+                       rules: YamlRules) -> tuple[Optional[yaml.Node], Any]:
+    """What ``yaml.safe_load`` does, in one pass over the text, with the shape checked between
+    composing the nodes and building the data."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        _check_shape(root, source, rules)
+        return root, (None if root is None else loader.construct_document(root))
+    finally:
+        loader.dispose()
 
 
 def read_yaml_file(path: Union[str, os.PathLike],
