@@ -87,6 +87,34 @@ def test_config_keys_that_are_not_option_names_are_not_echoed(run_cli, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(LEAKY))
+def test_model_kwargs_keys_that_are_not_argument_names_are_not_echoed(run_cli, tmp_path, case):
+    """In a --config file's model_kwargs (and on the command line): counted, not repeated (the
+    keys came back twice, in the argument list and in timm's TypeError)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model_kwargs:\n" + "".join("  " + ln + "\n"
+                                                for ln in LEAKY[case].splitlines()))
+    out = tmp_path / "run"
+    line = one_line_error(run_cli("finetune", "resnet10t", "--data", "synthetic", "--config",
+                                  path, "-o", out, "--epochs", "1", *SMALL),
+                          f"{LEAKY[case].count(chr(10))} argument name(s) that are not Python "
+                          "names")
+    _no_secret(line)
+    key = {"credentials": "AKIAIOSFODNN7EXAMPLE wJalrXUtnFEMI", "passwd-lines": "alice s3cret",
+           "long-identifier": "s3cret" * 10}[case]
+    for args in (("convert", "resnet10t", "-o", tmp_path / "c.safetensors"),
+                 ("inspect", "resnet10t"), ("diagnose", "resnet10t")):
+        line = one_line_error(run_cli(*args, "--model-kwargs", f"{key}=1", *SMALL),
+                              "1 argument name(s) that are not Python names")
+        _no_secret(line)
+    path.write_text("model_kwargs:\n  bogus_arg: hunter2\n")  # a name timm refuses: named,
+    line = one_line_error(run_cli("finetune", "resnet10t", "--data", "synthetic", "--config",
+                                  path, "-o", out, "--epochs", "1", *SMALL),
+                          "does not take these arguments (bogus_arg, num_classes)")
+    _no_secret(line)  # its value not repeated
+
+
 @pytest.mark.timeout(60)
 def test_password_file_as_config_or_recipe_is_not_echoed(run_cli, tmp_path):
     """A real /etc/passwd and /etc/shadow layout, with one 'key: value' line: a YAML error that
