@@ -281,6 +281,11 @@ def test_arm_specs_and_their_directories(tmp_path):
                     f"{own}:frequency": "file-my_recipe-frequency"}
     freq = parse_arm("resnet:frequency").recipe
     assert freq.sbn.stats == "frequency" and parse_arm("resnet").recipe.sbn.stats == "channel"
+    import hashlib  # a file's arm records the hash of the text its recipe was parsed from
+
+    digest = hashlib.sha256(own.read_bytes()).hexdigest()
+    assert parse_arm(str(own)).recipe_sha256 == parse_arm(f"{own}:frequency").recipe_sha256 \
+        == digest and parse_arm("resnet").recipe_sha256 is None
 
 
 @pytest.mark.parametrize("args, words", [
