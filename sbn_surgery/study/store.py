@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..files import LOCK_NAME, atomic_write
+from ..files import LOCK_NAME, atomic_write_bytes
 from ..errors import SbnSurgeryError
 
 STUDY_FILE = "study.json"
@@ -30,12 +30,7 @@ class StudyError(SbnSurgeryError):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-    def write(tmp: Path) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write(path, write)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path: Path) -> Any:
