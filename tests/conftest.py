@@ -84,6 +84,15 @@ def one_line_error(result, *fragments: str) -> str:
     return lines[0]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def deep_through_aliases(levels: int, links: int = 20, indent: str = "") -> str:
     """Anchors each ``levels`` deep around an alias of the one before: ``links`` x ``levels``
     deep once expanded, though each anchor is shallow where it is first used (the last keys,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from sbn_surgery.train import TrainingInterrupted, finetune
+from conftest import free_port
 
 TINY = dict(subset=96, batch_size=16, input_size=(3, 32, 32), augment=True)
 COMPARED = ("epoch", "loss", "train_top1", "val_loss", "top1", "top5", "lr", "images")
@@ -179,12 +179,6 @@ def test_sigterm_to_the_process_group_from_outside(tmp_path):
 # ============================================================================================
 # DDP: whichever rank gets the signal, all stop at the same step
 # ============================================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -224,7 +218,7 @@ def test_ddp_ranks_agree_on_the_step_a_sigterm_stops_at(tmp_path):
     import torch.multiprocessing as mp
 
     for phase in ("full", "run-stop", "run-resume"):
-        mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), phase), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), phase), nprocs=2, join=True)
     stops = [json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in range(2)]
     assert stops == [[0, 2], [0, 2]]  # rank 0 was not signalled, and stopped at rank 1's step
     full = torch.load(tmp_path / "full0.pt", weights_only=True)
