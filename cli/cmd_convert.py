@@ -157,16 +157,16 @@ def convert(
             f"{checkpoint} is already converted; a recipe is applied once. Use it "
             "as it is (finetune/export take it), or convert the original weights.")
     kwargs = parse_kv(model_kwargs, "--model-kwargs")
-    name = _recipe_or_auto(recipe, model)
+    chosen = load_recipe(_recipe_or_auto(recipe, model))  # read once: a file may change
     weights = dict(checkpoint=checkpoint, pretrained=pretrained)
     calibration = None
-    if calibrate_data != "synthetic" and load_recipe(name).rules:  # none: nothing to calibrate
+    if calibrate_data != "synthetic" and chosen.rules:  # none: nothing to calibrate
         calibration = _calibration(model, num_classes, kwargs, input_size, calibrate_data,
                                    batch_size, calibrate_batches, weights)
     _notice(model, **weights)
     report = SetupReport()
     with progress_bar(json_out) as cb:
-        net, plan = do_convert(model, name, checkpoint_key=checkpoint_key, **weights,
+        net, plan = do_convert(model, chosen, checkpoint_key=checkpoint_key, **weights,
                                num_classes=num_classes,
                                model_kwargs=kwargs, init=init, calibration=calibration,
                                calibrate_batches=calibrate_batches, calibrate_batch_size=batch_size,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from .alloc import AllocationBudget
 from .files import atomic_write
 from .errors import CheckpointError, SbnSurgeryError
-from .models import check_model_kwargs, create_model, load_weights
+from .models import ARG_NAME, check_model_kwargs, create_model, load_weights
 from .pretrained_cfg import EVAL_KEYS, PretrainedCfg
 from .recipe import Recipe
 from .surgery import apply_recipe
@@ -50,7 +49,6 @@ MAX_RECIPE_CHARS = 256 * 1024
 _Scalar = Union[bool, int, float, str, None]
 #: A timm create_model argument: a scalar or a (nested, short) list of scalars, never a mapping.
 _KwargValue = Union[_Scalar, list[Union[_Scalar, list[_Scalar]]]]
-_ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _meta_of(model: nn.Module) -> dict[str, Any]:
@@ -113,7 +111,7 @@ class ConvertedMeta(BaseModel):
     def _argument_names(cls, v):
         """A create_model argument is a Python name; any other key is refused without being
         repeated (the file may hold anything, and the message may reach a log)."""
-        if isinstance(v, dict) and not all(isinstance(k, str) and _ARG_NAME.fullmatch(k)
+        if isinstance(v, dict) and not all(isinstance(k, str) and ARG_NAME.fullmatch(k)
                                            for k in v):
             raise ValueError("has a key that is not a Python argument name")
         return v

@@ -106,8 +106,31 @@ def _create(folder: Path, name: str, tag: str, make_dir: bool) -> tuple[Path, in
         except FileExistsError:
             continue
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while in use: a sweep leaves it alone
-        return path, fd
+        if _same_file(path, fd):
+            return path, fd
+        os.close(fd)  # a sweep took it for a dead writer's before it was locked: another name
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file or folder open as ``fd``."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _fresh(path: Path, tag: str, make_dir: bool) -> tuple[Path, int]:
+    """:func:`_create` beside ``path``, in its folder (made if need be) once the leftovers of
+    killed writers of ``path`` are gone; an OS error is a WriteError for ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path.parent, path.name)
+        return _create(path.parent, path.name, tag, make_dir)
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def _remove_if_stale(entry: os.DirEntry) -> bool:
@@ -159,12 +182,7 @@ def atomic_write(path: PathLike, write_fn: Callable[[str], object]) -> None:
     """Call ``write_fn(tmp_path)`` then rename over ``path``: a crash never leaves a half file.
     An OS error (no space, read-only, permissions) is one :class:`WriteError` naming ``path``."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(path.parent, path.name)
-        tmp, fd = _create(path.parent, path.name, TMP_TAG, make_dir=False)
-    except OSError as exc:
-        raise write_error(path, exc) from None
+    tmp, fd = _fresh(path, TMP_TAG, make_dir=False)
     try:
         write_fn(str(tmp))
         os.replace(tmp, path)
@@ -197,12 +215,7 @@ def staging_dir(path: PathLike) -> Iterator[Path]:
     moving a file out of it is a rename), locked while in use and removed afterwards (whatever
     is still in it). A failed write inside it is reported for ``path``."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(path.parent, path.name)
-        folder, fd = _create(path.parent, path.name, STAGE_TAG, make_dir=True)
-    except OSError as exc:
-        raise write_error(path, exc) from None
+    folder, fd = _fresh(path, STAGE_TAG, make_dir=True)
     try:
         yield folder
     except WriteError as exc:  # the staged file's name means nothing to the user

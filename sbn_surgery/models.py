@@ -12,6 +12,7 @@ what is built downstream from the model uses it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,8 +66,19 @@ def _pretrained_cfg(name: str):
                          f"{', '.join(tags[:8])}{' ...' if len(tags) > 8 else ''}") from None
 
 
+#: What a create_model argument is called: a Python name, short enough to be quoted back in a
+#: message (as ``yamlfile.key_text`` quotes option names).
+ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
 def check_model_kwargs(kwargs: dict[str, Any], source: str = "--model-kwargs") -> None:
-    """Refuse create_model arguments that would make timm read another file or the network."""
+    """Refuse create_model arguments that are not Python names (counted, not repeated: they may
+    come from any file, e.g. a --config file's model_kwargs, and the line may reach a log), and
+    those that would make timm read another file or the network."""
+    odd = [k for k in kwargs if not (isinstance(k, str) and ARG_NAME.fullmatch(k))]
+    if odd:
+        raise ModelError(f"{source}: {len(odd)} argument name(s) that are not Python names; a "
+                         "timm create_model argument is a name, e.g. drop_rate=0.1")
     for key in kwargs:
         low = str(key).lower()
         if (key in FORBIDDEN_KWARGS or any(part in low for part in _FORBIDDEN_PARTS)
@@ -212,7 +224,7 @@ def _build(name: str, kwargs: dict[str, Any], overlay: dict[str, Any],
     except (TypeError, ValueError, AssertionError, KeyError, IndexError) as exc:
         # arguments timm refuses (an unknown name, or a value its own asserts reject)
         raise ModelError(
-            f"timm model {name!r} does not take these arguments {kwargs}: "
+            f"timm model {name!r} does not take these arguments ({', '.join(kwargs)}): "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
             "Check --model-kwargs / --num-classes."
         ) from None

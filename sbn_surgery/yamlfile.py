@@ -7,9 +7,10 @@ echoes what it holds:
   it is opened without blocking, so a FIFO or device never stalls the command;
 * at most :attr:`YamlRules.max_bytes` are read; the text must be UTF-8;
 * the document is composed (``yaml.SafeLoader``, no Python objects) and refused when it nests
-  deeper than :attr:`YamlRules.max_depth`, or expands to more than :attr:`YamlRules.max_nodes`
-  values once aliases are counted at each use (a "billion laughs" bomb), or an alias refers to
-  itself; only then is it constructed;
+  deeper than :attr:`YamlRules.max_depth` or expands to more than :attr:`YamlRules.max_nodes`
+  values once aliases are counted at each use, as deep and as large as what they refer to (a
+  "billion laughs" bomb, or a chain of shallow anchors that nests thousands of levels deep), or
+  an alias refers to itself; only then is it constructed;
 * a key is quoted in a message only when it looks like an option name (:func:`key_text`);
   anything else is named by its file and line.
 """
@@ -111,36 +112,41 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def _check_shape(root: Optional[yaml.Node], source: str, rules: YamlRules) -> None:
-    """Refuse a document nested too deeply, too large once aliases are expanded, or whose
-    aliases refer to themselves. Iterative, so deep input cannot exhaust the stack."""
+    """Refuse a document nested too deeply or too large once aliases are expanded (an alias
+    counts, at each use, as deep and as large as what it refers to), or whose aliases refer to
+    themselves. Iterative, so deep input cannot exhaust the stack."""
     if root is None:
         return
-    size: dict[int, int] = {}
+    size: dict[int, int] = {}  # a node's values, expanded
+    height: dict[int, int] = {}  # its levels, expanded
     stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
     open_ids: set[int] = set()
     while stack:
         node, depth, done = stack.pop()
-        where = f"{source}:{node.start_mark.line + 1}"
-        if depth > rules.max_depth:
-            raise rules.error(f"{where}: YAML nested more than {rules.max_depth} levels deep; "
-                              f"{rules.shape_hint}")
-        kids = _children(node)
+        key, where = id(node), f"{source}:{node.start_mark.line + 1}"
         if done:
-            open_ids.discard(id(node))
-            size[id(node)] = 1 + sum(size[id(c)] for c in kids)
-            if size[id(node)] > rules.max_nodes:
+            open_ids.discard(key)
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(c)] for c in kids)
+            height[key] = 1 + max((height[id(c)] for c in kids), default=0)
+            if size[key] > rules.max_nodes:
                 raise rules.error(f"{where}: YAML expands to more than {rules.max_nodes} values "
                                   f"(aliases repeat what they refer to); write {rules.noun} out "
                                   "plainly.")
             continue
-        if id(node) in size:
+        reach = depth - 1 + height.get(key, 1)  # an alias: as deep as what it refers to
+        if reach > rules.max_depth:
+            raise rules.error(f"{where}: YAML nested more than {rules.max_depth} levels deep "
+                              f"(aliases count as deep as what they refer to); "
+                              f"{rules.shape_hint}")
+        if key in height:
             continue
-        if id(node) in open_ids:
+        if key in open_ids:
             raise rules.error(f"{where}: a YAML alias refers to itself (a recursive structure); "
                               "remove the alias.")
-        open_ids.add(id(node))
+        open_ids.add(key)
         stack.append((node, depth, True))
-        stack.extend((c, depth + 1, False) for c in kids if id(c) not in size)
+        stack.extend((c, depth + 1, False) for c in _children(node))
 
 
 def parse_yaml(text: str, source: str, rules: YamlRules) -> tuple[Optional[yaml.Node], Any]:
@@ -150,9 +156,7 @@ def parse_yaml(text: str, source: str, rules: YamlRules) -> tuple[Optional[yaml.
         raise rules.error(f"{source}: {len(text)} characters; {rules.noun} has at most "
                           f"{rules.max_bytes}. Is this the right file?")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_shape(root, source, rules)
-        return root, yaml.safe_load(text)
+        return _compose_and_build(text, source, rules)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -162,6 +166,19 @@ def parse_yaml(text: str, source: str, rules: YamlRules) -> tuple[Optional[yaml.
     except RecursionError:
         raise rules.error(f"{source}: YAML nested too deeply to parse; {rules.shape_hint}") \
             from None
+
+
+def _compose_and_build(text: str, source: str,
+                       rules: YamlRules) -> tuple[Optional[yaml.Node], Any]:
+    """What ``yaml.safe_load`` does, in one pass over the text, with the shape checked between
+    composing the nodes and building the data."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        _check_shape(root, source, rules)
+        return root, (None if root is None else loader.construct_document(root))
+    finally:
+        loader.dispose()
 
 
 def read_yaml_file(path: Union[str, os.PathLike],

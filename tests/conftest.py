@@ -84,6 +84,28 @@ def one_line_error(result, *fragments: str) -> str:
     return lines[0]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_through_aliases(levels: int, links: int = 20, indent: str = "") -> str:
+    """Anchors each ``levels`` deep around an alias of the one before: ``links`` x ``levels``
+    deep once expanded, though each anchor is shallow where it is first used (the last keys,
+    which a check that remembers nodes it has seen reaches first)."""
+    def nest(inner: str) -> str:
+        return "[" * levels + inner + "]" * levels
+
+    lines = [f"d0: &a0 {nest('1')}"]
+    lines += [f"d{i}: &a{i} {nest(f'*a{i - 1}')}" for i in range(1, links)]
+    lines += [f"s{i}: *a{i}" for i in reversed(range(links))]
+    return "".join(f"{indent}{line}\n" for line in lines)
+
+
 def randomize_norms(model, g) -> None:
     """Random BatchNorm affine parameters and running statistics from the generator ``g``, as a
     trained model has: identity init and export are then not tested on norms that are nearly

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 
 from sbn_surgery.data import build_loaders, calibration_batches, open_source
 from sbn_surgery.errors import DataError
+from conftest import free_port
 
 N_TRAIN, N_VAL, SHARDS = 400, 100, 4
 #: 8x8 gray images at their native size: timm's eval transform leaves every pixel as it is.
@@ -211,12 +211,6 @@ def test_wds_subset_and_calibration(data):
 # --------------------------------------------------------------------------------------------
 # 2 gloo processes on WebDataset shards
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -240,7 +234,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_wds_two_gloo_processes_get_disjoint_shards(data, tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data["root"] / "wds"), str(tmp_path)),
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(data["root"] / "wds"), str(tmp_path)),
              nprocs=2, join=True)
     r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     assert r[0]["len_train"] == r[1]["len_train"] == -(-N_TRAIN // 2 // 32)

@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
@@ -47,7 +41,7 @@ pytestmark = pytest.mark.slow  # two processes and several runs: a minute or mor
 
 
 def test_ddp_two_gloo_processes_agree(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert s0.keys() == s1.keys()
@@ -106,7 +100,7 @@ def test_ddp_resume_after_ctrl_c_mid_epoch_equals_the_uninterrupted_run(tmp_path
     # each rank's running statistics differ mid-epoch: the saved state keeps every rank's own,
     # so the resumed ranks go on from them and the epoch ends where the uninterrupted one does
     for phase in ("full", "run-stop", "run-resume"):
-        mp.spawn(_interrupt_worker, args=(2, _free_port(), str(tmp_path), phase), nprocs=2,
+        mp.spawn(_interrupt_worker, args=(2, free_port(), str(tmp_path), phase), nprocs=2,
                  join=True)
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert state["step"] == 0 and state["epoch"] == 1  # the resumed run finished the epoch

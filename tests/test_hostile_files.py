@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line_error
+from conftest import deep_through_aliases, one_line_error
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -85,6 +85,34 @@ def test_config_keys_that_are_not_option_names_are_not_echoed(run_cli, tmp_path,
     where = f"(line {lines[0]})" if len(lines) == 1 else f"(lines {', '.join(map(str, lines))})"
     assert f"{len(lines)} key" in line and where in line, line
     assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(LEAKY))
+def test_model_kwargs_keys_that_are_not_argument_names_are_not_echoed(run_cli, tmp_path, case):
+    """In a --config file's model_kwargs (and on the command line): counted, not repeated (the
+    keys came back twice, in the argument list and in timm's TypeError)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model_kwargs:\n" + "".join("  " + ln + "\n"
+                                                for ln in LEAKY[case].splitlines()))
+    out = tmp_path / "run"
+    line = one_line_error(run_cli("finetune", "resnet10t", "--data", "synthetic", "--config",
+                                  path, "-o", out, "--epochs", "1", *SMALL),
+                          f"{LEAKY[case].count(chr(10))} argument name(s) that are not Python "
+                          "names")
+    _no_secret(line)
+    key = {"credentials": "AKIAIOSFODNN7EXAMPLE wJalrXUtnFEMI", "passwd-lines": "alice s3cret",
+           "long-identifier": "s3cret" * 10}[case]
+    for args in (("convert", "resnet10t", "-o", tmp_path / "c.safetensors"),
+                 ("inspect", "resnet10t"), ("diagnose", "resnet10t")):
+        line = one_line_error(run_cli(*args, "--model-kwargs", f"{key}=1", *SMALL),
+                              "1 argument name(s) that are not Python names")
+        _no_secret(line)
+    path.write_text("model_kwargs:\n  bogus_arg: hunter2\n")  # a name timm refuses: named,
+    line = one_line_error(run_cli("finetune", "resnet10t", "--data", "synthetic", "--config",
+                                  path, "-o", out, "--epochs", "1", *SMALL),
+                          "does not take these arguments (bogus_arg, num_classes)")
+    _no_secret(line)  # its value not repeated
 
 
 @pytest.mark.timeout(60)
@@ -162,6 +190,9 @@ def _config_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     if case == "deep":
         path.write_text("epochs: " + "[" * 5000 + "]" * 5000 + "\n")
         return path, ["nested"]
+    if case == "deep-through-aliases":  # 720 levels once expanded, 16 at most where written
+        path.write_text("model_kwargs:\n" + deep_through_aliases(12, 60, "  "))
+        return path, ["run.yaml:", "nested more than 16 levels"]
     if case == "not-utf8":
         path.write_bytes(b"epochs: 2\nlr: caf\xe9\n")
         return path, ["run.yaml:2:", "not UTF-8"]
@@ -169,7 +200,7 @@ def _config_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
 
 
 CONFIG_CASES = ["fifo", "dev-zero", "directory", "too-large", "alias-bomb", "recursive-alias",
-                "deep", "not-utf8"]
+                "deep", "deep-through-aliases", "not-utf8"]
 
 
 @pytest.mark.timeout(60)

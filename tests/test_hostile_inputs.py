@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import one_line_error
+from conftest import deep_through_aliases, one_line_error
 
 import sbn_surgery as sbn
 from sbn_surgery.errors import RecipeError, SurgeryError
@@ -55,6 +55,8 @@ BAD_RECIPE_TEXT = {
     "deep-nesting": (("a: " + "[" * 5000 + "]" * 5000 + "\n").encode(), ["nested"]),
     "nesting-past-limit": (("a: " + "[" * 40 + "]" * 40 + "\n").encode(),
                            ["nested more than 32 levels"]),
+    "nesting-through-aliases": (("name: t\n" + deep_through_aliases(28) + RULE).encode(),
+                                ["nested more than 32 levels"]),
     "billion-laughs": (_billion_laughs().encode(), ["expands to more than"]),
     "recursive-alias": (b"name: &n [*n]\n" + RULE.encode(), ["refers to itself"]),
     "huge-pattern": (f"name: t\nrules:\n  - paths: ['{'x' * 5000}']\n".encode(),

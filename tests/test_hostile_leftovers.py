@@ -271,3 +271,41 @@ def test_the_lock_record_is_read_as_untrusted(tmp_path):
             assert "hunter2" not in text and "\x1b" not in text and len(text) < 1000, text
     finally:
         _kill9(holder)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("staged", [False, True], ids=["file", "staging-folder"])
+def test_a_sweep_between_creating_and_locking_a_temporary_name_costs_no_write(tmp_path,
+                                                                               monkeypatch,
+                                                                               staged):
+    """Another process sweeping the folder (a run starting there, a write of the same name) can
+    find a temporary file or staging folder after it is created and before its writer locks it,
+    and take it for a dead writer's: the writer then takes another name, locked while it writes
+    (a later sweep leaves it), instead of writing where nothing holds it, or into a staging
+    folder that is gone."""
+    import fcntl
+
+    import sbn_surgery.files as F
+
+    real, swept = fcntl.flock, []
+
+    def sweep_first(fd, op):
+        if op == fcntl.LOCK_EX and not swept:  # the writer's own lock, the first time
+            swept.append(F.remove_stale(tmp_path))  # as the other process would, just before
+        return real(fd, op)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(b"data")
+        assert F.remove_stale(Path(tmp).parent) == []  # a sweep now leaves it: it is locked
+
+    monkeypatch.setattr(F.fcntl, "flock", sweep_first)
+    target = tmp_path / "out.bin"
+    if staged:
+        with F.staging_dir(target) as folder:
+            F.atomic_write(folder / target.name, write)
+            assert F.remove_stale(tmp_path) == []
+            os.replace(folder / target.name, target)
+    else:
+        F.atomic_write(target, write)
+    assert len(swept) == 1 and len(swept[0]) == 1  # the sweep did take the first name
+    assert target.read_bytes() == b"data" and _own(tmp_path) == []

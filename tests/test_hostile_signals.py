@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from sbn_surgery.train import TrainingInterrupted, finetune
+from conftest import free_port
 
 TINY = dict(subset=96, batch_size=16, input_size=(3, 32, 32), augment=True)
 COMPARED = ("epoch", "loss", "train_top1", "val_loss", "top1", "top5", "lr", "images")
@@ -132,8 +133,6 @@ def _env() -> dict[str, str]:
 
 
 def _wait_for(path: Path, proc: subprocess.Popen) -> None:
-    import time
-
     while not path.exists():  # the run writes it at the step it waits in; bounded by the timeout
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before its step: {proc.stderr.read()}")
@@ -180,12 +179,6 @@ def test_sigterm_to_the_process_group_from_outside(tmp_path):
 # ============================================================================================
 # DDP: whichever rank gets the signal, all stop at the same step
 # ============================================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -225,7 +218,7 @@ def test_ddp_ranks_agree_on_the_step_a_sigterm_stops_at(tmp_path):
     import torch.multiprocessing as mp
 
     for phase in ("full", "run-stop", "run-resume"):
-        mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), phase), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), phase), nprocs=2, join=True)
     stops = [json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in range(2)]
     assert stops == [[0, 2], [0, 2]]  # rank 0 was not signalled, and stopped at rank 1's step
     full = torch.load(tmp_path / "full0.pt", weights_only=True)
@@ -241,8 +234,9 @@ CFG = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0,
        "mean": (0.5,) * 3, "std": (0.5,) * 3}
 
 
-def _loader_workers() -> list[int]:
-    """This process's DataLoader worker processes."""
+def _loader_workers(running: bool = False) -> list[int]:
+    """This process's DataLoader worker processes (``running``: not those that exited and wait
+    to be reaped)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
@@ -250,7 +244,9 @@ def _loader_workers() -> list[int]:
         except (OSError, ValueError):
             continue
         name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
-        if int(fields.split()[1]) == os.getpid() and name == "pt_data_worker":
+        state, parent = fields.split()[:2]
+        if int(parent) == os.getpid() and name == "pt_data_worker" and not (
+                running and state in "ZX"):
             pids.append(int(entry.name))
     return pids
 
@@ -287,6 +283,30 @@ def test_a_loader_worker_goes_on_serving_after_a_sigterm(image_folder):
     os.kill(workers[0], signal.SIGTERM)
     got += list(batches)  # 11 more batches; at most 2 were made ahead of the signal
     assert len(got) == 12
+
+
+@pytest.mark.timeout(120)
+def test_an_image_error_in_a_worker_ends_the_worker_while_the_error_is_held(image_folder,
+                                                                            tmp_path):
+    """The one-line DataError of an unreadable image: the loader's worker is told to end at
+    once, not when the garbage collector frees the error (which a caller, here pytest.raises,
+    may hold: the worker's error, chained to it, held the loader's iterator, and its worker
+    stayed alive)."""
+    import shutil
+
+    from sbn_surgery.data import build_loaders
+    from sbn_surgery.errors import DataError
+
+    root = tmp_path / "images"
+    shutil.copytree(image_folder, root)
+    (root / "train" / "a" / "0.png").write_bytes(b"not a png")
+    before = set(_loader_workers())
+    train, _, _ = build_loaders(str(root), CFG, 8, workers=1)
+    with pytest.raises(DataError) as info:
+        list(train.iter_epoch(0))
+    assert "0.png" in str(info.value) and info.value.__context__ is None
+    while [pid for pid in _loader_workers(running=True) if pid not in before]:
+        time.sleep(0.05)  # it exits once told to; bounded by the timeout, not by a clock
 
 
 #: Leaves a loader iterator with a live worker to the interpreter's exit, where multiprocessing

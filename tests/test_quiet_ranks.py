@@ -5,13 +5,12 @@ The end-to-end tests start two processes with the environment torchrun gives the
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import one_line_error
+from conftest import free_port, one_line_error
 
 
 @pytest.fixture
@@ -51,15 +50,9 @@ def test_rank_0_and_a_lone_process_speak(run_cli, monkeypatch):
     one_line_error(run_cli("recipes", "no-such-recipe"), "no recipe named 'no-such-recipe'")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(*args: str) -> list[subprocess.CompletedProcess]:
     """``python -m sbn_surgery_cli ARGS`` as torchrun starts it on 2 CPU processes (gloo)."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),

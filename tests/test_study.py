@@ -231,6 +231,22 @@ def test_resume_after_an_interrupt_in_the_middle_of_an_arm(base, tmp_path):
     assert not (copy / "resnet" / "seed1" / "state.pt").exists()  # finished: tidied
 
 
+@pytest.mark.parametrize("damage", ['{"epoch": 1}\n',
+                                    '{"epoch": 1, "top1": "x", "val_loss": 1.0}\n'])
+def test_a_damaged_metrics_file_repeats_its_run(base, tmp_path, damage):
+    """A finished run whose metrics.jsonl lost what the report reads is trained again (it was
+    a traceback: the report read the top-1 of a line without one)."""
+    out, first, _ = base
+    copy = tmp_path / "s"
+    shutil.copytree(out, copy)
+    (copy / "none" / "seed1" / "metrics.jsonl").write_text(damage)
+    again = study(*ARGS, arms=["none", "resnet"], seeds=2, output=copy, **TINY)
+    assert again.trained_runs == 1
+    rows = (copy / "none" / "seed1" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["top1"] == again.arms[0]["runs"][1]["val_top1"]
+    assert again.arms[0]["runs"][1]["val_top1"] == first.arms[0]["runs"][1]["val_top1"]
+
+
 def test_paired_interval_against_a_hand_computation():
     arm, base = [0.81, 0.83, 0.84], [0.80, 0.80, 0.82]
     # differences 0.01, 0.03, 0.02: mean 0.02, sample std 0.01, t(0.975, 2) = 4.303
@@ -265,6 +281,11 @@ def test_arm_specs_and_their_directories(tmp_path):
                     f"{own}:frequency": "file-my_recipe-frequency"}
     freq = parse_arm("resnet:frequency").recipe
     assert freq.sbn.stats == "frequency" and parse_arm("resnet").recipe.sbn.stats == "channel"
+    import hashlib  # a file's arm records the hash of the text its recipe was parsed from
+
+    digest = hashlib.sha256(own.read_bytes()).hexdigest()
+    assert parse_arm(str(own)).recipe_sha256 == parse_arm(f"{own}:frequency").recipe_sha256 \
+        == digest and parse_arm("resnet").recipe_sha256 is None
 
 
 @pytest.mark.parametrize("args, words", [

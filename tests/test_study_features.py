@@ -263,14 +263,11 @@ def _ddp_study_worker(rank: int, world: int, port: int, root: str) -> None:
 @pytest.mark.slow
 def test_under_torchrun_every_rank_measures_each_epoch_and_rank_0_writes(tmp_path):
     import json
-    import socket
 
     import torch.multiprocessing as mp
+    from conftest import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_study_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_study_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     calls = [json.loads((tmp_path / f"calls{r}.json").read_text()) for r in (0, 1)]
     # rank 0 also measures every run at initialization; after each epoch, every rank measures
     # (at once: a model whose norm layers synchronize needs all ranks in its forward pass)

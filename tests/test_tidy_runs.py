@@ -64,6 +64,28 @@ def test_keep_state_keeps_it_and_the_run_extends(tmp_path, run_cli):
     one_line_error(again, "finished and kept no state.pt", "--keep-state")
 
 
+def test_overwrite_leaves_no_state_that_would_resume_the_run_before(tmp_path, monkeypatch):
+    """A run started with --overwrite over one kept with --keep-state, and stopped in its first
+    epoch (killed, or failing): --resume must not go on with the run before (its state.pt stayed
+    beside the new run's args.yaml and empty metrics)."""
+    import sbn_surgery.train.loop as L
+
+    out = tmp_path / "run"
+    finetune("resnet10t", "synthetic", output=out, epochs=1, keep_state=True, **TINY)
+    assert (out / "state.pt").is_file()
+
+    def killed(self, stop):
+        raise RuntimeError("the process died in epoch 1")
+
+    monkeypatch.setattr(L._Run, "_train_epoch", killed)
+    with pytest.raises(RuntimeError, match="died"):
+        finetune("resnet10t", "synthetic", output=out, epochs=3, overwrite=True, **TINY)
+    monkeypatch.undo()
+    assert not (out / "state.pt").exists()
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        finetune("resnet10t", "synthetic", output=out, resume=True)
+
+
 def test_curves_show_the_ema_model():
     from sbn_surgery.train.outputs import curves_figure
 

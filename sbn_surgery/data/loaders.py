@@ -170,12 +170,30 @@ class Loader:
                                              num_workers=self.workers,
                                              persistent_workers=False,
                                              worker_init_fn=_worker_signals)
+        batches = iter(loader)
+        failed = None
         try:
-            for x, y in loader:
+            for x, y in batches:
                 yield x, y
         except DataError as exc:  # from a worker, its message carries the worker's traceback
             last = [line for line in str(exc).splitlines() if line.strip()][-1]
-            raise DataError(last.split("DataError: ", 1)[-1]) from None
+            failed = last.split("DataError: ", 1)[-1]
+        finally:
+            _end_workers(batches)
+        if failed is not None:  # raised outside the handler: see _end_workers
+            raise DataError(failed)
+
+
+def _end_workers(batches) -> None:
+    """End a DataLoader iterator's worker processes now, on every way out of an epoch (its end,
+    a ``close()``, an error), as its finalizer would. Left to the finalizer, an iterator that an
+    exception still refers to (the worker's error, chained as the context of the one raised,
+    holds the iterator's frames) kept its worker alive until the garbage collector freed the
+    cycle; that finalizer then waited for the worker in vain and SIGTERMed it (see
+    :func:`_worker_signals`), 10 s, and left it a zombie."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's; none without workers
+    if shutdown is not None:
+        shutdown()
 
 
 #: How long a loader worker goes on after a SIGTERM before it exits on its own (status 0).

@@ -106,7 +106,7 @@ def parse_arm(spec: str) -> Arm:
         raise ArmError(f"arm {spec!r}: {exc}") from None
     sha = None
     if is_file:
-        text = Path(base).read_text(encoding="utf-8")
+        text = recipe.text or ""  # as load_recipe read it (bounded), not read a second time
         sha = hashlib.sha256(text.encode()).hexdigest()
         if stats and _fixes_stats(text):
             raise ArmError(f"arm {spec!r}: the recipe file {base} sets 'stats' itself, so "

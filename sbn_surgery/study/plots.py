@@ -81,7 +81,7 @@ def _figure():
 def _finish(fig, ax, path: Path, ylabel: str, title: str, xlabel: str = "epoch") -> None:
     from matplotlib.ticker import MaxNLocator
 
-    from ..files import atomic_write
+    from ..files import atomic_write_bytes
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
@@ -93,9 +93,4 @@ def _finish(fig, ax, path: Path, ylabel: str, title: str, xlabel: str = "epoch")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    data = buf.getvalue()
-
-    def write(tmp: Path) -> None:
-        Path(tmp).write_bytes(data)
-
-    atomic_write(path, write)
+    atomic_write_bytes(path, buf.getvalue())

@@ -54,24 +54,19 @@ def paired_difference(arm: Sequence[float], base: Sequence[float],
     return mean, [mean - half, mean + half]
 
 
-def verdict(ci95: Sequence[float], seeds: int) -> str:
-    """``better`` when the whole interval is above 0, ``worse`` when below, else that no
-    difference can be resolved with this many seeds."""
+def verdict(ci95: Sequence[float], seeds: int, words: tuple[str, str] = ("better", "worse")
+            ) -> str:
+    """``better`` (``words[0]``) when the whole interval is above 0, ``worse`` (``words[1]``)
+    when below, else that no difference can be resolved with this many seeds."""
     lo, hi = ci95
     if lo > 0:
-        return "better"
+        return words[0]
     if hi < 0:
-        return "worse"
+        return words[1]
     return f"no difference resolvable with {seeds} seeds"
 
 
 def direction(ci95: Sequence[float], seeds: int) -> str:
-    """For a measure that is neither better nor worse by its sign (max |x|, entropy):
-    ``higher`` when the whole interval is above 0, ``lower`` when below, else that no
-    difference can be resolved with this many seeds."""
-    lo, hi = ci95
-    if lo > 0:
-        return "higher"
-    if hi < 0:
-        return "lower"
-    return f"no difference resolvable with {seeds} seeds"
+    """:func:`verdict` for a measure that is neither better nor worse by its sign (max |x|,
+    entropy): ``higher`` or ``lower``."""
+    return verdict(ci95, seeds, ("higher", "lower"))

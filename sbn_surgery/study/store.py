@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..files import LOCK_NAME, atomic_write
+from ..files import LOCK_NAME, atomic_write_bytes
 from ..errors import SbnSurgeryError
 
 STUDY_FILE = "study.json"
@@ -30,12 +30,7 @@ class StudyError(SbnSurgeryError):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-    def write(tmp: Path) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write(path, write)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -97,20 +92,34 @@ def read_study(out: Path) -> dict[str, Any]:
     return stored
 
 
+#: What the report reads of every finished epoch of a run: numbers, ``images`` and
+#: ``train_time_s`` where given (finetune writes them all).
+_EPOCH_NUMBERS, _EPOCH_OPTIONAL = ("top1", "val_loss"), ("images", "train_time_s")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _epoch_row(row: Any) -> bool:
+    """Whether ``row`` is a finished epoch as the report reads it."""
+    return isinstance(row, dict) and all(_is_number(row.get(k)) for k in _EPOCH_NUMBERS) and \
+        all(_is_number(row[k]) for k in _EPOCH_OPTIONAL if k in row)
+
+
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The finished epochs of a run (finetune's ``metrics.jsonl``), [] when there is none."""
+    """The finished epochs of a run (finetune's ``metrics.jsonl``), [] when there is none, or
+    when the file is unreadable or a line is not an epoch record (the run is then resumed, or
+    repeated, which rewrites it)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = []
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line) if line.strip() else None
-            if isinstance(row, dict):
-                rows.append(row)
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError):
-        return []  # unreadable: the run is resumed (or repeated), which rewrites it
-    return rows
+        return []
+    return rows if all(_epoch_row(r) for r in rows) else []
 
 
 def read_features(run_dir: Path) -> dict[int, dict[str, Any]]:

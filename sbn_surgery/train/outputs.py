@@ -5,7 +5,8 @@
   and batch, RNG states, history, best metric and the run's options. Only tensors, containers
   and primitives, so ``torch.load(weights_only=True)`` reads it. It is kept while the run can go
   on: an interrupted run keeps it, a finished one drops it (twice the model's size, more with
-  EMA) unless ``keep_state`` (``--keep-state``) keeps it to extend the run with ``--epochs``.
+  EMA) unless ``keep_state`` (``--keep-state``) keeps it to extend the run with ``--epochs``;
+  a run started over another with ``--overwrite`` drops the other's as it begins.
 * ``metrics.jsonl``: one JSON line per finished epoch.
 * ``summary.csv``: the same epochs in the columns timm's ``train.py`` writes (``epoch`` from 0,
   ``train_loss``, ``eval_loss``, ``eval_top1``, ``eval_top5`` in percent, ``lr``: the epoch's

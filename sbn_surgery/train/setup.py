@@ -176,6 +176,8 @@ def _run(spec, data, out: Path, ctx: D.DistContext, options: dict,
     run.on_epoch = how["on_epoch"]
     if ctx.is_main:  # once every option has proven workable: a failed start replaces nothing
         O.write_args(out / O.ARGS_FILE, opts.to_dict())
+        if state is None:  # --overwrite: from here the folder is this run's, and a state.pt
+            O.drop_state(out, keep=False)  # left by the one before would --resume that one
     if state is not None:
         run.load(state, extended)
     run.loop()

@@ -3,9 +3,10 @@ before they preempt a job, and ``kill`` sends by default.
 
 The first signal only sets a flag, which the loop checks between steps (all-reduced under DDP,
 so every rank stops at the same step) before it writes a resumable state; a second signal
-raises ``KeyboardInterrupt`` at once. DataLoader worker processes ignore both (see
-``data/loaders.py``): a scheduler that signals every process of a job (and Ctrl-C, which reaches
-the whole process group) would otherwise end them under the step that is finishing.
+raises ``KeyboardInterrupt`` at once. DataLoader worker processes ignore Ctrl-C and outlive a
+SIGTERM by a grace period (see ``data/loaders.py``): a scheduler that signals every process of a
+job (and Ctrl-C, which reaches the whole process group) would otherwise end them under the step
+that is finishing.
 """
 
 from __future__ import annotations
