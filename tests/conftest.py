@@ -69,15 +69,18 @@ def run_cli(capsys, monkeypatch):
     return run
 
 
-def one_line_error(result, *fragments: str) -> str:
+def one_line_error(result, *fragments: str, notes: tuple[str, ...] = ()) -> str:
     """Exit 2, exactly one non-empty stderr line starting with 'error:' and holding every
     fragment, no traceback anywhere. ``result``: a :class:`CliResult` or a CompletedProcess.
-    Returns the line."""
+    ``notes``: prefixes of the lines a run that started prints before failing (``calibration:``),
+    allowed before the error line and only there. Returns the line."""
     code = getattr(result, "code", None)
     code = result.returncode if code is None else code
     assert code == 2, (code, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr and "Traceback" not in (result.stdout or "")
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    while notes and len(lines) > 1 and lines[0].startswith(notes):
+        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for frag in fragments:
         assert frag in lines[0], lines[0]

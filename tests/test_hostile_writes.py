@@ -156,11 +156,11 @@ def test_a_disk_that_fills_up_mid_file_keeps_nothing_of_it(run_cli, small_fs, ch
 @pytest.mark.slow
 def test_a_run_whose_disk_fills_up_keeps_its_last_good_files(run_cli, small_fs):
     """A run that starts (its small files fit) and fails at its first checkpoint: one line, the
-    files of the run so far whole, nothing partial."""
+    files of the run so far whole, nothing partial (the run's calibration line comes before it)."""
     d = small_fs("space", {})
     res = run_cli("finetune", "resnet10t", "--data", "synthetic", "-o", d / "run", "--epochs",
                   "1", "--subset", "32", "--batch-size", "16", *SMALL)
-    one_line_error(res, f"cannot write {d / 'run'}", CAUSES["space"])
+    one_line_error(res, f"cannot write {d / 'run'}", CAUSES["space"], notes=("calibration:",))
     names = {p.name for p in (d / "run").iterdir()}
     assert not any(".sbn-tmp-" in n for n in names), names
     assert "state.pt" not in names  # the epoch was not recorded as done
