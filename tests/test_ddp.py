@@ -1,5 +1,5 @@
 """DistributedDataParallel with 2 gloo processes: same weights and running statistics on both
-ranks at the end, and only rank 0 writes."""
+ranks at the end, and only rank 0 writes; on a CNN and on a token model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
+#: finetune's arguments per case: a CNN with BatchNorm and SBN after it, and a token model
+#: (ViT, SBN on the patch tokens with a class token in front) with --sync-stats
+CASES = {
+    "resnet": dict(model="resnet10t", recipe="resnet"),
+    "tokens": dict(model="vit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 4},
+                   sync_stats=True, workers=0),
+}
+
+
+def _worker(rank: int, world: int, port: int, root: str, case: str = "resnet") -> None:
     # what torchrun sets
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -30,8 +39,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     distributed.average_running_stats = spy
 
     out = Path(root) / f"out{rank}"  # each rank gets its own dir: rank 1's must stay empty
-    r = finetune("resnet10t", "synthetic", output=out, recipe="resnet", epochs=1, subset=64,
-                 batch_size=8, input_size=(3, 32, 32), device="cpu")
+    kw = dict(CASES[case])
+    r = finetune(kw.pop("model"), "synthetic", output=out, epochs=1, subset=64, batch_size=8,
+                 input_size=(3, 32, 32), device="cpu", **kw)
     torch.save(r.model.state_dict(), Path(root) / f"rank{rank}.pt")
     torch.save(before, Path(root) / f"local{rank}.pt")
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(r.to_json()))
@@ -65,6 +75,28 @@ def test_ddp_two_gloo_processes_agree(tmp_path):
     assert (tmp_path / "out0" / "last.safetensors").is_file()
     assert (tmp_path / "out0" / "metrics.jsonl").read_text().count("\n") == 1
     assert not (tmp_path / "out1").exists() or not any((tmp_path / "out1").iterdir())
+
+
+@pytest.mark.timeout(900)
+def test_ddp_sync_stats_on_tokens(tmp_path):
+    """A token model with --sync-stats: the ranks' SBN statistics are pooled over the global
+    batch during the epoch (equal on both ranks before the end-of-epoch averaging), and the runs
+    end identical."""
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), "tokens"), nprocs=2, join=True)
+    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    stats = [k for k in s0 if ".sbn." in k and k.endswith(("running_mean", "running_var"))]
+    assert stats and all(".mlp.fc2.sbn." in k for k in stats)  # the vit recipe's sites
+    # pooled over the global batch at every step: the ranks agreed before the averaging
+    l0 = torch.load(tmp_path / "local0.pt", weights_only=True)
+    l1 = torch.load(tmp_path / "local1.pt", weights_only=True)
+    for k in stats:
+        assert torch.allclose(l0[k], l1[k], atol=1e-6, rtol=1e-5), k
+        assert not torch.allclose(l0[k], torch.zeros_like(l0[k]) if "mean" in k
+                                  else torch.ones_like(l0[k]))
 
 
 def _interrupt_worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
