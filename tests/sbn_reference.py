@@ -79,3 +79,9 @@ def complex_step_grad(fn, arr, h=1e-30):
         pert[i] += 1j * h
         grad.reshape(-1)[i] = np.imag(fn(pert.reshape(arr.shape))) / h
     return grad
+
+
+def directional(fn, x, v, h=1e-30):
+    """d/dt fn(x + t v) at t=0 by the complex step (fn real-analytic, numpy): one directional
+    derivative where :func:`complex_step_grad` takes one coordinate at a time."""
+    return np.imag(fn(x + 1j * h * v)) / h
