@@ -9,16 +9,21 @@ commands of README's ViT example)::
     sbn-surgery finetune sbn.safetensors --data digits --epochs 1 [extra] -o run --json
     sbn-surgery export run/best.safetensors -o m.onnx --json          # fold mode, with parity
 
-Models are built from random weights (``convert`` never downloads), so the val top-1 after one
-epoch on digits says that training runs and learns, not what the family can reach.
+Models are built from random weights (``convert`` never downloads) and trained with the
+defaults, so the val top-1 after one epoch on digits says that the pipeline runs, not what the
+family can reach.
 
 Prints one JSON object: ``{"models": [{"model", "status" ("ok" | "failed"), "failed_step",
-"reason", "recipe", "layouts", "sites", "folded", "val_top1", "parity_max_rel_err",
-"parity_passed", "seconds": {"inspect", "convert", "finetune", "export"}}], "ok", "failed",
-"total_seconds", "load_before", "load_after"}`` (load: the 1-minute load average). Progress goes
-to stderr, one line per step.
+"reason", "recipe", "layouts", "sites", "folded", "val_top1", "plain_val_top1" (with --plain),
+"parity_max_rel_err", "parity_passed", "seconds": {"inspect", "convert", "finetune", "export",
+...}}], "ok", "failed", "total_seconds", "load_before", "load_after"}`` (load: the 1-minute load
+average). Progress goes to stderr, one line per step. Exit 1 when a model failed.
 
     python benchmarks/families.py [--models vit_tiny_patch16_224 nf_resnet26] [--keep DIR]
+                                  [--plain] [--timeout SECONDS]
+
+``--plain`` also converts each model with ``--recipe none`` and trains it the same way
+(``plain_val_top1``): the control that tells a low top-1 of SBN from a low top-1 of the model.
 """
 
 from __future__ import annotations
@@ -97,11 +102,21 @@ def _step(row: dict, step: str, args: list[str], cwd: Path, timeout: float) -> d
         raise StepFailed(step, f"stdout is not one JSON object: {exc}") from exc
 
 
-def run_model(model: str, folder: Path, timeout: float) -> dict:
+def _plain_top1(row: dict, model: str, mk: list[str], train: tuple[str, ...], folder: Path,
+                timeout: float) -> float:
+    """The same model without SBN (``--recipe none``), trained the same way: the control."""
+    _step(row, "plain_convert", ["convert", model, "--recipe", "none", "--num-classes", "10", *mk,
+                                 *SIZE, "-o", "plain.safetensors"], folder, timeout)
+    fit = _step(row, "plain_finetune", ["finetune", "plain.safetensors", "--data", "digits",
+                                        "--epochs", "1", *train, "-o", "plain"], folder, timeout)
+    return fit["val_top1"]
+
+
+def run_model(model: str, folder: Path, timeout: float, plain: bool = False) -> dict:
     kwargs, train = MODELS[model]
     row: dict = {"model": model, "status": "ok", "failed_step": None, "reason": None,
                  "recipe": None, "layouts": None, "sites": None, "folded": None,
-                 "val_top1": None, "parity_max_rel_err": None, "parity_passed": None,
+                 "val_top1": None, "plain_val_top1": None, "parity_max_rel_err": None, "parity_passed": None,
                  "seconds": {}}
     mk = ["--model-kwargs", *kwargs] if kwargs else []
     try:
@@ -124,6 +139,8 @@ def run_model(model: str, folder: Path, timeout: float) -> dict:
         row["folded"] = sum(1 for s in exp["sites"] if s.get("folded_into"))
         if exp["mode"] != "fold" or not parity.get("passed"):
             raise StepFailed("export", f"mode {exp['mode']}, parity {parity}")
+        if plain:
+            row["plain_val_top1"] = _plain_top1(row, model, mk, train, folder, timeout)
     except StepFailed as exc:
         row["status"], row["failed_step"], row["reason"] = "failed", exc.step, exc.reason
     return row
@@ -135,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each model's files in DIR/MODEL (default: a temporary folder, "
                          "removed after each model)")
+    ap.add_argument("--plain", action="store_true",
+                    help="also train each model without SBN (--recipe none), the same way: "
+                         "plain_val_top1, the control for val_top1")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
     args = ap.parse_args(argv)
     t0, rows = time.perf_counter(), []
@@ -147,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             folder = Path(tempfile.mkdtemp(prefix=f"families-{model}-"))
         try:
-            row = run_model(model, folder, args.timeout)
+            row = run_model(model, folder, args.timeout, args.plain)
         finally:
             if args.keep is None:
                 shutil.rmtree(folder, ignore_errors=True)
