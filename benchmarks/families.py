@@ -20,10 +20,11 @@ Prints one JSON object: ``{"models": [{"model", "status" ("ok" | "failed"), "fai
 average). Progress goes to stderr, one line per step. Exit 1 when a model failed.
 
     python benchmarks/families.py [--models vit_tiny_patch16_224 nf_resnet26] [--keep DIR]
-                                  [--plain] [--timeout SECONDS]
+                                  [--plain [also|only]] [--timeout SECONDS]
 
 ``--plain`` also converts each model with ``--recipe none`` and trains it the same way
-(``plain_val_top1``): the control that tells a low top-1 of SBN from a low top-1 of the model.
+(``plain_val_top1``): the control that tells a low top-1 of SBN from a low top-1 of the model;
+``--plain only`` runs the control alone.
 """
 
 from __future__ import annotations
@@ -112,33 +113,41 @@ def _plain_top1(row: dict, model: str, mk: list[str], train: tuple[str, ...], fo
     return fit["val_top1"]
 
 
-def run_model(model: str, folder: Path, timeout: float, plain: bool = False) -> dict:
+def _sbn_pipeline(row: dict, model: str, mk: list[str], train: tuple[str, ...], folder: Path,
+                  timeout: float) -> None:
+    """inspect, convert, finetune, export with no --recipe; fills ``row``."""
+    seen = _step(row, "inspect", ["inspect", model], folder, timeout)
+    row["recipe"], row["sites"] = seen["recipe"], seen["count"]
+    conv = _step(row, "convert", ["convert", model, "--num-classes", "10", *mk, *SIZE,
+                                  "-o", "sbn.safetensors"], folder, timeout)
+    row["layouts"] = sorted({s["layout"] for s in conv["sites"]})
+    if conv["recipe"] != row["recipe"] or conv["count"] != row["sites"]:
+        raise StepFailed("convert", f"convert chose {conv['recipe']} ({conv['count']} "
+                         f"sites), inspect {row['recipe']} ({row['sites']} sites)")
+    fit = _step(row, "finetune", ["finetune", "sbn.safetensors", "--data", "digits",
+                                  "--epochs", "1", *train, "-o", "run"], folder, timeout)
+    row["val_top1"] = fit["val_top1"]
+    exp = _step(row, "export", ["export", "run/best.safetensors", "-o", "m.onnx"], folder,
+                timeout)
+    parity = exp["parity"] or {}
+    row["parity_max_rel_err"], row["parity_passed"] = (parity.get("max_rel_err"),
+                                                       parity.get("passed"))
+    row["folded"] = sum(1 for s in exp["sites"] if s.get("folded_into"))
+    if exp["mode"] != "fold" or not parity.get("passed"):
+        raise StepFailed("export", f"mode {exp['mode']}, parity {parity}")
+
+
+def run_model(model: str, folder: Path, timeout: float, plain: str | None = None) -> dict:
+    """One model; ``plain``: None, "also" (the control after the SBN pipeline) or "only"."""
     kwargs, train = MODELS[model]
     row: dict = {"model": model, "status": "ok", "failed_step": None, "reason": None,
                  "recipe": None, "layouts": None, "sites": None, "folded": None,
-                 "val_top1": None, "plain_val_top1": None, "parity_max_rel_err": None, "parity_passed": None,
-                 "seconds": {}}
+                 "val_top1": None, "plain_val_top1": None, "parity_max_rel_err": None,
+                 "parity_passed": None, "seconds": {}}
     mk = ["--model-kwargs", *kwargs] if kwargs else []
     try:
-        seen = _step(row, "inspect", ["inspect", model], folder, timeout)
-        row["recipe"], row["sites"] = seen["recipe"], seen["count"]
-        conv = _step(row, "convert", ["convert", model, "--num-classes", "10", *mk, *SIZE,
-                                      "-o", "sbn.safetensors"], folder, timeout)
-        row["layouts"] = sorted({s["layout"] for s in conv["sites"]})
-        if conv["recipe"] != row["recipe"] or conv["count"] != row["sites"]:
-            raise StepFailed("convert", f"convert chose {conv['recipe']} ({conv['count']} "
-                             f"sites), inspect {row['recipe']} ({row['sites']} sites)")
-        fit = _step(row, "finetune", ["finetune", "sbn.safetensors", "--data", "digits",
-                                      "--epochs", "1", *train, "-o", "run"], folder, timeout)
-        row["val_top1"] = fit["val_top1"]
-        exp = _step(row, "export", ["export", "run/best.safetensors", "-o", "m.onnx"], folder,
-                    timeout)
-        parity = exp["parity"] or {}
-        row["parity_max_rel_err"], row["parity_passed"] = (parity.get("max_rel_err"),
-                                                           parity.get("passed"))
-        row["folded"] = sum(1 for s in exp["sites"] if s.get("folded_into"))
-        if exp["mode"] != "fold" or not parity.get("passed"):
-            raise StepFailed("export", f"mode {exp['mode']}, parity {parity}")
+        if plain != "only":
+            _sbn_pipeline(row, model, mk, train, folder, timeout)
         if plain:
             row["plain_val_top1"] = _plain_top1(row, model, mk, train, folder, timeout)
     except StepFailed as exc:
@@ -152,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each model's files in DIR/MODEL (default: a temporary folder, "
                          "removed after each model)")
-    ap.add_argument("--plain", action="store_true",
-                    help="also train each model without SBN (--recipe none), the same way: "
-                         "plain_val_top1, the control for val_top1")
+    ap.add_argument("--plain", nargs="?", const="also", choices=["also", "only"], default=None,
+                    help="also (or only) train each model without SBN (--recipe none), the same "
+                         "way: plain_val_top1, the control for val_top1")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
     args = ap.parse_args(argv)
     t0, rows = time.perf_counter(), []
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.keep is None:
                 shutil.rmtree(folder, ignore_errors=True)
         rows.append(row)
-        brief = {k: row[k] for k in ("recipe", "val_top1", "parity_max_rel_err", "reason")}
+        brief = {k: row[k] for k in ("recipe", "val_top1", "plain_val_top1", "parity_max_rel_err",
+                                     "reason")}
         print(f"  -> {row['status']}: {json.dumps(brief)}", file=sys.stderr, flush=True)
     ok = [r["model"] for r in rows if r["status"] == "ok"]
     print(json.dumps({"models": rows, "ok": len(ok), "failed": len(rows) - len(ok),
