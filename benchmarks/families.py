@@ -17,7 +17,8 @@ Prints one JSON object: ``{"models": [{"model", "status" ("ok" | "failed"), "fai
 "reason", "recipe", "layouts", "sites", "folded", "val_top1", "plain_val_top1" (with --plain),
 "parity_max_rel_err", "parity_passed", "seconds": {"inspect", "convert", "finetune", "export",
 ...}}], "ok", "failed", "total_seconds", "load_before", "load_after"}`` (load: the 1-minute load
-average). Progress goes to stderr, one line per step. Exit 1 when a model failed.
+average). Progress goes to stderr, one line per step. Exit 1 when a model failed. All 12 models
+take about 27 minutes on 2 shared CPU cores (README, Convert).
 
     python benchmarks/families.py [--models vit_tiny_patch16_224 nf_resnet26] [--keep DIR]
                                   [--plain [also|only]] [--timeout SECONDS]
