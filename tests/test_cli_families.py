@@ -4,7 +4,9 @@ epoch on digits -> export in fold mode with parity, for one family per layout.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +30,22 @@ ACCEPTANCE = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _benchmark_models() -> dict:
+    """benchmarks/families.py's MODELS: how each acceptance model is converted and trained."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
+    spec = importlib.util.spec_from_file_location("families_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MODELS
+
+
+MODELS = _benchmark_models()
+
+
+def test_benchmark_runs_every_acceptance_model():
+    assert set(MODELS) == set(ACCEPTANCE)
+
+
 @pytest.mark.parametrize("model", sorted(ACCEPTANCE))
 def test_inspect_needs_no_recipe(run_cli, model):
     recipe, layout, prefix, count = ACCEPTANCE[model]
@@ -49,17 +67,16 @@ def test_inspect_dm_nfnet_needs_no_recipe(run_cli):
     assert data["sites"][0]["module"] == "stages.2.0.conv3.sbn"
 
 
-@pytest.mark.parametrize("model,kwargs,train", [
-    ("vit_tiny_patch16_224", ["--model-kwargs", "img_size=64"], []),
-    ("mambaout_femto", [], []),
-    # NFNets train with adaptive gradient clipping (their paper, timm's recipes): at the default
-    # SGD lr the plain NF-ResNet-26 diverges on digits within one epoch too
-    ("nf_resnet26", [], ["--clip-grad", "0.01", "--clip-mode", "agc"]),
-])
+# one model per layout here; benchmarks/families.py runs all of them. NFNets train with adaptive
+# gradient clipping (their paper, timm's recipes): at the default SGD lr the plain NF-ResNet-26
+# diverges on digits within one epoch too
+@pytest.mark.parametrize("model", ["vit_tiny_patch16_224", "mambaout_femto", "nf_resnet26"])
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_convert_finetune_export_parity_without_a_recipe(run_cli, tmp_path, model, kwargs, train):
+def test_convert_finetune_export_parity_without_a_recipe(run_cli, tmp_path, model):
     recipe, layout, _, _ = ACCEPTANCE[model]
+    model_kwargs, train = MODELS[model]
+    kwargs = ["--model-kwargs", *model_kwargs] if model_kwargs else []
     ckpt = tmp_path / "sbn.safetensors"
     size = ["--input-size", "3", "64", "64"]
     conv = run_cli("convert", model, "--num-classes", "10", *kwargs, *size, "-o", ckpt, "--json")
