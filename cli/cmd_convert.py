@@ -122,6 +122,9 @@ def convert(
     calibrate_batches: int = typer.Option(4, min=1, help="Number of calibration batches."),
     batch_size: int = typer.Option(16, min=2, help="Calibration batch size."),
     input_size: Optional[tuple[int, int, int]] = typer.Option(None, help=INPUT_SIZE_HELP),
+    seed: int = typer.Option(0, help="Random seed of the weights that are not loaded (all of "
+                             "them without --checkpoint or --pretrained; a new head): the same "
+                             "command writes the same file."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
@@ -146,6 +149,7 @@ def convert(
     from sbn_surgery.convert import convert as do_convert
     from sbn_surgery.recipe import load_recipe
     from sbn_surgery.setup_report import SetupReport
+    from timm.utils import random_seed
 
     if init not in (None, "identity", "standard", "auto"):
         raise SbnSurgeryError(f"--init must be identity or standard; got {init!r}")
@@ -159,6 +163,7 @@ def convert(
     kwargs = parse_kv(model_kwargs, "--model-kwargs")
     chosen = load_recipe(_recipe_or_auto(recipe, model))  # read once: a file may change
     weights = dict(checkpoint=checkpoint, pretrained=pretrained)
+    random_seed(seed)  # timm's, as its train.py seeds before building the model
     calibration = None
     if calibrate_data != "synthetic" and chosen.rules:  # none: nothing to calibrate
         calibration = _calibration(model, num_classes, kwargs, input_size, calibrate_data,

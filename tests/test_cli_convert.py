@@ -70,6 +70,24 @@ def test_convert_writes_a_loadable_identity_checkpoint(run_cli, tmp_path):
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
 
 
+def test_convert_from_random_weights_is_reproducible_by_seed(run_cli, tmp_path):
+    """Random weights come from --seed (default 0): the same command writes the same tensors
+    whatever ran before it in the process, and another seed other weights."""
+    from safetensors.torch import load_file
+
+    def tensors(name, *seed):
+        out = tmp_path / f"{name}.safetensors"
+        torch.manual_seed(len(name))  # what ran before: another state of the global generator
+        res = run_cli("convert", "resnet10t", "--num-classes", "3", "-o", out, *seed, *SMALL)
+        assert res.code == 0, res.stderr
+        return load_file(out)
+
+    a, b, c = tensors("a"), tensors("bb", "--seed", "0"), tensors("ccc", "--seed", "1")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.0.weight"], c["conv1.0.weight"])
+
+
 def test_unknown_model_suggests_names(run_cli, tmp_path):
     _one_clean_error_line(run_cli("inspect", "resnet5"), "unknown timm model 'resnet5'", "resnet50")
 
