@@ -24,7 +24,8 @@ for the name (the family's, else ``default``; ``--recipe`` forces one), from ran
    ``sbn-surgery export`` runs it.
 
 A family passes when every model chosen for it passes every check. One model at a time in this
-process, memory freed between models; each finished model is appended to ``rows.jsonl`` in the
+process, memory freed between models, each within ``--timeout`` seconds (a model over it fails
+at the stage it was in); each finished model is appended to ``rows.jsonl`` in the
 state folder, and ``--resume`` takes the models already there instead of running them again, so
 the sweep can run in chunks (``--families``) and survive an interruption. Prints one JSON
 object (progress goes to stderr, one line per model): ``{"timm", "torch", "recipe",
@@ -34,7 +35,8 @@ object (progress goes to stderr, one line per model): ``{"timm", "torch", "recip
 "scan_seconds", "total_seconds"}``.
 
     python benchmarks/coverage.py [--families resnet vgg ...] [--models NAME ...] [--resume]
-                                  [--recipe NAME] [--size 64] [--state-dir runs/coverage]
+                                  [--recipe NAME] [--size 64] [--timeout 300]
+                                  [--state-dir runs/coverage]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -213,13 +216,25 @@ def _fold_export(row: dict, model: torch.nn.Module) -> None:
     row["export_notes"] = list(result.notes)
 
 
-def check_model(name: str, recipe: Optional[str], size: int) -> dict:
-    """Every check of one model; never raises. The row says how far it got."""
+class _Timeout(BaseException):
+    """The model ran over its time (a BaseException: the exporter's own handlers let it pass)."""
+
+
+def _alarm(signum, frame):  # noqa: ARG001 - the signal handler's signature
+    raise _Timeout()
+
+
+def check_model(name: str, recipe: Optional[str], size: int, timeout: int = 0) -> dict:
+    """Every check of one model, in at most ``timeout`` seconds (0: no limit); never raises.
+    The row says how far it got."""
     t0 = time.perf_counter()
     picked = recipe or recipe_for_model(name)
     row: dict = {"model": name, "recipe": picked, "status": "failed", "stage": None,
                  "reason": None, "seconds": {}}
-    model = None
+    model, stage = None, "convert"
+    if timeout:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(timeout)
     try:
         own = tuple(timm.get_pretrained_cfg(name).input_size)
         steps = (("convert", None), ("train step", _train_step), ("fold export", _fold_export))
@@ -238,7 +253,10 @@ def check_model(name: str, recipe: Optional[str], size: int) -> dict:
         row["status"] = "passed"
     except _Failed as fail:
         row["stage"], row["reason"] = fail.args
+    except _Timeout:
+        row["stage"], row["reason"] = stage, f"ran over the {timeout} s per model (--timeout)"
     finally:
+        signal.alarm(0)
         del model
         gc.collect()
         torch._dynamo.reset()  # the exporter's caches belong to one model
@@ -286,6 +304,8 @@ def main() -> None:
                     help="where the scan cache and the finished rows (rows.jsonl) are kept")
     ap.add_argument("--resume", action="store_true",
                     help="take the models already in rows.jsonl instead of checking them again")
+    ap.add_argument("--timeout", type=int, default=300,
+                    help="seconds per model before it counts as failed (0: no limit)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: a shared machine; 0 leaves torch's default)")
     args = ap.parse_args()
@@ -314,7 +334,7 @@ def main() -> None:
         row = done.get(name)
         if row is None or row.get("recipe_arg") != args.recipe or row.get("size") != args.size:
             row = {"family": family, "why": why, "recipe_arg": args.recipe, "size": args.size,
-                   **check_model(name, args.recipe, args.size)}
+                   **check_model(name, args.recipe, args.size, args.timeout)}
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         rows.append(row)
