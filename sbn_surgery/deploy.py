@@ -56,9 +56,10 @@ def export_onnx(
     ``dynamic_batch``: a symbolic batch axis (else ``batch_size``). ``dynamic_size``: a symbolic
     spatial size; None picks it wherever possible (channel mode in fold and dft modes, unless the
     model has TensorFlow-'SAME' padding layers, whose symbolic tracing takes minutes), and falls
-    back to a fixed size, with a note in ``result.notes``, when the parity check at a second
-    size shows that the exporter wrote some layer for one size only (e.g. adaptive pooling that
-    upsamples); True where impossible (frequency statistics, matmul mode) is an
+    back to a fixed size, with a note in ``result.notes``, when the exporter cannot write the
+    graph with a symbolic size (e.g. a relative-position table indexed by the grid) or the parity
+    check at a second size shows that it wrote some layer for one size only (e.g. adaptive
+    pooling that upsamples); True where impossible (frequency statistics, matmul mode) is an
     :class:`ExportError`.
     ``layout``: the matmul form's layout (``auto``, ``dense``, ``separable``).
 

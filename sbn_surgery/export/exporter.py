@@ -311,13 +311,29 @@ def write_onnx(model: nn.Module, plan: ExportPlan, target: Union[str, Path], *, 
     work, records = prepare_export_model(model, plan.mode, plan.size, layout=layout)
     dyn_size = _pick_dynamic_size(plan.dynamic_size, plan.mode, bool(plan.fixed), work)
     step(1, "tracing")
-    proto = _trace(work, plan, dyn_size)
+    notes: list[str] = []
+    try:
+        proto = _trace(work, plan, dyn_size)
+    except ExportError as exc:
+        if not (dyn_size and plan.dynamic_size is None):
+            raise
+        # a symbolic spatial size was picked, not asked for: the exporter could not write this
+        # model's graph for any size (e.g. a position table indexed by the grid), so write it
+        # for the export size, and say so
+        proto = _trace(work, plan, False)
+        notes.append(_fixed_trace_note(exc, plan.size))
     step(2, "writing")
     dyn_size = _finalize(proto, model, plan, records)
     written = graph.save_model(proto, target)
     return ExportResult(path=plan.path, mode=plan.mode, opset=plan.opset, input_size=plan.size,
                         dynamic_batch=plan.dynamic_batch, dynamic_size=dyn_size, sites=records,
-                        size_bytes=written)
+                        size_bytes=written, notes=notes)
+
+
+def _fixed_trace_note(exc: ExportError, size: tuple[int, int, int]) -> str:
+    reason = str(exc).split(". Try a fixed size", 1)[0]
+    return (f"the exporter could not write the graph with a symbolic spatial size ({reason}), "
+            f"so this file takes {size[1]}x{size[2]} inputs only; resize images to it.")
 
 
 def _max_opset() -> int:
