@@ -13,7 +13,8 @@ for the name (the family's, else ``default``; ``--recipe`` forces one), from ran
 (``num_classes=10``):
 
 1. convert: ``sbn_surgery.convert`` at 64x64; where the model rejects that size, at 64x64
-   built with ``img_size=64`` (the models that take it), else at the model's own input size;
+   built with ``img_size=64`` (the models that take it), else at the nearest multiple of its
+   patch size (70x70 for patch 14), else at the model's own input size;
 2. identity init: calibrated on random images, identity init keeps the eval output to 1e-4
    of its scale (convert's own check);
 3. train step: a training forward and backward at batch 2 (cross-entropy on random labels)
@@ -136,22 +137,37 @@ class _Failed(Exception):
     """A check failed; the row says which and why."""
 
 
-def _takes_img_size(name: str, size: int) -> bool:
+def _meta_build(name: str, **kwargs) -> Optional[torch.nn.Module]:
     try:
         with torch.device("meta"):
-            timm.create_model(name, pretrained=False, img_size=size)
-        return True
+            return timm.create_model(name, pretrained=False, **kwargs)
     except Exception:  # noqa: BLE001 - its constructor has no such argument, or rejects it
-        return False
+        return None
+
+
+def _sizes(name: str, size: int, own: tuple) -> list[tuple[tuple, dict]]:
+    """(input size, model kwargs) to try, smallest first: ``size``, then ``size`` built with
+    ``img_size`` (the models that take it), then the nearest multiple of a ViT's patch size
+    above ``size`` (patch 14), then the model's own input size."""
+    tries: list[tuple[tuple, dict]] = [((3, size, size), {})]
+    if _meta_build(name, img_size=size) is not None:
+        tries.append(((3, size, size), {"img_size": size}))
+    model = _meta_build(name)
+    patch = next((m.patch_size for m in (model.modules() if model is not None else ())
+                  if getattr(m, "patch_size", None) is not None), None)
+    patch = max(patch) if isinstance(patch, (tuple, list)) else patch
+    if isinstance(patch, int) and patch > 0 and size % patch:
+        side = -(-size // patch) * patch
+        if side < min(own[1:]) and _meta_build(name, img_size=side) is not None:
+            tries.append(((3, side, side), {"img_size": side}))
+    if tuple(own) != (3, size, size):
+        tries.append((tuple(own), {}))
+    return tries
 
 
 def _convert(row: dict, name: str, recipe: str, force: bool, size: int, own: tuple):
     """convert at the first input size the model runs at; the model, and the row filled."""
-    tries = [((3, size, size), {})]
-    if _takes_img_size(name, size):
-        tries.append(((3, size, size), {"img_size": size}))
-    if tuple(own) != (3, size, size):
-        tries.append((tuple(own), {}))
+    tries = _sizes(name, size, own)
     errors: list[str] = []
     for input_size, kwargs in tries:
         torch.manual_seed(0)
