@@ -2,16 +2,21 @@
 torch.onnx cannot write the graph with it (BEiT's relative-position table indexed by the grid
 is one such model): the file is written for the export size, parity passes, a note says why.
 Asked for explicitly, the failure is the user's error, as before. Before that, timm's fused
-attention is computed explicitly when torch cannot decompose it."""
+attention is computed explicitly when torch cannot decompose it. The same fallback where the
+symbolic-size file fails its parity check in any way: wrong at the export size (GC ViT's
+expand at another batch size) or not loadable by onnxruntime (a shape expression the exporter
+lost, as in Gemma-4's ViT)."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import converted
 
+import sbn_surgery.deploy as deploy
 from sbn_surgery import export_onnx
-from sbn_surgery.errors import ExportError
+from sbn_surgery.errors import ExportError, ParityError
 from sbn_surgery.export import exporter
+from sbn_surgery.parity import ParityFailed
 
 
 @pytest.fixture
@@ -69,3 +74,53 @@ def test_beit_exports_with_its_attention_computed_explicitly(tmp_path):
     assert result.parity.passed and result.dynamic_size and not result.notes
     assert [s.folded_into for s in result.sites] == ["blocks.1.mlp.fc2"]
     assert all(m.fused_attn for m in fused)  # the caller's model is not changed
+
+
+def _symbolic_files_fail(monkeypatch, how):
+    """check_parity fails (``how``: ``report``, ``load``) on every file with a symbolic spatial
+    size; records (dynamic_size, passed) of each call."""
+    real, calls = deploy.check_parity, []
+
+    def fake(path, model, **kwargs):
+        symbolic = calls_dynamic[-1]
+        if symbolic and how == "load":
+            calls.append((True, None))
+            raise ParityError(f"onnxruntime cannot load {path}: Node input 'mul_min_1' is not "
+                              "a graph input")
+        report = real(path, model, **kwargs)
+        if symbolic:  # the batch-3 run at the export size comes out wrong
+            bad = next(c for c in report.cases if c.shape[0] == 3 and c.source == "random")
+            bad.max_rel_err, bad.error = float("inf"), "invalid expand shape"
+            report.passed = False
+        calls.append((symbolic, report.passed))
+        return report
+
+    calls_dynamic = []
+    real_write = deploy.write_onnx
+
+    def write(model, plan, target, **kwargs):
+        result = real_write(model, plan, target, **kwargs)
+        calls_dynamic.append(result.dynamic_size)
+        return result
+
+    monkeypatch.setattr(deploy, "check_parity", fake)
+    monkeypatch.setattr(deploy, "write_onnx", write)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,words", [("report", "at 3x3x56x60 (random input): invalid expand"),
+                                       ("load", "onnxruntime cannot load")])
+def test_a_picked_symbolic_size_that_fails_parity_gives_way(tmp_path, monkeypatch, how, words):
+    calls = _symbolic_files_fail(monkeypatch, how)
+    model, _, size = converted("resnet10t", "channel")
+    result = export_onnx(model, tmp_path / "m.onnx", mode="fold", input_size=size)
+    assert calls == [(True, None if how == "load" else False), (False, True)]
+    assert not result.dynamic_size and result.parity.passed
+    assert len(result.notes) == 1 and words in result.notes[0]
+    assert "fixed spatial size" in result.notes[0]
+    assert (tmp_path / "m.onnx").is_file()
+    # asked for, the symbolic size is kept and its failure is the answer
+    with pytest.raises(ParityFailed if how == "report" else ParityError):
+        export_onnx(model, tmp_path / "n.onnx", mode="fold", input_size=size, dynamic_size=True)
+    assert not (tmp_path / "n.onnx").exists()
