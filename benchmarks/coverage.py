@@ -14,7 +14,7 @@ for the name (the family's, else ``default``; ``--recipe`` forces one), from ran
 
 1. convert: ``sbn_surgery.convert`` at 64x64; where the model rejects that size, at 64x64
    built with ``img_size=64`` (the models that take it), else at the nearest multiple of its
-   patch size (70x70 for patch 14), else at the model's own input size;
+   patch size (70x70 for patch 14), else at 96, 112 or 128, else at the model's own size;
 2. identity init: calibrated on random images, identity init keeps the eval output to 1e-4
    of its scale (convert's own check);
 3. train step: a training forward and backward at batch 2 (cross-entropy on random labels)
@@ -145,10 +145,16 @@ def _meta_build(name: str, **kwargs) -> Optional[torch.nn.Module]:
         return None
 
 
+#: Sides tried between ``--size`` and the model's own: multiples of 16, 32 and 48 (patch 16 with
+#: a 3x3 pooling), of 14 and 28 (window 7 at stride 4 and 16).
+STEP_SIZES = (96, 112, 128)
+
+
 def _sizes(name: str, size: int, own: tuple) -> list[tuple[tuple, dict]]:
     """(input size, model kwargs) to try, smallest first: ``size``, then ``size`` built with
     ``img_size`` (the models that take it), then the nearest multiple of a ViT's patch size
-    above ``size`` (patch 14), then the model's own input size."""
+    above ``size`` (70 for patch 14), then STEP_SIZES below the model's own input size (with
+    ``img_size`` where the model takes it), then the model's own input size."""
     tries: list[tuple[tuple, dict]] = [((3, size, size), {})]
     if _meta_build(name, img_size=size) is not None:
         tries.append(((3, size, size), {"img_size": size}))
@@ -156,10 +162,11 @@ def _sizes(name: str, size: int, own: tuple) -> list[tuple[tuple, dict]]:
     patch = next((m.patch_size for m in (model.modules() if model is not None else ())
                   if getattr(m, "patch_size", None) is not None), None)
     patch = max(patch) if isinstance(patch, (tuple, list)) else patch
-    if isinstance(patch, int) and patch > 0 and size % patch:
-        side = -(-size // patch) * patch
-        if side < min(own[1:]) and _meta_build(name, img_size=side) is not None:
-            tries.append(((3, side, side), {"img_size": side}))
+    sides = [-(-size // patch) * patch] if isinstance(patch, int) and patch > 0 else []
+    for side in sides + [s for s in STEP_SIZES if s > size]:
+        if side < min(own[1:]) and ((3, side, side), {}) not in tries:
+            takes = _meta_build(name, img_size=side) is not None
+            tries.append(((3, side, side), {"img_size": side} if takes else {}))
     if tuple(own) != (3, size, size):
         tries.append((tuple(own), {}))
     return tries
