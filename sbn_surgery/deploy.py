@@ -85,16 +85,9 @@ def export_onnx(
         staging = folder / plan.path.name
         result = write_onnx(model, plan, staging, layout=layout, progress=progress)
         _step(progress, WRITE_STEPS, "parity")
-        picked = result.dynamic_size and dynamic_size is None
-        try:
-            result.parity = check_parity(staging, _float_cpu(model), images=images, rtol=rtol,
-                                         min_top1=min_top1, batch_sizes=parity_batches,
-                                         input_size=plan.size)
-            why = _failing_case(result.parity) if picked else None
-        except ParityError as exc:  # e.g. onnxruntime cannot load the symbolic-size graph
-            if not picked:
-                raise
-            why = str(exc).strip().splitlines()[0][:300]
+        why = _check_file(result, staging, _float_cpu(model), dynamic_size, images=images,
+                          rtol=rtol, min_top1=min_top1, batch_sizes=parity_batches,
+                          input_size=plan.size)
         if why:
             # the symbolic-size graph was picked, not asked for, and does not hold (e.g.
             # adaptive pooling written for one size, a shape expression the exporter lost):
@@ -133,6 +126,21 @@ def _float_cpu(model: nn.Module) -> nn.Module:
     if param is not None and (param.dtype != torch.float32 or param.device.type != "cpu"):
         return copy.deepcopy(model).float().cpu()
     return model
+
+
+def _check_file(result: ExportResult, staging: Path, model: nn.Module,
+                dynamic_size: Optional[bool], **parity_options) -> Optional[str]:
+    """Parity of the written file into ``result.parity``. Where its symbolic spatial size was
+    picked (not asked for) and the file fails in any way: why, in words (the caller writes a
+    fixed-size file instead); otherwise None, or the parity error raised."""
+    picked = result.dynamic_size and dynamic_size is None
+    try:
+        result.parity = check_parity(staging, model, **parity_options)
+    except ParityError as exc:  # e.g. onnxruntime cannot load the symbolic-size graph
+        if not picked:
+            raise
+        return str(exc).strip().splitlines()[0][:300]
+    return _failing_case(result.parity) if picked else None
 
 
 def _failing_case(report: ParityReport) -> Optional[str]:
