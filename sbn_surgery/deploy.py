@@ -57,7 +57,7 @@ def export_onnx(
     spatial size; None picks it wherever possible (channel mode in fold and dft modes, unless the
     model has TensorFlow-'SAME' padding layers, whose symbolic tracing takes minutes), and falls
     back to a fixed size, with a note in ``result.notes``, when the exporter cannot write the
-    graph with a symbolic size (e.g. a relative-position table indexed by the grid) or the parity
+    graph with a symbolic size (after timm's attention was made explicit) or the parity
     check of the symbolic-size file fails in any way (e.g. adaptive pooling that upsamples,
     written for one size; a shape expression the exporter lost); True where impossible
     (frequency statistics, matmul mode) is an :class:`ExportError`.

@@ -1,6 +1,6 @@
 """A symbolic spatial size that export picked (not one asked for) gives way to a fixed size when
-torch.onnx cannot write the graph with it (BEiT's relative-position table indexed by the grid
-is one such model): the file is written for the export size, parity passes, a note says why.
+torch.onnx cannot write the graph with it (simulated here: the exporter is made to fail on
+symbolic spatial axes): the file is written for the export size, parity passes, a note says why.
 Asked for explicitly, the failure is the user's error, as before. Before that, timm's fused
 attention is computed explicitly when torch cannot decompose it. The same fallback where the
 symbolic-size file fails its parity check in any way: wrong at the export size (GC ViT's
