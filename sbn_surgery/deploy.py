@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import ExportError
+from .errors import ExportError, ParityError
 from .files import staging_dir, write_error
 from .export import DEFAULT_OPSET, EXPORT_STEPS, ExportResult, check_export_options, write_onnx
 from .export.exporter import WRITE_STEPS
@@ -56,10 +56,11 @@ def export_onnx(
     ``dynamic_batch``: a symbolic batch axis (else ``batch_size``). ``dynamic_size``: a symbolic
     spatial size; None picks it wherever possible (channel mode in fold and dft modes, unless the
     model has TensorFlow-'SAME' padding layers, whose symbolic tracing takes minutes), and falls
-    back to a fixed size, with a note in ``result.notes``, when the parity check at a second
-    size shows that the exporter wrote some layer for one size only (e.g. adaptive pooling that
-    upsamples); True where impossible (frequency statistics, matmul mode) is an
-    :class:`ExportError`.
+    back to a fixed size, with a note in ``result.notes``, when the exporter cannot write the
+    graph with a symbolic size (after timm's attention was made explicit) or the parity
+    check of the symbolic-size file fails in any way (e.g. adaptive pooling that upsamples,
+    written for one size; a shape expression the exporter lost); True where impossible
+    (frequency statistics, matmul mode) is an :class:`ExportError`.
     ``layout``: the matmul form's layout (``auto``, ``dense``, ``separable``).
 
     The caller's model is not modified. Unless ``parity=False``, the file is run with
@@ -84,18 +85,19 @@ def export_onnx(
         staging = folder / plan.path.name
         result = write_onnx(model, plan, staging, layout=layout, progress=progress)
         _step(progress, WRITE_STEPS, "parity")
-        result.parity = check_parity(staging, _float_cpu(model), images=images, rtol=rtol,
-                                     min_top1=min_top1, batch_sizes=parity_batches,
-                                     input_size=plan.size)
-        if _only_other_size_failed(result, dynamic_size):
-            # the symbolic-size graph only holds at the export size (e.g. adaptive pooling
-            # written for one size): write a fixed-size file instead, and say so
+        why = _check_file(result, staging, _float_cpu(model), dynamic_size, images=images,
+                          rtol=rtol, min_top1=min_top1, batch_sizes=parity_batches,
+                          input_size=plan.size)
+        if why:
+            # the symbolic-size graph was picked, not asked for, and does not hold (e.g.
+            # adaptive pooling written for one size, a shape expression the exporter lost):
+            # write a fixed-size file instead, and say so
             shutil.rmtree(folder, ignore_errors=True)
             fixed = export_onnx(model, plan.path, mode, opset, plan.size, dynamic_batch,
                                 dynamic_size=False, batch_size=batch_size, layout=layout,
                                 parity=True, images=images, rtol=rtol, min_top1=min_top1,
                                 parity_batches=parity_batches, progress=progress)
-            fixed.notes.insert(0, _fixed_size_note(result.parity))
+            fixed.notes.insert(0, _fixed_size_note(why))
             return fixed
         if not result.parity.passed:
             raise ParityFailed(result.parity, _keep_failed(staging, plan.path), target=plan.path)
@@ -126,18 +128,34 @@ def _float_cpu(model: nn.Module) -> nn.Module:
     return model
 
 
-def _only_other_size_failed(result: ExportResult, dynamic_size: Optional[bool]) -> bool:
-    """A symbolic spatial size that was picked (not asked for) and fails only at the second size."""
-    bad = result.parity.failing()
-    return bool(bad) and result.dynamic_size and dynamic_size is None and \
-        all(c.source == "other-size" for c in bad)
+def _check_file(result: ExportResult, staging: Path, model: nn.Module,
+                dynamic_size: Optional[bool], **parity_options) -> Optional[str]:
+    """Parity of the written file into ``result.parity``. Where its symbolic spatial size was
+    picked (not asked for) and the file fails in any way: why, in words (the caller writes a
+    fixed-size file instead); otherwise None, or the parity error raised."""
+    picked = result.dynamic_size and dynamic_size is None
+    try:
+        result.parity = check_parity(staging, model, **parity_options)
+    except ParityError as exc:  # e.g. onnxruntime cannot load the symbolic-size graph
+        if not picked:
+            raise
+        return str(exc).strip().splitlines()[0][:300]
+    return _failing_case(result.parity) if picked else None
 
 
-def _fixed_size_note(report: ParityReport) -> str:
-    c = report.failing()[0]
-    return (f"the graph with a symbolic spatial size did not match PyTorch at "
-            f"{'x'.join(map(str, c.shape[1:]))} ({c.error or f'max_rel_err {c.max_rel_err:.1e}'}): "
-            "some layer of the model was exported for one size only, so this file has a "
+def _failing_case(report: ParityReport) -> Optional[str]:
+    """The first failing run of ``report``, in words; None where parity passed."""
+    bad = report.failing()
+    if not bad:
+        return None
+    c = bad[0]
+    return (f"at {'x'.join(map(str, c.shape))} ({c.source} input): "
+            f"{c.error or f'max_rel_err {c.max_rel_err:.1e}'}")
+
+
+def _fixed_size_note(why: str) -> str:
+    return (f"the graph with a symbolic spatial size failed the parity check ({why}): the "
+            "exporter wrote some layer of the model for one size only, so this file has a "
             "fixed spatial size")
 
 

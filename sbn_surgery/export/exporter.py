@@ -299,13 +299,46 @@ def write_onnx(model: nn.Module, plan: ExportPlan, target: Union[str, Path], *, 
     work, records = prepare_export_model(model, plan.mode, plan.size, layout=layout)
     dyn_size = _pick_dynamic_size(plan.dynamic_size, plan.mode, bool(plan.fixed), work)
     step(1, "tracing")
-    proto = _trace(work, plan, dyn_size)
+    proto, notes = _trace_or_fall_back(work, plan, dyn_size)
     step(2, "writing")
     dyn_size = _finalize(proto, model, plan, records)
     written = graph.save_model(proto, target)
     return ExportResult(path=plan.path, mode=plan.mode, opset=plan.opset, input_size=plan.size,
                         dynamic_batch=plan.dynamic_batch, dynamic_size=dyn_size, sites=records,
-                        size_bytes=written)
+                        size_bytes=written, notes=notes)
+
+
+def _fused_attention(work: nn.Module) -> list[nn.Module]:
+    """timm's attention modules that call torch's fused scaled_dot_product_attention."""
+    return [m for m in work.modules() if getattr(m, "fused_attn", False) is True]
+
+
+def _trace_or_fall_back(work: nn.Module, plan: ExportPlan, dyn_size: bool) -> tuple[Any, list]:
+    """The traced ModelProto, and notes. Where torch.onnx fails: again with timm's attention
+    computed explicitly (``fused_attn = False``: the same ops, as ONNX at these opsets has no
+    fused attention; torch cannot decompose the fused one with a bias mask, as in BEiT); then,
+    where the symbolic spatial size was picked rather than asked for, at the export size."""
+    try:
+        return _trace(work, plan, dyn_size), []
+    except ExportError as exc:
+        first = exc
+    fused = _fused_attention(work)
+    for module in fused:
+        module.fused_attn = False
+    if fused:
+        try:
+            return _trace(work, plan, dyn_size), []
+        except ExportError:
+            pass
+    if not (dyn_size and plan.dynamic_size is None):
+        raise first
+    return _trace(work, plan, False), [_fixed_trace_note(first, plan.size)]
+
+
+def _fixed_trace_note(exc: ExportError, size: tuple[int, int, int]) -> str:
+    reason = str(exc).split(". Try a fixed size", 1)[0]
+    return (f"the exporter could not write the graph with a symbolic spatial size ({reason}), "
+            f"so this file takes {size[1]}x{size[2]} inputs only; resize images to it.")
 
 
 def _max_opset() -> int:
