@@ -167,13 +167,43 @@ def test_a_data_config_that_asks_for_a_giant_resize_is_refused_before_it(run_cli
                    "resizes a 40x30 image to", "more than 89478485 pixels")
 
 
+def _classes_known_at_run_time(path: Path, classes: list[str]) -> Path:
+    """3 logits (each channel's mean) through a TopK whose k is computed from the input, so
+    neither the file nor onnxruntime's shape inference knows the class count: only the logits
+    can be checked against the metadata's class names."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sbn_surgery.onnx_io import set_onnx_metadata
+
+    inits = [numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+             numpy_helper.from_array(np.full(1, 3.0, np.float32), "three")]
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("ReduceMax", ["f"], ["m"], keepdims=0),  # (N,) from the data
+             helper.make_node("ReduceMax", ["m"], ["m1"], keepdims=1),  # (1,)
+             helper.make_node("Mul", ["m1", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "three"], ["k3"]),  # 3, unknown to inference
+             helper.make_node("Cast", ["k3"], ["k"], to=TensorProto.INT64),
+             helper.make_node("TopK", ["f", "k"], ["logits", "idx"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "classes-at-run-time",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", "k"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    set_onnx_metadata(model, {"data_config": CFG, "classes": classes})
+    onnx.save(model, str(path))
+    return path
+
+
 def _no_metadata(tmp_path):
     return colour_model(tmp_path / "plain.onnx", meta={})
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", ["not-an-image", "missing", "empty-folder", "no-metadata",
-                                  "int-input", "not-onnx", "bad-classes"])
+                                  "int-input", "not-onnx", "bad-classes", "symbolic-classes"])
 def test_predict_bad_inputs_are_one_line(run_cli, tmp_path, model_file, case):
     from onnx import TensorProto
 
@@ -200,6 +230,9 @@ def test_predict_bad_inputs_are_one_line(run_cli, tmp_path, model_file, case):
     elif case == "bad-classes":
         model = colour_model(tmp_path / "bc.onnx", classes=["a", "b"])
         fragments = ["2 class names for 3 model outputs"]
+    elif case == "symbolic-classes":  # the class axis is known only when it runs
+        model = _classes_known_at_run_time(tmp_path / "sc.onnx", ["a"])
+        fragments = ["sc.onnx", "logits of shape (1, 3) for 1 class names"]
     one_line_error(run_cli("predict", model, *images), *fragments)
 
 
@@ -447,6 +480,11 @@ def test_quantize_bad_inputs_are_one_line_and_replace_nothing(run_cli, model_fil
                    "the float file itself")
     one_line_error(run_cli("quantize", model_file, "-d", folder, "-o", tmp_path / "x.bin"),
                    ".onnx file to write")
+    broken = _labelled_folder(tmp_path / "broken", train_per_class=2)
+    (broken / "train" / "green" / "1.png").write_bytes(b"\x89PNG but cut short")
+    line = one_line_error(run_cli("quantize", model_file, "-d", broken, "-o", target,
+                                  "--calibration-images", "6"), "1.png")
+    assert "onnxruntime" not in line  # the image's error, not blamed on the quantizer
     after = digests(tmp_path)
     assert {k: after[k] for k in before} == before
     assert target.read_bytes() == b"keep me"

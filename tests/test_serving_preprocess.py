@@ -142,3 +142,13 @@ def test_the_builtin_sources_batched_path_is_the_recorded_config():
 def test_a_hostile_data_config_is_one_error(bad, fragment):
     with pytest.raises(ServingError, match=fragment):
         check_data_config(bad, "model.onnx")
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_a_model_of_other_than_one_or_three_channels_is_refused_for_images(channels):
+    """A data config may describe a 4-channel model (export writes it); images give only L or
+    RGB, so serving refuses it by name instead of failing in the normalization."""
+    cfg = check_data_config({"input_size": [channels, 8, 8]}, "four.onnx")  # valid metadata
+    with pytest.raises(ServingError, match=f"four.onnx: the model takes {channels}-channel input"):
+        EvalTransform(cfg, "four.onnx")
+    assert EvalTransform(check_data_config({"input_size": [1, 8, 8]}, "one.onnx")).mode == "L"

@@ -29,7 +29,8 @@ class EvalTransform:
     """``transform(img)``: a PIL image (mode L or RGB, as the data config's channel count asks)
     -> float32 array (C, H, W), timm's eval transform for ``cfg``. A resize larger than
     ``MAX_PIXELS`` (what a small ``crop_pct`` of a large input size asks for) is refused before
-    it allocates: one ServingError naming ``where`` (the file the config came from)."""
+    it allocates, and so is a channel count other than 1 or 3: one ServingError naming ``where``
+    (the file the config came from)."""
 
     def __init__(self, cfg: DataConfig, where: str = "the data config") -> None:
         self.cfg = cfg
@@ -38,6 +39,10 @@ class EvalTransform:
         self.resample = resample_filter(cfg.interpolation)
         self.scale_size = tuple(math.floor(x / cfg.crop_pct) for x in self.size)
         c = int(cfg.input_size[0])
+        if c not in (1, 3):  # an image file gives L or RGB; nothing here makes other channels
+            raise ServingError(f"{where}: the model takes {c}-channel input; serving reads "
+                               "images as grayscale (1 channel) or RGB (3 channels). Run the "
+                               "file with onnxruntime on arrays you prepare")
         self.mean = np.asarray(cfg.mean, dtype=np.float32).reshape(c, 1, 1)
         self.std = np.asarray(cfg.std, dtype=np.float32).reshape(c, 1, 1)
         self.fill = tuple(round(255 * v) for v in cfg.mean)  # timm's border-mode padding colour

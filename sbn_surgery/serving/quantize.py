@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
-from ..errors import ServingError
+from ..errors import SbnSurgeryError, ServingError
 from ..onnx_io import decode_metadata, load_onnx
 
 __all__ = ["QuantizeResult", "quantize_file", "float_nodes"]
@@ -142,6 +142,8 @@ def quantize_file(src: Union[str, Path], dst: Union[str, Path], batches: Iterabl
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"CalibTensorRangeSymmetric": False})
+        except SbnSurgeryError:
+            raise  # the calibration images' own error (unreadable, too large), not onnxruntime's
         except Exception as exc:  # noqa: BLE001 - onnxruntime's tools raise many types
             text = " ".join(str(exc).split())[:300]
             raise ServingError(f"onnxruntime could not quantize {src}: {type(exc).__name__}: "

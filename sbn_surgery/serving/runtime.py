@@ -78,7 +78,12 @@ class ServingModel:
                 text = " ".join(str(exc).split())[:300]
                 raise ServingError(f"onnxruntime cannot run {self.path} on a batch of shape "
                                    f"{tuple(chunk.shape)}: {text}") from None
-            parts.append(np.asarray(out)[:n])
+            out = np.asarray(out)
+            if out.ndim != 2 or out.shape[1] != len(self.classes):  # a symbolic class axis
+                raise ServingError(f"{self.path}: the graph returned logits of shape "
+                                   f"{tuple(out.shape)} for {len(self.classes)} class names in "
+                                   "its metadata; export the model again")
+            parts.append(out[:n])
         return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
 
 
