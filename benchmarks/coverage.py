@@ -20,9 +20,9 @@ for the name (the family's, else ``default``; ``--recipe`` forces one), from ran
 3. train step: a training forward and backward at batch 2 (cross-entropy on random labels)
    gives a finite loss and finite gradients, and every SBN layer gets a gradient (it is in the
    graph);
-4. fold export: random SBN gamma/beta (so the fold is not the identity), then
-   ``sbn_surgery.export_onnx(mode="fold")``, parity with onnxruntime included, as
-   ``sbn-surgery export`` runs it.
+4. fold export: SBN gamma/beta moved off identity init at random (so the fold is not the
+   identity; see ``_fold_export``), then ``sbn_surgery.export_onnx(mode="fold")``, parity
+   with onnxruntime included, as ``sbn-surgery export`` runs it.
 
 A family passes when every model chosen for it passes every check. One model at a time in this
 process, memory freed between models, each within ``--timeout`` seconds (a model over it fails
@@ -220,13 +220,19 @@ def _train_step(row: dict, model: torch.nn.Module) -> None:
 
 
 def _fold_export(row: dict, model: torch.nn.Module) -> None:
-    """Random SBN gamma/beta, then the fold export with its parity check."""
+    """SBN gamma/beta moved off identity init at random, then the fold export with its parity
+    check. Each channel's gain is scaled by a factor in [0.5, 1.5] and its shift moved by
+    N(0, 0.3) of its gain, so the fold is not the identity and the model keeps its own scale
+    (gamma drawn afresh instead, a channel that calibration saw near zero variance gets a gain
+    of up to 1/sqrt(eps), and over a hundred sites the random-weight model's output overflows
+    float32 to inf and NaN in PyTorch itself: NASNet, PNASNet, Inception-v4)."""
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for site in find_sbn(model):
             layer = model.get_submodule(site.module)
-            layer.weight.copy_(torch.empty_like(layer.weight).uniform_(0.5, 1.5, generator=g))
-            layer.bias.copy_(torch.empty_like(layer.bias).normal_(0.0, 0.3, generator=g))
+            gain = layer.weight.clone()
+            layer.weight.mul_(torch.empty_like(gain).uniform_(0.5, 1.5, generator=g))
+            layer.bias.add_(gain * torch.empty_like(gain).normal_(0.0, 0.3, generator=g))
     model.eval()
     with tempfile.TemporaryDirectory(prefix="sbn-coverage-") as tmp:
         try:
