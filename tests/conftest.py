@@ -148,6 +148,19 @@ ARCHS = {
 }
 
 
+@pytest.fixture(scope="session")
+def resnet10t_file(tmp_path_factory):
+    """A converted resnet10t (recipe resnet, 10 classes, 3x32x32, standard init) on disk, once
+    per session, for tests that only read it."""
+    import sbn_surgery as sbn
+
+    model, _ = sbn.convert("resnet10t", "resnet", num_classes=10, input_size=(3, 32, 32),
+                           init="standard")
+    path = tmp_path_factory.mktemp("resnet10t") / "r10.safetensors"
+    sbn.save_converted(model, path)
+    return path
+
+
 @lru_cache(maxsize=None)
 def _converted(name: str, stats, seed: int):
     import timm

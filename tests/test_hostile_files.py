@@ -220,15 +220,6 @@ def test_hostile_config_files_are_one_line_in_bounded_time(run_cli, tmp_path, ca
 # ============================================================================================
 # metadata that would build a model larger than its tensors
 # ============================================================================================
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    model, _ = sbn.convert("resnet10t", "resnet", num_classes=10, input_size=(3, 32, 32),
-                           init="standard")
-    path = tmp_path_factory.mktemp("conv") / "good.safetensors"
-    sbn.save_converted(model, path)
-    return path
-
-
 def _with_kwargs(src: Path, dst: Path, kwargs: dict) -> Path:
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
@@ -244,9 +235,9 @@ HUGE = "refused before allocating"
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("command", ["export", "diagnose", "finetune"])
 def test_widening_kwargs_are_refused_before_allocation_on_every_path(run_cli, tmp_path,
-                                                                    converted, command):
+                                                                    resnet10t_file, command):
     """stem_width=2**40 (a stem of 10**25 elements: the meta-device build itself overflows)."""
-    path = _with_kwargs(converted, tmp_path / "huge.safetensors", {"stem_width": 2**40})
+    path = _with_kwargs(resnet10t_file, tmp_path / "huge.safetensors", {"stem_width": 2**40})
     args = {"export": ("export", path, "-o", tmp_path / "m.onnx"),
             "diagnose": ("diagnose", path, "--json"),
             "finetune": ("finetune", path, "--data", "synthetic", "-o", tmp_path / "run")}
@@ -261,8 +252,8 @@ def test_widening_kwargs_are_refused_before_allocation_on_every_path(run_cli, tm
 @pytest.mark.parametrize("kwargs", [{"AKIAIOSFODNN7EXAMPLE hunter2": 1},
                                     {"s3cret s3cret": {"nested": 1}}, {"x" * 100: 1}])
 def test_metadata_kwargs_that_are_not_argument_names_are_not_echoed(run_cli, tmp_path,
-                                                                    converted, kwargs):
-    path = _with_kwargs(converted, tmp_path / "k.safetensors", kwargs)
+                                                                    resnet10t_file, kwargs):
+    path = _with_kwargs(resnet10t_file, tmp_path / "k.safetensors", kwargs)
     line = one_line_error(run_cli("diagnose", path, "--json"), "k.safetensors",
                           "'model_kwargs' is invalid", "not a Python argument name")
     _no_secret(line)
@@ -270,7 +261,7 @@ def test_metadata_kwargs_that_are_not_argument_names_are_not_echoed(run_cli, tmp
 
 
 @pytest.mark.timeout(120)
-def test_budget_bounds_the_real_build_when_the_meta_build_is_impossible(tmp_path, converted,
+def test_budget_bounds_the_real_build_when_the_meta_build_is_impossible(tmp_path, resnet10t_file,
                                                                         monkeypatch):
     """A model timm cannot build on the meta device skips the shape check; the real build is
     still refused at the first allocation past the budget (here a 150 M element stem conv)."""
@@ -278,7 +269,7 @@ def test_budget_bounds_the_real_build_when_the_meta_build_is_impossible(tmp_path
 
     import sbn_surgery.checkpoint as C
 
-    path = _with_kwargs(converted, tmp_path / "wide.safetensors", {"stem_width": 4096})
+    path = _with_kwargs(resnet10t_file, tmp_path / "wide.safetensors", {"stem_width": 4096})
     built = []
     original = torch.empty
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error
 
-import sbn_surgery as sbn
 
 SMALL = ["--input-size", "3", "32", "32"]
 GOOD = b"a good file from before"
@@ -73,15 +72,6 @@ def small_fs(tmp_path):
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    model, _ = sbn.convert("resnet10t", "resnet", num_classes=10, input_size=(3, 32, 32),
-                           init="standard")
-    path = tmp_path_factory.mktemp("ckpt") / "r10.safetensors"
-    sbn.save_converted(model, path)
-    return path
-
-
 def _command(name: str, d: Path, checkpoint: Path) -> tuple[tuple, dict[str, bytes], str]:
     """(CLI arguments, the files already in ``d``, the path the error names)."""
     if name == "convert":
@@ -126,11 +116,11 @@ def _check_untouched(d: Path, before: dict[str, str], allowed: set[str] = frozen
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("command, kind", CASES)
 def test_every_writing_command_on_a_full_or_read_only_disk_is_one_line(run_cli, small_fs,
-                                                                        checkpoint, command,
+                                                                        resnet10t_file, command,
                                                                         kind):
-    _, files, _ = _command(command, Path("/"), checkpoint)  # the files to put there first
+    _, files, _ = _command(command, Path("/"), resnet10t_file)  # the files to put there first
     d = small_fs(kind, files)
-    args, _, names = _command(command, d, checkpoint)
+    args, _, names = _command(command, d, resnet10t_file)
     before = _state(d)
     one_line_error(run_cli(*args), names, CAUSES[kind])
     # a run directory made before the first write failed, and its (empty) lock file, may stay
@@ -140,12 +130,12 @@ def test_every_writing_command_on_a_full_or_read_only_disk_is_one_line(run_cli, 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("command", ["convert", pytest.param("export", marks=pytest.mark.slow)])
-def test_a_disk_that_fills_up_mid_file_keeps_nothing_of_it(run_cli, small_fs, checkpoint,
+def test_a_disk_that_fills_up_mid_file_keeps_nothing_of_it(run_cli, small_fs, resnet10t_file,
                                                           command):
     """1 MiB free: the file (about 20 MB) fails part-way; the part written is gone."""
-    _, files, _ = _command(command, Path("/"), checkpoint)  # the files to put there first
+    _, files, _ = _command(command, Path("/"), resnet10t_file)  # the files to put there first
     d = small_fs("space", files)
-    args, _, names = _command(command, d, checkpoint)
+    args, _, names = _command(command, d, resnet10t_file)
     before = _state(d)
     one_line_error(run_cli(*args), names, CAUSES["space"], "any file already at that path is "
                    "as it was")
