@@ -65,6 +65,14 @@ def _outside(tmp_path: Path) -> Path:
     return secret
 
 
+def _model_and_outside_file(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(a data file outside the model's folder, the folder, a model in it whose weight is kept
+    in ``w.bin`` beside it)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    return _outside(tmp_path), folder, _model_with_external_weight(folder)
+
+
 CASES = {
     "parent": ("../outside/secret.bin", "a '..' component"),
     "parent-inside": ("sub/../../outside/secret.bin", "a '..' component"),
@@ -80,10 +88,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_external_data_outside_the_folder_is_refused_before_reading(run_cli, tmp_path, no_reader,
                                                                     case):
-    secret = _outside(tmp_path)
-    folder = tmp_path / "model"
-    folder.mkdir()
-    path = _model_with_external_weight(folder)
+    secret, folder, path = _model_and_outside_file(tmp_path)
     location, why = CASES[case]
     _set_location(path, location.format(secret=secret))
     with pytest.raises(ExportError, match="keeps its data at .*" + why):
@@ -96,10 +101,7 @@ def test_external_data_outside_the_folder_is_refused_before_reading(run_cli, tmp
 @pytest.mark.parametrize("kind", ["link-out", "link-inside", "fifo", "device"])
 def test_external_data_links_out_and_special_files_are_refused(run_cli, tmp_path, no_reader,
                                                                kind):
-    secret = _outside(tmp_path)
-    folder = tmp_path / "model"
-    folder.mkdir()
-    path = _model_with_external_weight(folder)
+    secret, folder, path = _model_and_outside_file(tmp_path)
     data = folder / "w.bin"
     data.unlink()
     if kind == "link-out":  # a name inside the folder that leads out of it
@@ -217,10 +219,7 @@ def test_external_data_of_a_training_graph_is_checked_too(tmp_path, no_reader):
 
     from sbn_surgery.onnx_io import check_onnx_file
 
-    secret = _outside(tmp_path)
-    folder = tmp_path / "model"
-    folder.mkdir()
-    path = _model_with_external_weight(folder)
+    secret, folder, path = _model_and_outside_file(tmp_path)
     model = onnx.load(str(path), load_external_data=False)
     tensor = onnx.helper.make_tensor("T", onnx.TensorProto.FLOAT, [3], [0.0, 0.0, 0.0])
     tensor.ClearField("float_data")
