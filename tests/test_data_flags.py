@@ -4,11 +4,11 @@ fine-tuning preprocesses images as the weights expect unless told otherwise."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import timm
 import torch
 from conftest import HUB_NAME_HALF, HUB_USER_REPO
+from test_data import _folder
 
 import sbn_surgery.data as D
 from sbn_surgery.data.transforms import data_config_for, prepare_batch
@@ -21,26 +21,13 @@ CFG = dict(input_size=(3, 16, 16), interpolation="bilinear", mean=(0.5,) * 3, st
            crop_pct=0.8, crop_mode="center")
 
 
-def _folder(root, classes=("cat", "dog"), per=2, size=(20, 12)):
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per):
-                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{i}.png")
-    return root
-
-
 def _steps(loader) -> dict:
     """The steps of a loader's timm transform, by class name."""
     return {type(t).__name__: t for t in loader._images.transform.transforms}
 
 
 def test_training_flags_reach_timms_create_transform(tmp_path):
-    root = _folder(tmp_path / "ds")
+    root = _folder(tmp_path / "ds", per=2)
     flags = dict(scale=[0.3, 0.9], ratio=[0.5, 2.0], hflip=0.2, vflip=0.7, color_jitter=0.25,
                  train_interpolation="bicubic")
     train, val, _ = D.build_loaders(str(root), CFG, 2, train_flags=flags)
